@@ -1,0 +1,1 @@
+"""Built-in steps. Importing a module registers its steps."""

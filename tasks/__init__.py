@@ -1,0 +1,1 @@
+"""Thin Celery glue: the app, its configuration, and tasks that call into ``workers``."""

@@ -1,0 +1,1 @@
+"""Imports the built-in writer modules so they register."""
