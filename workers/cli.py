@@ -17,6 +17,11 @@ app = typer.Typer(
 console = Console()
 
 
+@app.callback()
+def _root() -> None:
+    """Shared post-processing for medical imaging: DICOM in, derived DICOM out."""
+
+
 @app.command("steps")
 def steps_cmd() -> None:
     """List the registered steps with their params, defaults and units."""
