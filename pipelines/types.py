@@ -67,6 +67,10 @@ class ImageSeries(Output):
         ``AVG``, ``MIP``, ``MinIP`` or ``NONE``: the derivation, for DerivationDescription.
     cine_rate : float or None
         Frames per second a viewer should play the series at (rotating MIP); None = not a cine.
+    slice_geometry : sequence of (position, orientation) or None
+        Per-slice ImagePositionPatient (3 floats) and ImageOrientationPatient (6 floats) when the
+        slices are not one regular grid (rotating projections: each view has its own plane);
+        None = derive from ``image``'s origin, spacing and direction.
     """
 
     kind: ClassVar[str] = "series"
@@ -75,6 +79,7 @@ class ImageSeries(Output):
     slab_thickness_mm: float | None = None
     slab_mode: str = "NONE"
     cine_rate: float | None = None
+    slice_geometry: Sequence[tuple[tuple[float, float, float], tuple[float, ...]]] | None = None
 
 
 @dataclass(frozen=True)
