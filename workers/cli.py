@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipelines import all_steps
@@ -32,10 +35,90 @@ def steps_cmd() -> None:
         table.add_column("default")
         table.add_column("description")
         for name, f in s.params.model_fields.items():
-            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace(
+                "typing.", ""
+            )
             table.add_row(name, ann, repr(f.default), f.description or "")
         console.print(table)
 
 
 def main() -> None:
     app()
+
+
+from workers.ingest_cli import register as _register_ingest  # noqa: E402  (issue 5: watch, listen)
+
+_register_ingest(app)
+
+
+@app.command("run")
+def run_cmd(
+    inputs: list[Path] = typer.Argument(..., help="DICOM folders, files or .zip archives."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for derived DICOM and summary.json."),
+    rules: Path | None = typer.Option(
+        None, "--rules", help="Routing rules YAML (default: built-in)."
+    ),
+    step: list[str] = typer.Option(
+        [], "--step", help="Run this step on every volume series instead of rules (repeatable)."
+    ),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Step param key=value (YAML value), repeatable; NAME.key=value targets one step.",
+    ),
+) -> None:
+    """Process DICOM series on embedded defaults: no broker, no archive."""
+    from workers import run as runmod
+
+    try:
+        if step:
+            calls = runmod.parse_sets(step, set_)
+            plan = runmod.plan_steps(calls)
+        else:
+            if set_:
+                raise runmod.UsageError("--set needs --step (rules carry their own params)")
+            plan = runmod.plan_rules(rules)
+    except (runmod.UsageError, runmod.RulesError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    for p in inputs:
+        if not p.exists():
+            console.print(f"[red]error:[/] input {p} does not exist")
+            raise typer.Exit(2)
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task("scanning", total=None)
+        summary = runmod.run(
+            inputs, out, plan_fn=plan, progress=lambda msg: bar.update(task, description=msg)
+        )
+    _print_summary(summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary) -> None:
+    table = Table(title=f"sprim run — {summary.series_found} series found, {summary.seconds:.1f} s")
+    for col in ("series", "rule", "state", "outputs", "seconds", "detail"):
+        table.add_column(col)
+    for j in summary.jobs:
+        outs = sorted(
+            {(o["series_number"], o["series_description"]) for s in j.steps for o in s["outputs"]}
+        )
+        table.add_row(
+            f"{j.modality} {j.series_description}",
+            j.rule,
+            "[green]done[/]" if j.state == "done" else "[red]failed[/]",
+            "\n".join(f"{n} {d}" for n, d in outs),
+            f"{j.seconds:.2f}",
+            j.error or "; ".join(j.notes),
+        )
+    for u in summary.unmatched:
+        table.add_row(u.get("series", ""), "—", "not selected", "", "", u.get("reason", ""))
+    console.print(table)
+    console.print(f"results in [bold]{summary.out_dir}[/] (summary.json)")
+
+
+from workers.cli_platform import register as _register_platform  # noqa: E402
+
+_register_platform(app)

@@ -17,10 +17,12 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path("./.sprim"), description="Working folder for the embedded defaults.")
     broker_url: str | None = Field(
-        None, description="Celery broker, e.g. amqp://guest:guest@127.0.0.1:5672//. Unset: in-process."
+        None,
+        description="Celery broker, e.g. amqp://guest:guest@127.0.0.1:5672//. Unset: in-process.",
     )
     archive_url: str | None = Field(
-        None, description="DICOMweb root of the archive, e.g. http://127.0.0.1:8042/dicom-web. Unset: folder archive."
+        None,
+        description="DICOMweb root of the archive, e.g. http://127.0.0.1:8042/dicom-web. Unset: folder archive.",
     )
     job_store_url: str | None = Field(
         None, description="SQLAlchemy URL of the job store. Unset: SQLite in SPRIM_HOME/jobs.db."
@@ -32,6 +34,63 @@ class Settings(BaseSettings):
     )
     institution_name: str = Field("", description="InstitutionName written into provenance.")
     station_name: str = Field("SPRIM", description="StationName of derived objects.")
+    # -- job platform (issue 4) --
+    queue_prefix: str = Field(
+        "sprim", description="Prefix of the Celery queues (<prefix>.cpu, <prefix>.io)."
+    )
+    dispatch_window: int = Field(
+        2,
+        description="Jobs handed to the broker at once: set to the total worker slots (fairness bound).",
+    )
+    max_attempts: int = Field(
+        5, description="Attempts of a job on transient archive errors / lost workers."
+    )
+    retry_backoff_s: float = Field(
+        2.0, description="First retry delay; doubles per attempt (max 300 s)."
+    )
+    step_time_limit_s: float = Field(
+        600.0, description="Soft time limit per step of a job (hard: soft x 1.1 + 30 s)."
+    )
+    io_time_limit_s: float = Field(300.0, description="Time allowance per job for fetch + store.")
+    release_interval_s: float = Field(
+        5.0, description="Workers also release waiting jobs this often."
+    )
+    plugins: str = Field("", description="Comma-separated modules imported at start (extra steps).")
+    api_tokens: str = Field(
+        "",
+        description='API tokens -> institution, JSON {"token": "institution"}; "*" = all institutions.',
+    )
+    # -- archive loop (issue 5) --
+    archives: dict[str, str] = Field(
+        {},
+        description='Named archives, JSON {"name": "spec"}; spec: http(s)://… DICOMweb root, '
+        "dicom://AET@host:port (C-STORE), or a folder. Rules' destination names one.",
+    )
+    destinations: dict[str, str] = Field(
+        {},
+        description='Output archive per source archive name or institution, JSON {"key": "name or spec"}, '
+        "used when the rule names none. Default: the archive the study came from.",
+    )
+    ae_title: str = Field("SPRIM", description="sprim's AE title (listener, C-STORE SCU).")
+    listen_host: str = Field("0.0.0.0", description="Address `sprim listen` binds.")
+    listen_port: int = Field(11112, description="DICOM port of `sprim listen`.")
+    listen_allowed_aets: str = Field(
+        "", description="Comma-separated calling AE titles `sprim listen` accepts; empty: any."
+    )
+    listen_quiet_period_s: float = Field(
+        30.0,
+        description="A study received by `sprim listen` is complete after this many quiet seconds.",
+    )
+    listen_store: Path | None = Field(
+        None, description="Store of `sprim listen`. Unset: SPRIM_HOME/incoming."
+    )
+    watch_url: str | None = Field(
+        None,
+        description="Orthanc REST root `sprim watch` follows. Unset: SPRIM_ARCHIVE_URL without /dicom-web.",
+    )
+    watch_interval_s: float = Field(
+        1.0, description="Seconds between change-feed polls of `sprim watch`."
+    )
 
     @property
     def work_dir(self) -> Path:

@@ -1,0 +1,34 @@
+"""Routing rules: declarative YAML, validated at load, evaluated purely, explainable (DESIGN §4)."""
+
+from pipelines.rules.conditions import OPERATORS, Condition, compile_condition
+from pipelines.rules.evaluate import (
+    Match,
+    RuleVerdict,
+    SeriesVerdict,
+    explain,
+    format_explain,
+    route,
+    select,
+)
+from pipelines.rules.loader import load_rules, parse_duration
+from pipelines.rules.model import PRIORITIES, Rule, RulesError, RuleSet, RunStep
+
+__all__ = [
+    "OPERATORS",
+    "PRIORITIES",
+    "Condition",
+    "Match",
+    "Rule",
+    "RuleSet",
+    "RuleVerdict",
+    "RulesError",
+    "RunStep",
+    "SeriesVerdict",
+    "compile_condition",
+    "explain",
+    "format_explain",
+    "load_rules",
+    "parse_duration",
+    "route",
+    "select",
+]

@@ -1,0 +1,194 @@
+"""The closed operator set of routing conditions, compiled to plain predicates.
+
+A condition is ``{operator: operand, ...}`` on one attribute (all operators must hold); a bare
+scalar is shorthand for ``eq``. Nothing is ever ``eval``-ed. A missing, empty or odd value makes a
+condition false (never raises); :func:`Condition.why_not` says why, for ``explain``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+OPERATORS = ("eq", "in", "regex", "lt", "lte", "gt", "gte", "contains", "contains_all", "exists")
+
+_MISSING = object()
+
+
+def _is_empty(v: Any) -> bool:
+    return v is None or v == "" or (isinstance(v, list | tuple) and len(v) == 0)
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            return None
+    if isinstance(v, list | tuple) and len(v) == 1:
+        return _num(v[0])
+    return None
+
+
+def _items(v: Any) -> list:
+    """A value as a list of items: lists as is, backslash-separated strings split (ImageType)."""
+    if isinstance(v, list | tuple):
+        return list(v)
+    if isinstance(v, str) and "\\" in v:
+        return v.split("\\")
+    return [v]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        return False
+    na, nb = _num(a), _num(b)
+    return na is not None and nb is not None and na == nb
+
+
+def _op_eq(v: Any, x: Any) -> bool:
+    if isinstance(v, list | tuple) and not isinstance(x, list):
+        return len(v) == 1 and _same(v[0], x)
+    return _same(v, x)
+
+
+def _op_in(v: Any, xs: list) -> bool:
+    return any(_same(i, x) for i in _items(v) for x in xs)
+
+
+def _cmp(fn: Callable[[float, float], bool]) -> Callable[[Any, Any], bool]:
+    def op(v: Any, x: float) -> bool:
+        n = _num(v)
+        return n is not None and fn(n, float(x))
+
+    return op
+
+
+def _op_contains(v: Any, x: Any) -> bool:
+    if isinstance(v, str) and "\\" not in v:
+        return str(x) in v
+    return any(_same(i, x) for i in _items(v))
+
+
+def _op_contains_all(v: Any, xs: list) -> bool:
+    items = _items(v)
+    return all(any(_same(i, x) for i in items) for x in xs)
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": _op_eq,
+    "in": _op_in,
+    "lt": _cmp(lambda a, b: a < b),
+    "lte": _cmp(lambda a, b: a <= b),
+    "gt": _cmp(lambda a, b: a > b),
+    "gte": _cmp(lambda a, b: a >= b),
+    "contains": _op_contains,
+    "contains_all": _op_contains_all,
+}
+_WORDS = {
+    "eq": "!=",
+    "in": "not in",
+    "lt": "not <",
+    "lte": "not <=",
+    "gt": "not >",
+    "gte": "not >=",
+    "contains": "does not contain",
+    "contains_all": "does not contain all of",
+    "regex": "does not match regex",
+}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One attribute test: ``key`` (DICOM keyword or context key) and its operators."""
+
+    key: str
+    ops: tuple[tuple[str, Any], ...]
+    line: int = 0
+
+    def test(self, attrs: dict) -> bool:
+        """True when every operator holds; False for a missing or odd value. Never raises."""
+        v = attrs.get(self.key, _MISSING)
+        for op, x in self.ops:
+            if op == "exists":
+                if (v is _MISSING or _is_empty(v)) == bool(x):
+                    return False
+                continue
+            if v is _MISSING or _is_empty(v):
+                return False
+            try:
+                if op == "regex":
+                    s = "\\".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+                    if not x.search(s):
+                        return False
+                elif not _OPS[op](v, x):
+                    return False
+            except Exception:  # an odd value never crashes routing
+                return False
+        return True
+
+    def why_not(self, attrs: dict) -> str | None:
+        """None when the condition holds, else a one-line reason naming the attribute."""
+        if self.test(attrs):
+            return None
+        v = attrs.get(self.key, _MISSING)
+        for op, x in self.ops:
+            if op == "exists":
+                return f"{self.key}: {'missing' if x else f'present ({v!r})'}, want exists: {x}"
+            if v is _MISSING or _is_empty(v):
+                return f"{self.key}: missing (want {op} {_show(x)})"
+            if not Condition(self.key, ((op, x),)).test(attrs):
+                if op in ("lt", "lte", "gt", "gte") and _num(v) is None:
+                    return f"{self.key}: {v!r} is not a number (want {op} {_show(x)})"
+                return f"{self.key}: {v!r} {_WORDS[op]} {_show(x)}"
+        return f"{self.key}: {v!r} does not match"
+
+    def describe(self) -> str:
+        return f"{self.key} " + " and ".join(f"{op} {_show(x)}" for op, x in self.ops)
+
+
+def _show(x: Any) -> str:
+    return repr(x.pattern) if isinstance(x, re.Pattern) else repr(x)
+
+
+def compile_condition(key: str, spec: Any, line: int = 0) -> Condition:
+    """Build a :class:`Condition` from its YAML form; ValueError with what is wrong.
+
+    The error message is for a rules author: it names the operator and the expected operand.
+    """
+    if not isinstance(spec, dict):
+        spec = {"eq": spec}
+    if not spec:
+        raise ValueError(f"{key}: empty condition; use one of {', '.join(OPERATORS)}")
+    ops: list[tuple[str, Any]] = []
+    for op, x in spec.items():
+        if op not in OPERATORS:
+            raise ValueError(f"{key}: unknown operator {op!r}; known: {', '.join(OPERATORS)}")
+        if op in ("in", "contains_all"):
+            if not isinstance(x, list) or not x:
+                raise ValueError(f"{key}: {op} needs a non-empty list, got {x!r}")
+        elif op in ("lt", "lte", "gt", "gte"):
+            if isinstance(x, bool) or not isinstance(x, int | float):
+                raise ValueError(f"{key}: {op} needs a number, got {x!r}")
+        elif op == "exists":
+            if not isinstance(x, bool):
+                raise ValueError(f"{key}: exists needs true or false, got {x!r}")
+        elif op == "regex":
+            if not isinstance(x, str):
+                raise ValueError(f"{key}: regex needs a string, got {x!r}")
+            try:
+                x = re.compile(x)
+            except re.error as e:
+                raise ValueError(f"{key}: bad regex {x!r}: {e}") from None
+        elif isinstance(x, dict | list) and op != "eq":
+            raise ValueError(f"{key}: {op} needs a scalar, got {x!r}")
+        ops.append((op, x))
+    return Condition(key, tuple(ops), line)

@@ -1,0 +1,203 @@
+"""Surface meshes of labelmap segments, in patient coordinates (LPS, mm), for 3D printing and viewing.
+
+VTK flying edges (DESIGN §6: 7x faster than scikit-image marching cubes, same triangles), then
+windowed-sinc smoothing and quadric decimation to a triangle budget. VTK is computation, not I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+from pydantic import BaseModel, Field
+from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+
+from pipelines.registry import get_step, step
+from pipelines.types import Code, Labelmap, Mesh, Output, Segment, StepError, Volume
+
+#: Segment name (lower case) -> the step that produces it; "lungs" selects every lung segment.
+SEGMENT_STEPS = {
+    "body": "segment.body",
+    "bone": "segment.bone",
+    "lungs": "segment.lungs",
+    "lung": "segment.lungs",
+    "right lung": "segment.lungs",
+    "left lung": "segment.lungs",
+}
+
+
+class MeshParams(BaseModel, frozen=True, extra="forbid"):
+    segment: str = Field(
+        "bone",
+        description="Segment name: body, bone, lungs (both), right lung, left lung, or any "
+        "segment name of a labelmap produced earlier in the job.",
+    )
+    contour_mm: float = Field(
+        1.0,
+        ge=0.0,
+        description="Contour on blocks of about this size (mm), averaging the mask: fewer, "
+        "smoother triangles on thin-slice CT. 0 = full resolution.",
+    )
+    smoothing_iterations: int = Field(
+        15, ge=0, le=200, description="Windowed-sinc smoothing iterations (0 = none)."
+    )
+    pass_band: float = Field(
+        0.1, gt=0.0, le=2.0, description="Windowed-sinc pass band (lower = smoother, 0.01-0.1)."
+    )
+    max_triangles: int = Field(
+        300_000, ge=100, description="Decimate to at most this many triangles."
+    )
+    target_reduction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Remove at least this fraction of triangles (0-1)."
+    )
+
+
+def _select(outputs: Sequence[Output], name: str) -> tuple[Labelmap, list[Segment]] | None:
+    """The last labelmap in ``outputs`` holding segments called ``name`` (lungs: every lung)."""
+    key = name.strip().lower()
+    for out in reversed(outputs):
+        if not isinstance(out, Labelmap):
+            continue
+        if key in ("lungs", "lung"):
+            segs = [s for s in out.segments if "lung" in s.name.lower()]
+        else:
+            segs = [s for s in out.segments if s.name.lower() == key]
+        if segs:
+            return out, segs
+    return None
+
+
+def labelmap_for(
+    volume: Volume, name: str, prior: Sequence[Output]
+) -> tuple[Labelmap, list[Segment]]:
+    """The labelmap and segments called ``name``: from ``prior`` or by running the segmentation."""
+    found = _select(prior, name)
+    if found is None:
+        step_name = SEGMENT_STEPS.get(name.strip().lower())
+        if step_name is None:
+            raise StepError(
+                f"no segment {name!r} in earlier outputs of this job and no step makes it; "
+                f"known: {', '.join(sorted(SEGMENT_STEPS))}"
+            )
+        seg_step = get_step(step_name)
+        found = _select(seg_step(volume, seg_step.validate({})), name)
+        if found is None:
+            raise StepError(f"{step_name} found no segment {name!r}")
+    return found
+
+
+def _block_sum(mask: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Count of mask voxels per block (uint8; blocks up to 255 voxels)."""
+    shape = tuple(-(-n // f) for n, f in zip(mask.shape, factors, strict=True))
+    out = np.zeros(shape, np.uint8)
+    fz, fy, fx = factors
+    for dz in range(fz):
+        for dy in range(fy):
+            for dx in range(fx):
+                part = mask[dz::fz, dy::fy, dx::fx]
+                out[: part.shape[0], : part.shape[1], : part.shape[2]] += part
+    return out
+
+
+def _contour(
+    crop: np.ndarray, f: tuple[int, ...], spacing_zyx: np.ndarray
+) -> tuple[vtk.vtkPolyData, np.ndarray]:
+    """Flying-edges surface of ``crop`` averaged over blocks ``f``, in block-grid mm (x, y, z)."""
+    counts = _block_sum(crop, f) if f != (1, 1, 1) else crop  # type: ignore[arg-type]
+    # Pad one block of background so surfaces touching the volume border are closed.
+    counts = np.ascontiguousarray(np.pad(counts, 1))
+    img = vtk.vtkImageData()
+    img.SetDimensions(counts.shape[2], counts.shape[1], counts.shape[0])
+    block_mm = spacing_zyx * np.array(f)
+    img.SetSpacing(*block_mm[::-1])
+    img.GetPointData().SetScalars(numpy_to_vtk(counts.ravel(), deep=False))
+    contour = vtk.vtkFlyingEdges3D()
+    contour.SetInputData(img)
+    contour.SetValue(0, float(np.prod(f)) / 2.0)
+    contour.ComputeNormalsOff()
+    contour.ComputeGradientsOff()
+    contour.ComputeScalarsOff()
+    contour.Update()
+    return contour.GetOutput(), block_mm
+
+
+def surface(
+    mask: np.ndarray, image: sitk.Image, params: MeshParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Triangle surface of a (z, y, x) uint8 mask on ``image``'s grid: (vertices LPS mm, faces)."""
+    nz = np.flatnonzero(mask.any(axis=(1, 2)))
+    ny = np.flatnonzero(mask.any(axis=(0, 2)))
+    nx = np.flatnonzero(mask.any(axis=(0, 1)))
+    if not len(nz):
+        raise StepError("the segment is empty: no surface to build")
+    lo = np.array([nz[0], ny[0], nx[0]])
+    crop = mask[nz[0] : nz[-1] + 1, ny[0] : ny[-1] + 1, nx[0] : nx[-1] + 1]
+    spacing_zyx = np.array(image.GetSpacing()[::-1])
+    target_mm = params.contour_mm
+    f: tuple[int, ...] = (1, 1, 1)
+    for _ in range(4):
+        f = tuple(
+            max(old, min(6, round(target_mm / s))) for old, s in zip(f, spacing_zyx, strict=True)
+        )
+        poly, block_mm = _contour(crop, f, spacing_zyx)
+        n = poly.GetNumberOfPolys()
+        # Quadric decimation costs ~10 µs per triangle here (2.5 s for 250k): rather contour on
+        # larger blocks until the budget is met. Triangles fall faster than 1/block² (noise and
+        # trabecular texture vanish first), hence the gentle cube-root step.
+        if n <= params.max_triangles or f == (6, 6, 6):
+            break
+        target_mm = max(target_mm, float(spacing_zyx.min())) * float(
+            np.cbrt(n / params.max_triangles)
+        )
+    if params.smoothing_iterations:
+        smooth = vtk.vtkWindowedSincPolyDataFilter()
+        smooth.SetInputData(poly)
+        smooth.SetNumberOfIterations(params.smoothing_iterations)
+        smooth.SetPassBand(params.pass_band)
+        smooth.BoundarySmoothingOff()
+        smooth.FeatureEdgeSmoothingOff()
+        smooth.NonManifoldSmoothingOn()
+        smooth.NormalizeCoordinatesOn()
+        smooth.Update()
+        poly = smooth.GetOutput()
+    n = poly.GetNumberOfPolys()
+    reduction = max(params.target_reduction, 1.0 - params.max_triangles / max(n, 1))
+    if reduction > 0:
+        dec = vtk.vtkQuadricDecimation()
+        dec.SetInputData(poly)
+        dec.SetTargetReduction(min(reduction * 1.01, 0.999))  # VTK lands slightly above target
+        dec.VolumePreservationOn()
+        dec.Update()
+        poly = dec.GetOutput()
+    pts = vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)  # (x, y, z) in mm
+    faces = vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3).astype(np.int32)
+    # Back to fine (x, y, z) voxel indices: block k (after the pad) is centred on fine k*f+(f-1)/2.
+    fx = np.array(f[::-1], dtype=np.float64)
+    idx = (pts / block_mm[::-1] - 1.0) * fx + (fx - 1.0) / 2.0 + lo[::-1]
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    lps = np.array(image.GetOrigin()) + (idx * np.array(image.GetSpacing())) @ direction.T
+    if np.linalg.det(direction) < 0:
+        faces = faces[:, ::-1].copy()  # a mirrored grid flips the winding: keep normals outward
+    return lps.astype(np.float32), faces
+
+
+@step("mesh.surface", version="1.0.0", params=MeshParams, produces="mesh")
+def mesh_surface(volume: Volume, params: MeshParams, prior: Sequence[Output] = ()) -> Mesh:
+    """Triangle surface (LPS mm) of a segment: flying edges, windowed-sinc smoothing, decimation."""
+    labelmap, segs = labelmap_for(volume, params.segment, prior)
+    labels = sitk.GetArrayViewFromImage(labelmap.image)
+    if len(segs) == 1:
+        mask = (labels == segs[0].label).view(np.uint8)
+        segment = segs[0]
+    else:
+        mask = np.isin(labels, [s.label for s in segs]).view(np.uint8)
+        first = segs[0]
+        name = "Lungs" if all("lung" in s.name.lower() for s in segs) else params.segment
+        kind = Code("39607008", "SCT", "Lung") if name == "Lungs" else first.type
+        segment = Segment(1, name, first.category, kind)
+    vertices, faces = surface(mask, labelmap.image, params)
+    if len(faces) == 0:
+        raise StepError(f"segment {params.segment!r} gave no surface (too small or too thin)")
+    return Mesh(f"3D {segment.name}", vertices, faces, segment)

@@ -1,0 +1,253 @@
+"""CT segmentations without learned weights: body, lungs, bone.
+
+Each step decides the region on a coarse grid (about ``coarse_mm`` voxels, where 3D morphology
+and connected components are cheap) and refines its boundary at full resolution with the HU
+threshold (see :mod:`pipelines.steps._masks`). Output labelmaps are uint8 on the source grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from pydantic import BaseModel, Field
+from scipy import ndimage
+
+from pipelines.registry import step
+from pipelines.steps._masks import (
+    Grid,
+    components,
+    dilate,
+    erode,
+    fill_holes_2d,
+    refine,
+    require_ct,
+    to_labelmap_image,
+)
+from pipelines.types import Code, Labelmap, Segment, StepError, Volume
+
+ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
+TISSUE = Code("85756007", "SCT", "Tissue")
+BODY = Segment(1, "Body", ANATOMICAL_STRUCTURE, Code("38266002", "SCT", "Entire body"))
+LUNG = Segment(1, "Lung", ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"))
+RIGHT_LUNG = Segment(1, "Right lung", ANATOMICAL_STRUCTURE, Code("3341006", "SCT", "Right lung"))
+LEFT_LUNG = Segment(2, "Left lung", ANATOMICAL_STRUCTURE, Code("44029006", "SCT", "Left lung"))
+BONE = Segment(1, "Bone", TISSUE, Code("272673000", "SCT", "Bone"))
+
+
+class BodyParams(BaseModel, frozen=True, extra="forbid"):
+    threshold_hu: float = Field(
+        -500.0, description="Voxels above this (HU) are patient (or table, clothing, air excluded)."
+    )
+    opening_mm: float = Field(
+        6.0,
+        ge=0.0,
+        description="In-plane opening radius (mm) that detaches table, cushions and clothing.",
+    )
+    keep_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Also keep separate parts (arms) at least this fraction of the largest part.",
+    )
+    coarse_mm: float = Field(3.0, gt=0.0, description="Voxel size (mm) of the working grid.")
+
+
+class LungParams(BaseModel, frozen=True, extra="forbid"):
+    threshold_hu: float = Field(-400.0, description="Lung parenchyma and airways are below (HU).")
+    min_volume_ml: float = Field(
+        50.0, ge=0.0, description="Air regions smaller than this (mL) are not lung (bowel gas)."
+    )
+    min_fraction: float = Field(
+        0.15,
+        ge=0.0,
+        le=1.0,
+        description="An air region is lung only if at least this fraction of the largest one.",
+    )
+    airway_max_area_mm2: float = Field(
+        700.0,
+        gt=0.0,
+        description="Largest axial cross-section (mm²) traced as trachea or main bronchus.",
+    )
+    midline_mm: float = Field(
+        30.0, gt=0.0, description="The trachea is sought within this distance (mm) of the midline."
+    )
+    coarse_mm: float = Field(3.0, gt=0.0, description="Voxel size (mm) of the working grid.")
+
+
+class BoneParams(BaseModel, frozen=True, extra="forbid"):
+    lower_hu: float = Field(
+        300.0,
+        description="Voxels at or above this (HU) are bone (above enhanced vessels in most phases).",
+    )
+    min_component_ml: float = Field(
+        0.5, ge=0.0, description="Drop bright specks smaller than this (mL, calcifications, noise)."
+    )
+    coarse_mm: float = Field(3.0, gt=0.0, description="Voxel size (mm) of the working grid.")
+
+
+def body_coarse(a: np.ndarray, grid: Grid, image: sitk.Image, p: BodyParams) -> np.ndarray:
+    """The patient on the coarse grid (bool), holes filled slice by slice; StepError if none."""
+    mask = grid.subsample(a) > p.threshold_hu
+    sx, sy, _ = image.GetSpacing()
+    _, fy, fx = grid.factors
+    r = (0, round(p.opening_mm / (sy * fy)), round(p.opening_mm / (sx * fx)))
+    if r[1] or r[2]:
+        mask = dilate(erode(mask, r), r)  # box opening: separable, fast
+    labels, sizes = components(mask)
+    if sizes.max(initial=0) == 0:
+        raise StepError(f"no patient found above {p.threshold_hu:g} HU")
+    keep = sizes >= max(1, p.keep_fraction * sizes.max())
+    return fill_holes_2d(keep[labels])
+
+
+@step("segment.body", version="1.0.0", params=BodyParams, produces="labelmap")
+def segment_body(volume: Volume, params: BodyParams) -> Labelmap:
+    """Patient outline without table, cushions and clothing (threshold + opening + fill)."""
+    a = require_ct(volume, "segment.body")
+    grid = Grid.for_image(volume.image, params.coarse_mm)
+    coarse = body_coarse(a, grid, volume.image, params)
+    labels = refine(grid, coarse.astype(np.uint8), a > params.threshold_hu)
+    return Labelmap("Body", to_labelmap_image(labels, volume.image), (BODY,))
+
+
+def _slice_order_top_down(image: sitk.Image, n: int) -> range:
+    """Slice indices from head to feet (LPS +z is superior)."""
+    return range(n - 1, -1, -1) if image.GetDirection()[8] >= 0 else range(n)
+
+
+def _trace_airway(
+    air: np.ndarray, image: sitk.Image, grid: Grid, body: np.ndarray, p: LungParams
+) -> np.ndarray:
+    """Trachea and main bronchi on the coarse grid (bool), traced from the top slice down.
+
+    The trachea is a small air blob near the body midline in the highest slices of the air
+    region; it is followed down while its cross-sections stay small, which stops each branch
+    where it merges with lung parenchyma in the axial plane. Empty when no trachea is in view.
+    """
+    sx, sy, _ = image.GetSpacing()
+    _, fy, fx = grid.factors
+    px_mm2 = sx * fx * sy * fy
+    max_px = p.airway_max_area_mm2 / px_mm2
+    airway = np.zeros_like(air)
+    order = [z for z in _slice_order_top_down(image, air.shape[0]) if air[z].any()]
+    prev: np.ndarray | None = None
+    for n_seen, z in enumerate(order):
+        lab, n = ndimage.label(air[z])
+        areas = np.bincount(lab.ravel(), minlength=n + 1)
+        if prev is None:
+            if n_seen >= 5:  # no trachea in the first slices: none in view (lung bases only)
+                break
+            cols = np.nonzero(body[z].any(axis=0))[0]
+            mid_x = (cols[0] + cols[-1]) / 2.0
+            for k in range(1, n + 1):
+                ys, xs = np.nonzero(lab == k)
+                if areas[k] <= max_px and abs(xs.mean() - mid_x) * sx * fx <= p.midline_mm:
+                    airway[z] |= lab == k
+            prev = airway[z] if airway[z].any() else None
+            continue
+        hit = np.unique(lab[dilate(prev[None], (0, 1, 1))[0] & (lab > 0)])
+        keep = [k for k in hit if areas[k] <= max_px]
+        if not keep:
+            break
+        airway[z] = np.isin(lab, keep)
+        prev = airway[z]
+    return airway
+
+
+def _split_left_right(lung: np.ndarray, image: sitk.Image) -> np.ndarray | None:
+    """Labels 1 (right) / 2 (left) for a coarse lung mask, or None when they cannot be separated.
+
+    Erodes until the two largest parts are of comparable size (the anterior and posterior
+    junction lines give way first), then grows them back inside the mask.
+    """
+    core, n_eroded = lung, 0
+    while True:
+        labels, sizes = components(core)
+        top = np.argsort(sizes)[::-1][:2]
+        if len(top) == 2 and sizes[top[1]] >= 0.2 * sizes[top[0]]:
+            break
+        if n_eroded == 4:
+            return None
+        core, n_eroded = erode(core, (1, 1, 1)), n_eroded + 1
+    # LPS +x points to the patient's left; index x follows +x when direction[0] > 0.
+    xs = [np.nonzero(labels == k)[2].mean() for k in top]
+    left_first = (xs[0] - xs[1]) * (1.0 if image.GetDirection()[0] >= 0 else -1.0) > 0
+    seeds = np.zeros(lung.shape, dtype=np.uint8)
+    seeds[labels == top[0]] = 2 if left_first else 1
+    seeds[labels == top[1]] = 1 if left_first else 2
+    for _ in range(n_eroded + 2):  # geodesic growth back into the eroded rim
+        grown = ndimage.maximum_filter(seeds, size=3)
+        free = (seeds == 0) & lung
+        seeds[free] = grown[free]
+    # Voxels still unreached (small detached parts) go by side of the two seeds' midline.
+    rest = lung & (seeds == 0)
+    if rest.any():
+        mid = (xs[0] + xs[1]) / 2.0
+        x = np.nonzero(rest)[2]
+        side_left = ((x - mid) * (xs[0] - xs[1]) > 0) == left_first
+        seeds[rest] = np.where(side_left, 2, 1)
+    return seeds
+
+
+@step("segment.lungs", version="1.0.0", params=LungParams, produces="labelmap")
+def segment_lungs(volume: Volume, params: LungParams) -> Labelmap:
+    """Right and left lungs (one "Lung" segment when they touch), trachea and main bronchi excluded."""
+    a = require_ct(volume, "segment.lungs")
+    image = volume.image
+    grid = Grid.for_image(image, params.coarse_mm)
+    body = body_coarse(a, grid, image, BodyParams(coarse_mm=params.coarse_mm))
+    air = (grid.subsample(a) < params.threshold_hu) & body
+    # Keep the slice-wise enclosed air only: air touching the body outline is outside air.
+    air &= erode(body, (0, 1, 1))
+    labels, sizes = components(air)
+    min_vox = max(params.min_volume_ml / grid.voxel_ml(image), params.min_fraction * sizes.max())
+    region = (sizes >= max(min_vox, 1))[labels]
+    if not region.any():
+        raise StepError(
+            f"no lungs found: no air region below {params.threshold_hu:g} HU inside the body "
+            f"of at least {params.min_volume_ml:g} mL"
+        )
+    airway = _trace_airway(region, image, grid, body, params)
+    if airway.any():
+        airway = dilate(airway, (0, 1, 1))
+        region &= ~airway
+        labels, sizes = components(region)
+        region = (sizes >= max(params.min_volume_ml / grid.voxel_ml(image), 1))[labels]
+        if not region.any():
+            raise StepError("no lungs found: the air inside the body is trachea/bronchi only")
+    split = _split_left_right(region, image)
+    if split is None:
+        coarse, segments = fill_holes_2d(region).astype(np.uint8), (LUNG,)
+    else:
+        coarse = np.zeros(region.shape, dtype=np.uint8)
+        for lab in (1, 2):
+            coarse[fill_holes_2d(split == lab) & (coarse == 0)] = lab
+        segments = (RIGHT_LUNG, LEFT_LUNG)
+    if airway.any():
+        coarse[airway & (coarse == 0)] = 3  # airway as a label: its band is not given to lung
+    labels_full = refine(grid, coarse, a < params.threshold_hu)
+    if airway.any():
+        labels_full[labels_full == 3] = 0
+    return Labelmap("Lungs", to_labelmap_image(labels_full, image), segments)
+
+
+@step("segment.bone", version="1.0.0", params=BoneParams, produces="labelmap")
+def segment_bone(volume: Volume, params: BoneParams) -> Labelmap:
+    """Bone by HU threshold inside the patient (table excluded), small specks removed."""
+    a = require_ct(volume, "segment.bone")
+    image = volume.image
+    grid = Grid.for_image(image, params.coarse_mm)
+    body = body_coarse(a, grid, image, BodyParams(coarse_mm=params.coarse_mm))
+    body = dilate(body, (1, 1, 1))
+    # Block max keeps thin cortex and ribs that a subsample would miss.
+    bright = (grid.block_max(a) >= params.lower_hu) & body
+    labels, sizes = components(bright)
+    min_vox = params.min_component_ml / grid.voxel_ml(image)
+    keep = sizes >= max(min_vox, 1)
+    keep[0] = False
+    if not keep.any():
+        raise StepError(f"no bone found at or above {params.lower_hu:g} HU inside the patient")
+    mask = grid.upsample(keep[labels]) & (a >= params.lower_hu)
+    if not mask.any():
+        raise StepError(f"no bone found at or above {params.lower_hu:g} HU inside the patient")
+    return Labelmap("Bone", to_labelmap_image(mask.view(np.uint8), image), (BONE,))

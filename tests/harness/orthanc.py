@@ -1,0 +1,247 @@
+"""A private Orthanc for tests and benchmarks: own ports, own storage, DICOMweb on.
+
+Never relies on a system service. The instance can be stopped and started again on the same
+ports and storage (an archive outage), and is always stopped by :meth:`OrthancServer.close`.
+
+Example
+-------
+>>> with OrthancServer(tmp_path) as orthanc:          # doctest: +SKIP
+...     requests.get(orthanc.url + "/system").json()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import requests
+
+ORTHANC_BIN = os.environ.get("SPRIM_TEST_ORTHANC", "/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def orthanc_available() -> bool:
+    """True when the Orthanc binary and its DICOMweb plugin are installed."""
+    return os.access(ORTHANC_BIN, os.X_OK) and Path(DICOMWEB_PLUGIN).exists()
+
+
+def dcmtk_env() -> dict[str, str]:
+    """The environment for dcmtk tools and Orthanc: Nagle off (DESIGN §6)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+class OrthancServer:
+    """One Orthanc process with a generated configuration in ``root``.
+
+    Parameters
+    ----------
+    root : Path
+        Folder for config, storage, index and log (created).
+    aet : str
+        Orthanc's own AE title.
+    stable_age : int
+        Seconds without new instances before a series/study is stable (Orthanc's ``StableAge``).
+    modalities : Mapping[str, tuple[str, str, int]]
+        Peers Orthanc may send to (``DicomModalities``): name -> (AET, host, port).
+    reject_description : str, optional
+        Install a ``ReceivedInstanceFilter`` (Lua) dropping instances whose SeriesDescription is
+        this: an archive that refuses (or silently drops) what it is sent.
+    extra : Mapping
+        Further configuration keys, merged last.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        aet: str = "ORTHANC",
+        stable_age: int = 1,
+        modalities: Mapping[str, tuple[str, str, int]] | None = None,
+        reject_description: str | None = None,
+        extra: Mapping | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.config = {
+            "Name": f"sprim-test-{self.http_port}",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "HttpDescribeErrors": True,
+            "KeepAlive": True,
+            "TcpNoDelay": True,
+            "StableAge": stable_age,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "DicomCheckModalityHost": False,
+            "OverwriteInstances": True,
+            "StorageCompression": False,
+            "SaveJobs": False,
+            "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": False,
+                "Ssl": False,
+                "StudiesMetadata": "MainDicomTags",
+                "SeriesMetadata": "Full",
+            },
+        }
+        if reject_description:
+            lua = self.root / "filter.lua"
+            lua.write_text(
+                "function ReceivedInstanceFilter(dicom, origin, info)\n"
+                f"  if dicom.SeriesDescription == {json.dumps(reject_description)} then\n"
+                "    return false\n  end\n  return true\nend\n"
+            )
+            self.config["LuaScripts"] = [str(lua)]
+        if extra:
+            self.config.update(extra)
+        self.config_path = self.root / "orthanc.json"
+        self.log_path = self.root / "orthanc.log"
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """REST root, e.g. ``http://127.0.0.1:8042``."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """DICOMweb root, e.g. ``http://127.0.0.1:8042/dicom-web``."""
+        return f"{self.url}/dicom-web"
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> OrthancServer:
+        """Start Orthanc (same ports and storage as before) and wait until ``/system`` answers."""
+        if self.proc and self.proc.poll() is None:
+            return self
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        log = open(self.log_path, "ab")  # noqa: SIM115  (kept open by the child)
+        self.proc = subprocess.Popen(
+            [ORTHANC_BIN, str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+            cwd=self.root,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited {self.proc.returncode}: {self.log_tail()}")
+            try:
+                if requests.get(self.url + "/system", timeout=1).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"Orthanc did not answer in {timeout}s: {self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop Orthanc (terminate, wait; kill if it hangs). Storage and ports are kept."""
+        if not self.proc:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self.proc = None
+
+    def restart(self) -> OrthancServer:
+        self.stop()
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return bool(self.proc and self.proc.poll() is None)
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # -- conveniences for tests ------------------------------------------------------------
+    def get(self, path: str, **kw) -> requests.Response:
+        r = requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+        r.raise_for_status()
+        return r
+
+    def reset(self) -> None:
+        """Delete every patient (a clean archive between tests, without a restart)."""
+        for pid in self.get("/patients").json():
+            requests.delete(f"{self.url}/patients/{pid}", timeout=30).raise_for_status()
+
+    def series_of_study(self, study_uid: str) -> list[dict]:
+        """Orthanc's series resources of a study (empty when the study is unknown)."""
+        r = requests.post(
+            self.url + "/tools/lookup", data=study_uid, timeout=30
+        )  # lookup by any UID
+        r.raise_for_status()
+        for hit in r.json():
+            if hit["Type"] == "Study":
+                return self.get(f"/studies/{hit['ID']}/series").json()
+        return []
+
+    def storescu(self, files: Sequence[Path] | Path, *, calling: str = "STORESCU") -> None:
+        """Send files (or a folder) to this Orthanc with dcmtk ``storescu``."""
+        send(files, "127.0.0.1", self.dicom_port, called=self.aet, calling=calling)
+
+
+def send(
+    files: Sequence[Path] | Path,
+    host: str,
+    port: int,
+    *,
+    called: str,
+    calling: str = "STORESCU",
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """dcmtk ``storescu`` of files or a folder (recursively), Nagle off."""
+    exe = shutil.which("storescu") or "/usr/bin/storescu"
+    args = [exe, "-aet", calling, "-aec", called, "-nh"]
+    if isinstance(files, Path) and files.is_dir():
+        args += ["+sd", "+r", host, str(port), str(files)]
+    else:
+        args += [host, str(port), *[str(f) for f in files]]
+    r = subprocess.run(args, capture_output=True, text=True, env=dcmtk_env(), timeout=300)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"storescu failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r

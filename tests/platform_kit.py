@@ -1,0 +1,182 @@
+"""Shared by the platform tests: a tiny synthetic CT, a fast test step, RabbitMQ/Postgres helpers.
+
+Imported by worker processes through ``SPRIM_PLUGINS=tests.platform_kit`` (registers the
+``test.touch`` step). The job path stays the real one: fetch -> read_series -> run_steps -> store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydantic import BaseModel, Field
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from pipelines import ImageSeries, StepError, Volume, step
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+class TouchParams(BaseModel, frozen=True, extra="forbid"):
+    sleep_s: float = Field(0.0, ge=0.0, description="Seconds to sleep (simulates work).")
+    label: str = Field("TEST", description="Goes into the output description.")
+    fail: bool = Field(False, description="Raise a StepError (deterministic failure).")
+
+
+@step("test.touch", version="1.0.0", params=TouchParams, produces="series")
+def touch(volume: Volume, params: TouchParams) -> ImageSeries:
+    """Test step: sleep a little, return the input as a derived axial series."""
+    if params.fail:
+        raise StepError("refused on purpose (test)")
+    if params.sleep_s:
+        time.sleep(params.sleep_s)
+    return ImageSeries(description=f"{params.label}", image=sitk.Image(volume.image), plane="axial")
+
+
+def _fallback_writer() -> None:
+    """Until the real series writer lands: a minimal one (same UIDs scheme: Provenance.uids)."""
+    from workers.writers import (
+        _WRITERS,
+        WrittenObject,
+        _builtin,  # noqa: F401
+        writer,
+    )
+
+    if "series" in _WRITERS:
+        return
+
+    @writer("series")
+    def _write(output, source, prov, out_dir):
+        uids = prov.uids(source)
+        arr = sitk.GetArrayFromImage(output.image).astype(np.int16)
+        folder = out_dir / uids.series_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        for k in range(arr.shape[0]):
+            ds = pydicom.dcmread(source.files[0]) if source.files else pydicom.Dataset()
+            ds.SeriesInstanceUID = uids.series_uid
+            ds.SOPInstanceUID = uids.instance_uid(k)
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesDescription = output.description
+            ds.SeriesNumber = 1000 + prov.step_index * 10 + prov.output_index
+            ds.InstanceNumber = k + 1
+            ds.ImageType = ["DERIVED", "SECONDARY"]
+            ds.PixelData = arr[k].tobytes()
+            p = folder / f"{k:04d}.dcm"
+            ds.save_as(p, enforce_file_format=True)
+            out.append(WrittenObject(p, "series", ds.SOPClassUID, ds.SOPInstanceUID,
+                                     uids.series_uid, ds.SeriesNumber, output.description))  # fmt: skip
+        return out
+
+
+_fallback_writer()
+
+
+def write_study(
+    folder: Path,
+    *,
+    institution: str = "SITE A",
+    modality: str = "CT",
+    n_slices: int = 3,
+    size: int = 8,
+    series_description: str = "AXIAL 1mm",
+    study_uid: str | None = None,
+    slice_thickness: float = 1.0,
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+) -> tuple[str, str]:
+    """Write a tiny CT series (one study) into ``folder``; returns (study UID, series UID)."""
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    frame = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n_slices):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+            study_uid,
+            series_uid,
+            frame,
+        )
+        ds.PatientName, ds.PatientID, ds.StudyID = "TEST^PLATFORM", "TP001", "1"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20260101", "120000", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 2, k + 1
+        ds.SeriesDescription, ds.InstitutionName = series_description, institution
+        ds.BodyPartExamined = "CHEST"
+        ds.ImageType = list(image_type)
+        ds.Manufacturer = "TEST"
+        ds.SliceThickness = slice_thickness
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, float(k) * slice_thickness]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = (np.arange(size * size, dtype=np.int16).reshape(size, size) + k).tobytes()
+        ds.save_as(folder / f"{series_uid}_{k:03d}.dcm", enforce_file_format=True)
+    return study_uid, series_uid
+
+
+# -- services ----------------------------------------------------------------------------------
+def rabbit_ready() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _ctl(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+
+
+def make_vhost() -> str:
+    """A fresh RabbitMQ vhost (guest has all rights): parallel test runs never share messages."""
+    vhost = f"sprim-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    r = _ctl("add_vhost", vhost)
+    assert r.returncode == 0, r.stderr
+    r = _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    assert r.returncode == 0, r.stderr
+    return vhost
+
+
+def drop_vhost(vhost: str) -> None:
+    _ctl("delete_vhost", vhost)
+
+
+def make_pg_db() -> str | None:
+    """A throwaway PostgreSQL database; None when no server answers."""
+    try:
+        import psycopg
+
+        name = f"sprim_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect("host=127.0.0.1 dbname=postgres user=root", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://root@127.0.0.1:5432/{name}"
+    except Exception:
+        return None
+
+
+def drop_pg_db(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect("host=127.0.0.1 dbname=postgres user=root", autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

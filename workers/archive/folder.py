@@ -1,0 +1,179 @@
+"""A folder of DICOM files as an archive: the embedded default (no PACS needed).
+
+Any layout is read (headers are indexed on demand, re-read only when a file changes); stored
+objects go to ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, replacing
+an existing file of the same SOPInstanceUID wherever it was, so a repeated job never duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from workers.archive import ArchiveError
+from workers.series import ROUTING_KEYWORDS, plain
+
+log = logging.getLogger(__name__)
+
+#: Series-level keywords kept for routing (the same as ``sprim run`` / ``rules explain`` see).
+SERIES_KEYWORDS = (*ROUTING_KEYWORDS, "StudyDate", "AccessionNumber")
+
+
+@dataclass
+class _Entry:
+    mtime_ns: int
+    size: int
+    study: str
+    series: str
+    sop: str
+    attrs: dict
+
+
+class FolderArchive:
+    """An archive in a folder (see module docstring).
+
+    Parameters
+    ----------
+    root : Path
+        The folder; created if missing.
+    name : str, optional
+        Archive name for rules (``source``) and logs; default ``folder:<root>``.
+    """
+
+    def __init__(self, root: Path | str, *, name: str | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.name = name or f"folder:{self.root}"
+        self._index: dict[Path, _Entry] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return str(self.root.resolve())
+
+    # -- index ---------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Index new or changed files, forget deleted ones."""
+        seen: set[Path] = set()
+        for dirpath, _dirs, names in os.walk(self.root):
+            for n in names:
+                if n.startswith("."):
+                    continue
+                p = Path(dirpath) / n
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                seen.add(p)
+                e = self._index.get(p)
+                if e is not None and e.mtime_ns == st.st_mtime_ns and e.size == st.st_size:
+                    continue
+                entry = self._read(p, st)
+                if entry is not None:
+                    self._index[p] = entry
+                else:
+                    self._index.pop(p, None)
+        for p in set(self._index) - seen:
+            del self._index[p]
+
+    @staticmethod
+    def _read(p: Path, st: os.stat_result) -> _Entry | None:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=None)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            return None
+        if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+            return None
+        attrs = {k: plain(ds.get(k)) for k in SERIES_KEYWORDS if ds.get(k) not in (None, "")}
+        if isinstance(attrs.get("ImageType"), str):
+            attrs["ImageType"] = [attrs["ImageType"]]
+        return _Entry(
+            st.st_mtime_ns, st.st_size, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+            str(ds.SOPInstanceUID), attrs,
+        )  # fmt: skip
+
+    # -- Archive protocol ----------------------------------------------------------------------
+    def studies(self) -> list[str]:
+        with self._lock:
+            self.refresh()
+            return sorted({e.study for e in self._index.values()})
+
+    def series_of_study(self, study_uid: str) -> list[dict]:
+        """Routing attributes of each series of the study (first instance + instance count)."""
+        with self._lock:
+            self.refresh()
+            out: dict[str, dict] = {}
+            for e in sorted(self._index.values(), key=lambda e: e.sop):
+                if e.study != study_uid:
+                    continue
+                s = out.get(e.series)
+                if s is None:
+                    s = out[e.series] = dict(e.attrs, NumberOfSeriesRelatedInstances=0)
+                s["NumberOfSeriesRelatedInstances"] += 1
+            return sorted(
+                out.values(), key=lambda s: (s.get("SeriesNumber") or 0, s["SeriesInstanceUID"])
+            )
+
+    def fetch_series(self, study_uid: str, series_uid: str, dest: Path) -> list[Path]:
+        """Copy the series' files into ``dest``; ArchiveError (permanent) when it is not there."""
+        with self._lock:
+            self.refresh()
+            srcs = [
+                p for p, e in self._index.items() if e.study == study_uid and e.series == series_uid
+            ]
+        if not srcs:
+            raise ArchiveError(
+                f"{self.name}: series {series_uid} of study {study_uid} not found",
+                transient=False, reason="not found",
+            )  # fmt: skip
+        dest.mkdir(parents=True, exist_ok=True)
+        out = []
+        try:
+            for i, p in enumerate(sorted(srcs)):
+                q = dest / f"{i:05d}.dcm"
+                shutil.copyfile(p, q)
+                out.append(q)
+        except OSError as e:
+            raise ArchiveError(f"{self.name}: fetch failed: {e}", transient=True) from e
+        return out
+
+    def store(self, files: Sequence[Path]) -> None:
+        """Copy ``files`` in (atomic rename), replacing same SOPInstanceUID; returns when on disk."""
+        with self._lock:
+            self.refresh()
+            by_sop = {e.sop: p for p, e in self._index.items()}
+            for f in files:
+                try:
+                    ds = pydicom.dcmread(f, stop_before_pixels=True)
+                    study, series, sop = (
+                        str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+                    )  # fmt: skip
+                except Exception as e:  # a file we wrote but cannot read back is a bug: permanent
+                    raise ArchiveError(
+                        f"{self.name}: cannot store {f}: {e}", transient=False, reason=str(e)
+                    ) from e
+                target = self.root / study / series / f"{sop}.dcm"
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.parent / f".{sop}.{uuid.uuid4().hex}.tmp"
+                    shutil.copyfile(f, tmp)
+                    with open(tmp, "rb") as fh:
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, target)
+                except OSError as e:
+                    raise ArchiveError(f"{self.name}: store failed: {e}", transient=True) from e
+                old = by_sop.get(sop)
+                if old is not None and old != target:
+                    old.unlink(missing_ok=True)
+                    self._index.pop(old, None)
+                by_sop[sop] = target
+            self.refresh()

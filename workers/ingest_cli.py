@@ -1,0 +1,169 @@
+"""``sprim watch`` and ``sprim listen``: the two ways studies come in (added to ``workers.cli``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import typer
+
+log = logging.getLogger(__name__)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _dispatcher():
+    """The dispatcher jobs go to: Celery when a broker is configured, else in-process.
+
+    ``tasks.cli`` (the ``sprim`` entry point) installs the Celery dispatcher when
+    ``SPRIM_BROKER_URL`` is set; ``workers`` must not import ``tasks``, so when started through
+    ``workers.cli`` the Celery dispatcher is looked up by name. Embedded: jobs run in a
+    background thread so the feed / the SCP is never blocked by a job.
+    """
+    import importlib
+
+    import workers.dispatch as wd
+    from workers.config import settings
+
+    current = wd._default_dispatcher
+    if settings().broker_url:
+        if current is not None and not isinstance(current, wd.InProcessDispatcher):
+            return current
+        try:
+            d = importlib.import_module("tasks.dispatch").CeleryDispatcher()
+            wd.set_dispatcher(d)
+            return d
+        except (ImportError, AttributeError):
+            log.warning("event=no_celery_dispatcher broker=set fallback=in-process")
+    d = wd.InProcessDispatcher(background=True)
+    wd.set_dispatcher(d)
+    return d
+
+
+def _already_submitted(study_uid: str, key: str) -> bool:
+    from workers.jobstore import open_store
+
+    row = open_store().study(study_uid)
+    return bool(row and (row.context or {}).get("watch_key") == key)
+
+
+def watch_cmd(
+    url: str | None = typer.Option(
+        None,
+        "--url",
+        help="Orthanc REST root (default: SPRIM_WATCH_URL, or SPRIM_ARCHIVE_URL without /dicom-web).",
+    ),
+    interval: float | None = typer.Option(None, "--interval", help="Seconds between polls."),
+    from_now: bool = typer.Option(
+        False,
+        "--from-now",
+        help="Without saved state, skip the feed's history (default: from the start).",
+    ),
+    once: bool = typer.Option(False, "--once", help="Read the feed until done, then exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Follow Orthanc's change feed; route each stable study (cursor persisted, resumes)."""
+    from workers.archive import open_archive
+    from workers.config import settings
+    from workers.jobs import submit_study
+    from workers.watch import Watcher, state_path
+
+    _logging(verbose)
+    cfg = settings()
+    if not (url or cfg.watch_url or cfg.archive_url):
+        typer.echo("error: set --url, SPRIM_WATCH_URL or SPRIM_ARCHIVE_URL", err=True)
+        raise typer.Exit(2)
+    rest = (url or cfg.watch_url or cfg.archive_url or "").rstrip("/")
+    rest = rest.removesuffix("/dicom-web")
+    archive = open_archive(cfg.archive_url or f"{rest}/dicom-web")
+    disp = _dispatcher()
+
+    def submit(study_uid: str, context: dict) -> None:
+        submit_study(study_uid, archive, context, disp=disp)
+
+    watcher = Watcher(
+        rest,
+        state_path(cfg.home, rest),
+        submit,
+        already_submitted=_already_submitted,
+        from_start=not from_now,
+    )
+    if once:
+        watcher.poll_once()
+        return
+    stop = threading.Event()
+    _on_signals(stop)
+    watcher.run(interval or cfg.watch_interval_s, stop)
+
+
+def listen_cmd(
+    port: int | None = typer.Option(None, "--port", help="DICOM port (default SPRIM_LISTEN_PORT)."),
+    host: str | None = typer.Option(
+        None, "--host", help="Bind address (default SPRIM_LISTEN_HOST)."
+    ),
+    aet: str | None = typer.Option(None, "--aet", help="Our AE title (default SPRIM_AE_TITLE)."),
+    allow: list[str] = typer.Option(
+        [],
+        "--allow",
+        help="Accepted calling AE title (repeatable; default SPRIM_LISTEN_ALLOWED_AETS).",
+    ),
+    quiet: float | None = typer.Option(None, "--quiet", help="Quiet period of a study, seconds."),
+    store: Path | None = typer.Option(
+        None, "--store", help="Store folder (default SPRIM_LISTEN_STORE)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """C-STORE SCP: store instances durably, route each study after its quiet period."""
+    from workers.archive.folder import FolderArchive
+    from workers.config import settings
+    from workers.jobs import submit_study
+    from workers.listener import Listener, ListenerStore, StudyArrival
+
+    _logging(verbose)
+    cfg = settings()
+    root = store or cfg.listen_store or cfg.home / "incoming"
+    our_aet = aet or cfg.ae_title
+    allowed = allow or [a for a in cfg.listen_allowed_aets.split(",") if a.strip()]
+    if not allowed:
+        log.warning("event=listen_open_to_any_ae hint=set SPRIM_LISTEN_ALLOWED_AETS or --allow")
+    archive = FolderArchive(root, name=f"listen:{our_aet}")
+    disp = _dispatcher()
+
+    def on_complete(a: StudyArrival) -> None:
+        ctx = {"calling_ae": sorted(a.calling_aets)[0] if a.calling_aets else ""}
+        submit_study(a.study_uid, archive, ctx, disp=disp)
+
+    ls = ListenerStore(
+        root,
+        quiet_period=quiet if quiet is not None else cfg.listen_quiet_period_s,
+        on_complete=on_complete,
+    )
+    Listener(
+        ls,
+        aet=our_aet,
+        host=host or cfg.listen_host,
+        port=port or cfg.listen_port,
+        allowed_aets=allowed,
+    ).serve_forever()
+
+
+def _on_signals(stop: threading.Event) -> None:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``watch`` and ``listen`` to the ``sprim`` command line."""
+    app.command("watch")(watch_cmd)
+    app.command("listen")(listen_cmd)

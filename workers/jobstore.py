@@ -1,0 +1,411 @@
+"""The job store: jobs, their state machine, an audit trail, known studies, fair release.
+
+SQLAlchemy 2; SQLite under ``SPRIM_HOME`` by default, PostgreSQL by ``SPRIM_JOB_STORE_URL``.
+Schema changes go through Alembic (``workers/alembic``); :meth:`JobStore.migrate` applies them.
+
+Fairness lives here (:meth:`JobStore.release`): jobs wait in the store, and at most ``capacity``
+are handed to the broker at a time (one per free worker slot). Each release picks the highest
+priority first, then round-robin across institutions (the least recently served institution's
+oldest job first), so one site's burst never queues ahead of another site's study in the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "no_match")
+ACTIVE = ("queued", "running")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    rule: Mapped[str | None] = mapped_column(String(128), index=True)
+    requester: Mapped[str | None] = mapped_column(String(128))
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    institution: Mapped[str] = mapped_column(String(128), index=True)
+    source: Mapped[str] = mapped_column(String(256), default="")
+    archive: Mapped[str] = mapped_column(String(512), default="")
+    destination: Mapped[str | None] = mapped_column(String(512))
+    priority: Mapped[int] = mapped_column(Integer, default=1)
+    steps: Mapped[list] = mapped_column(JSON, default=list)
+    job_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    description_suffix: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)
+    outputs: Mapped[list] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    context: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str | None] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class StudyRow(Base):
+    """A study sprim has seen: routing attributes of its series and its quiet-period state."""
+
+    __tablename__ = "studies"
+
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    institution: Mapped[str] = mapped_column(String(128), default="")
+    source: Mapped[str] = mapped_column(String(256), default="")
+    archive: Mapped[str] = mapped_column(String(512), default="")
+    context: Mapped[dict] = mapped_column(JSON, default=dict)
+    series: Mapped[list] = mapped_column(JSON, default=list)
+    change_seq: Mapped[int] = mapped_column(Integer, default=0)
+    last_change_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class LockRow(Base):
+    """One row, updated first in every release: serializes releases on SQLite and PostgreSQL."""
+
+    __tablename__ = "scheduler_lock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job row."""
+
+    id: int
+    created_at: float
+    updated_at: float
+    rule: str | None
+    requester: str | None
+    study_uid: str
+    series_uid: str | None
+    institution: str
+    source: str
+    archive: str
+    destination: str | None
+    priority: int
+    steps: list
+    job_key: str | None
+    description_suffix: str
+    state: str
+    attempts: int
+    dispatched_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    timings: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+    error: str | None = None
+    context: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, row: JobRow) -> Job:
+        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Audit:
+    at: float
+    job_id: int | None
+    event: str
+    from_state: str | None
+    to_state: str | None
+    actor: str
+    detail: str
+
+
+def default_url(home: Path) -> str:
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(home / 'jobs.db').resolve()}"
+
+
+class JobStore:
+    """Jobs and audit trail in a SQL database (see module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kw: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            kw["connect_args"] = {"timeout": 60, "check_same_thread": False}
+        else:
+            kw["pool_pre_ping"] = True
+        self.engine = create_engine(url, **kw)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.Session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema to the latest Alembic revision (idempotent)."""
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "alembic"))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def create_job(self, *, actor: str = "", state: str = "queued", **values: Any) -> Job:
+        """Insert a job (``queued`` unless ``state`` says otherwise) and its audit entry."""
+        now = time.time()
+        with self.Session.begin() as s:
+            row = JobRow(created_at=now, updated_at=now, state=state, **values)
+            s.add(row)
+            s.flush()
+            s.add(
+                AuditRow(at=now, job_id=row.id, event="created", to_state=state, actor=actor,
+                         detail=values.get("rule") or values.get("requester") or "")
+            )  # fmt: skip
+            return Job.of(row)
+
+    def get(self, job_id: int) -> Job | None:
+        with self.Session() as s:
+            row = s.get(JobRow, int(job_id))
+            return Job.of(row) if row else None
+
+    def list(
+        self,
+        *,
+        state: str | Sequence[str] | None = None,
+        institution: str | None = None,
+        study_uid: str | None = None,
+        job_key: str | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[Job]:
+        q = select(JobRow)
+        if state:
+            q = q.where(JobRow.state.in_([state] if isinstance(state, str) else list(state)))
+        if institution is not None:
+            q = q.where(JobRow.institution == institution)
+        if study_uid is not None:
+            q = q.where(JobRow.study_uid == study_uid)
+        if job_key is not None:
+            q = q.where(JobRow.job_key == job_key)
+        q = q.order_by(JobRow.id.desc() if newest_first else JobRow.id.asc()).limit(limit)
+        with self.Session() as s:
+            return [Job.of(r) for r in s.scalars(q)]
+
+    def counts(self) -> dict[str, int]:
+        with self.Session() as s:
+            rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
+            return {st: n for st, n in rows}
+
+    def transition(
+        self,
+        job_id: int,
+        to_state: str,
+        *,
+        expect: Iterable[str] | None = None,
+        actor: str = "",
+        detail: str = "",
+        **values: Any,
+    ) -> Job | None:
+        """Atomically move a job to ``to_state`` if its state is in ``expect``; audit it.
+
+        Returns the updated job, or None when the job is missing or in another state.
+        """
+        now = time.time()
+        with self.Session.begin() as s:
+            q = select(JobRow).where(JobRow.id == int(job_id)).with_for_update()
+            row = s.scalars(q).first()
+            if row is None or (expect is not None and row.state not in tuple(expect)):
+                return None
+            before = row.state
+            row.state, row.updated_at = to_state, now
+            for k, v in values.items():
+                setattr(row, k, v)
+            s.add(AuditRow(at=now, job_id=row.id, event="state", from_state=before,
+                           to_state=to_state, actor=actor, detail=detail[:2000]))  # fmt: skip
+            s.flush()
+            return Job.of(row)
+
+    # -- audit ---------------------------------------------------------------------------------
+    def audit(
+        self, event_: str, detail: str = "", *, job_id: int | None = None, actor: str = ""
+    ) -> None:
+        with self.Session.begin() as s:
+            s.add(AuditRow(at=time.time(), job_id=job_id, event=event_, actor=actor, detail=detail))
+
+    def audit_trail(
+        self, *, job_id: int | None = None, event_: str | None = None, limit: int = 200
+    ) -> list[Audit]:
+        q = select(AuditRow)
+        if job_id is not None:
+            q = q.where(AuditRow.job_id == job_id)
+        if event_ is not None:
+            q = q.where(AuditRow.event == event_)
+        q = q.order_by(AuditRow.id.desc()).limit(limit)
+        with self.Session() as s:
+            return [
+                Audit(r.at, r.job_id, r.event, r.from_state, r.to_state, r.actor, r.detail)
+                for r in reversed(list(s.scalars(q)))
+            ]
+
+    # -- studies -------------------------------------------------------------------------------
+    def note_study(
+        self, study_uid: str, *, series: list[dict] | None = None, bump: bool = True, **values: Any
+    ) -> int:
+        """Record a study (``bump``: it changed now, new instances); returns its change sequence."""
+        now = time.time()
+        with self.Session.begin() as s:
+            row = s.scalars(
+                select(StudyRow).where(StudyRow.study_uid == study_uid).with_for_update()
+            ).first()
+            if row is None:
+                row = StudyRow(study_uid=study_uid, change_seq=0)
+                s.add(row)
+            if bump or not row.change_seq:
+                row.change_seq = (row.change_seq or 0) + 1
+                row.last_change_at = now
+            if series is not None:
+                row.series = _jsonable(series)
+            for k, v in values.items():
+                setattr(row, k, v)
+            s.flush()
+            return row.change_seq
+
+    def study(self, study_uid: str) -> StudyRow | None:
+        with self.Session() as s:
+            return s.get(StudyRow, study_uid)
+
+    def studies(self, limit: int = 100_000) -> list[StudyRow]:
+        with self.Session() as s:
+            return list(s.scalars(select(StudyRow).order_by(StudyRow.last_change_at).limit(limit)))
+
+    # -- fair release --------------------------------------------------------------------------
+    def release(self, capacity: int, send: Callable[[Job], None]) -> list[Job]:
+        """Hand waiting jobs to ``send`` until ``capacity`` jobs are in flight; return them.
+
+        In flight = running, or queued and already dispatched. Order: priority (urgent first),
+        then round-robin across institutions (rank of the job within its institution, then the
+        institution served least recently), then age. ``send`` is called after the commit; a
+        failed send makes the job wait again.
+        """
+        now = time.time()
+        with self.Session.begin() as s:
+            s.execute(update(LockRow).where(LockRow.id == 1).values(n=LockRow.n + 1))
+            inflight = s.scalar(
+                select(func.count()).select_from(JobRow).where(
+                    or_(JobRow.state == "running",
+                        (JobRow.state == "queued") & JobRow.dispatched_at.is_not(None))
+                )
+            )  # fmt: skip
+            free = capacity - (inflight or 0)
+            if free <= 0:
+                return []
+            last = (
+                select(JobRow.institution, func.max(JobRow.dispatched_at).label("last"))
+                .group_by(JobRow.institution)
+                .subquery()
+            )
+            rank = func.row_number().over(
+                partition_by=(JobRow.priority, JobRow.institution), order_by=JobRow.id
+            )
+            waiting = (
+                select(JobRow.id, JobRow.priority, JobRow.institution, rank.label("rn"))
+                .where(JobRow.state == "queued", JobRow.dispatched_at.is_(None))
+                .subquery()
+            )
+            q = (
+                select(waiting.c.id)
+                .join(last, last.c.institution == waiting.c.institution, isouter=True)
+                .order_by(
+                    waiting.c.priority.desc(),
+                    waiting.c.rn,
+                    func.coalesce(last.c.last, 0.0),
+                    waiting.c.id,
+                )
+                .limit(free)
+            )
+            ids = list(s.scalars(q))
+            if not ids:
+                return []
+            s.execute(update(JobRow).where(JobRow.id.in_(ids)).values(dispatched_at=now))
+            rows = s.scalars(select(JobRow).where(JobRow.id.in_(ids))).all()
+            order = {j: i for i, j in enumerate(ids)}
+            jobs = sorted((Job.of(r) for r in rows), key=lambda j: order[j.id])
+        sent = []
+        for job in jobs:
+            try:
+                send(job)
+                sent.append(job)
+            except Exception:
+                with self.Session.begin() as s:
+                    s.execute(update(JobRow).where(JobRow.id == job.id).values(dispatched_at=None))
+                raise
+        return sent
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _rec: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+_STORES: dict[str, JobStore] = {}
+
+
+def open_store(url: str | None = None) -> JobStore:
+    """The process-wide store for ``url`` (default: ``SPRIM_JOB_STORE_URL`` or SQLite), migrated."""
+    from workers.config import settings
+
+    url = url or settings().job_store_url or default_url(settings().home)
+    if url not in _STORES:
+        store = JobStore(url)
+        store.migrate()
+        _STORES[url] = store
+    return _STORES[url]

@@ -1,0 +1,319 @@
+"""DICOM series to volume: find series in folders and zips, read one into an LPS SimpleITK image.
+
+``scan`` reads headers only and groups files by (SeriesInstanceUID, SOPClassUID); its
+``attributes`` feed the routing rules. ``read_series`` builds the volume (CT in HU, int16 when
+the rescale allows it, float32 otherwise) or refuses the series with a :class:`SeriesError`
+naming the series and the defect. Geometry decisions (gantry tilt, uneven spacing, missing
+slices) are documented in :mod:`workers.stack`; enhanced multi-frame objects in
+:mod:`workers.enhanced`.
+
+Speed and memory: scan keeps each header and the file offset of its PixelData; uncompressed
+pixels are then read straight into the image buffer (no per-slice arrays, no float64 copies).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
+
+from pipelines.types import Volume
+
+from workers import pixels
+from workers.source import SeriesError, SourceSeries
+from workers.stack import apply_plan, plan_stack
+
+log = logging.getLogger(__name__)
+
+ROUTING_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "StudyDescription",
+    "ProtocolName",
+    "BodyPartExamined",
+    "ImageType",
+    "SliceThickness",
+    "PixelSpacing",
+    "SpacingBetweenSlices",
+    "ConvolutionKernel",
+    "ContrastBolusAgent",
+    "InstitutionName",
+    "StationName",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "Rows",
+    "Columns",
+    "PatientPosition",
+    "FrameOfReferenceUID",
+)
+#: Never opened as series (a DICOMDIR is an index, not an image).
+_SKIP_SOP_CLASSES = {"1.2.840.10008.1.3.10"}
+DEFER_SIZE = "64 KB"
+
+
+@dataclass
+class SeriesFiles:
+    """The files of one series as found by :func:`scan`.
+
+    Attributes
+    ----------
+    files : list[Path]
+        Sorted by InstanceNumber, then path.
+    attributes : dict
+        Series-level routing attributes, DICOM keyword -> plain value (str, int, float,
+        list[str] / list[float]); ``NumberOfSeriesRelatedInstances`` counts files, and
+        ``NumberOfFrames`` the frames of all of them (multi-frame objects).
+    headers : list[Dataset]
+        Header of each file (no pixel data), same order as ``files``; empty = read on demand.
+    pixel_offsets : list[int | None]
+        File offset of each file's PixelData element (None = none found).
+    """
+
+    files: list[Path]
+    attributes: dict[str, Any]
+    headers: list[Dataset] = field(default_factory=list, repr=False)
+    pixel_offsets: list[int | None] = field(default_factory=list, repr=False)
+    #: Keeps a temporary extraction folder (zip input) alive as long as the series is used.
+    _keepalive: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return series_name(self.attributes)
+
+
+def series_name(attrs: dict[str, Any] | Dataset) -> str:
+    """How a PACS admin finds the series: 'series 3 "CHEST 1mm" (UID ...)'."""
+    get = attrs.get
+    desc = get("SeriesDescription") or ""
+    num = get("SeriesNumber")
+    num_s = f" {num}" if num not in (None, "") else ""
+    return f'series{num_s} "{desc}" ({get("SeriesInstanceUID", "no SeriesInstanceUID")})'
+
+
+def plain(value: Any) -> Any:
+    """A DICOM value as plain Python (str, int, float or lists of them)."""
+    if isinstance(value, MultiValue | list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, DSfloat | DSdecimal | float):
+        return float(value)
+    if isinstance(value, IS | int):
+        return int(value)
+    if isinstance(value, PersonName | UID | str):
+        return str(value)
+    return None if isinstance(value, bytes | Dataset) else str(value)
+
+
+def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
+    """Header without pixels and the offset of PixelData; None for non-DICOM files."""
+    try:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=DEFER_SIZE)
+            offset = fp.tell()
+            tag = fp.read(4)
+    except (InvalidDicomError, OSError, EOFError):
+        return None
+    except Exception as e:  # a corrupt file must not stop the scan of the others
+        log.warning("unreadable DICOM file skipped: %s (%s)", path, e)
+        return None
+    little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
+    pixel_tag = b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10"
+    return ds, (offset if tag == pixel_tag else None)
+
+
+def _walk(inputs: Iterable[Path], keep: list[tempfile.TemporaryDirectory]) -> Iterable[Path]:
+    for p in inputs:
+        p = Path(p)
+        if p.is_dir():
+            yield from _walk(sorted(x for x in p.rglob("*") if x.is_file()), keep)
+        elif p.is_file() and zipfile.is_zipfile(p) and p.suffix.lower() == ".zip":
+            tmp = tempfile.TemporaryDirectory(prefix="sprim-zip-")
+            keep.append(tmp)
+            with zipfile.ZipFile(p) as zf:
+                for member in zf.infolist():
+                    # extract() sanitises absolute paths and '..' components.
+                    if not member.is_dir():
+                        zf.extract(member, tmp.name)
+            yield from _walk([Path(tmp.name)], keep)
+        elif p.is_file():
+            yield p
+
+
+def scan(inputs: Path | list[Path]) -> list[SeriesFiles]:
+    """Find the DICOM series in folders, files and ``.zip`` archives (headers only).
+
+    Non-DICOM files (text, LICENSE, DICOMDIR, NIfTI...) are skipped quietly. Zip archives are
+    extracted into a temporary folder that lives as long as the returned series do.
+
+    Returns
+    -------
+    list[SeriesFiles]
+        One per (SeriesInstanceUID, SOPClassUID), sorted by study, SeriesNumber, UID.
+    """
+    paths = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    keep: list[tempfile.TemporaryDirectory] = []
+    groups: dict[tuple[str, str], list[tuple[Path, Dataset, int | None]]] = {}
+    for path in _walk(paths, keep):
+        got = _read_header(path)
+        if got is None:
+            continue
+        ds, offset = got
+        sop_class = str(ds.get("SOPClassUID", ""))
+        uid = ds.get("SeriesInstanceUID")
+        if not uid or sop_class in _SKIP_SOP_CLASSES:
+            continue
+        groups.setdefault((str(uid), sop_class), []).append((path, ds, offset))
+    keepalive = keep or None
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda m: (_int(m[1].get("InstanceNumber")), str(m[0])))
+        out.append(
+            SeriesFiles(
+                files=[m[0] for m in members],
+                attributes=series_attributes([m[1] for m in members]),
+                headers=[m[1] for m in members],
+                pixel_offsets=[m[2] for m in members],
+                _keepalive=keepalive,
+            )
+        )
+    out.sort(
+        key=lambda s: (
+            s.attributes.get("StudyInstanceUID", ""),
+            _int(s.attributes.get("SeriesNumber")),
+            s.attributes["SeriesInstanceUID"],
+            s.attributes.get("SOPClassUID", ""),
+        )
+    )
+    return out
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 2**31
+
+
+def series_attributes(headers: list[Dataset]) -> dict[str, Any]:
+    """Routing attributes of a series from its headers (first header + counts)."""
+    first = headers[0]
+    attrs: dict[str, Any] = {}
+    shared = None
+    if "SharedFunctionalGroupsSequence" in first:
+        shared = first.SharedFunctionalGroupsSequence[0]
+    for kw in ROUTING_KEYWORDS:
+        value = first.get(kw)
+        if value is None and shared is not None and kw in ("SliceThickness", "PixelSpacing"):
+            if "PixelMeasuresSequence" in shared:
+                value = shared.PixelMeasuresSequence[0].get(kw)
+        if value is None or value == "":
+            continue
+        attrs[kw] = plain(value)
+    if isinstance(attrs.get("ImageType"), str):
+        attrs["ImageType"] = [attrs["ImageType"]]
+    if isinstance(attrs.get("PixelSpacing"), float):
+        attrs["PixelSpacing"] = [attrs["PixelSpacing"]]
+    attrs["NumberOfSeriesRelatedInstances"] = len(headers)
+    attrs["NumberOfFrames"] = sum(int(h.get("NumberOfFrames") or 1) for h in headers)
+    return attrs
+
+
+def read_series(series: SeriesFiles) -> SourceSeries:
+    """Build the volume of one series, or refuse it with a :class:`SeriesError`.
+
+    See :mod:`workers.stack` for geometry decisions and :mod:`workers.enhanced` for
+    multi-frame objects. ``headers`` of the result are in volume order (one per acquired
+    slice; after gantry-tilt or uneven-spacing resampling the volume has its own slice count).
+    """
+    if not series.headers:
+        read = [_read_header(p) for p in series.files]
+        if any(r is None for r in read):
+            raise SeriesError(f"{series.name}: a file is not readable DICOM")
+        series.headers = [r[0] for r in read]  # type: ignore[index]
+        series.pixel_offsets = [r[1] for r in read]  # type: ignore[index]
+    name = series.name
+    pixels.check_image_series(name, series.headers, series.pixel_offsets)
+    first = series.headers[0]
+    if "PerFrameFunctionalGroupsSequence" in first or int(first.get("NumberOfFrames") or 1) > 1:
+        from workers.enhanced import read_enhanced
+
+        source = read_enhanced(name, series.files, series.headers)
+    else:
+        source = read_classic(name, series.files, series.headers, series.pixel_offsets)
+    if series._keepalive is not None:
+        source._keepalive = series._keepalive  # type: ignore[attr-defined]
+    return source
+
+
+def _floats(ds: Dataset, keyword: str, n: int) -> list[float]:
+    value = ds.get(keyword)
+    if value is None or len(value) != n:
+        return [float("nan")] * n
+    return [float(x) for x in value]
+
+
+def make_source(
+    name: str, image: Any, headers: list[Dataset], files: list[Path], notes: list[str]
+) -> SourceSeries:
+    """Wrap a finished volume and its headers (volume order) as a :class:`SourceSeries`."""
+    first = headers[0]
+    modality = str(first.get("Modality", ""))
+    return SourceSeries(
+        series_uid=str(first.SeriesInstanceUID),
+        study_uid=str(first.get("StudyInstanceUID", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        modality=modality,
+        headers=headers,
+        volume=Volume(image, modality, str(first.get("SeriesDescription", ""))),
+        files=files,
+        notes=notes,
+    )
+
+
+def read_classic(
+    name: str, files: list[Path], headers: list[Dataset], offsets: list[int | None]
+) -> SourceSeries:
+    """A volume from single-frame images (one file per slice)."""
+    if len(headers) == 1:
+        raise SeriesError(f"{name}: a single image, not a volume")
+    if any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h for h in headers):
+        raise SeriesError(
+            f"{name}: images without patient geometry (ImagePositionPatient or "
+            "ImageOrientationPatient missing), cannot place them in a volume"
+        )
+    plan = plan_stack(
+        name,
+        np.array([_floats(h, "ImagePositionPatient", 3) for h in headers]),
+        np.array([_floats(h, "ImageOrientationPatient", 6) for h in headers]),
+        np.array([_floats(h, "PixelSpacing", 2) for h in headers]),
+        [(int(h.get("Rows") or 0), int(h.get("Columns") or 0)) for h in headers],
+        [str(h.get("SOPInstanceUID", i)) for i, h in enumerate(headers)],
+    )
+    order = plan.order
+    hs = [headers[i] for i in order]
+    rescales = [pixels.rescale_of(h) for h in hs]
+    dtype = pixels.output_dtype(rescales, [pixels.stored_range(h) for h in hs])
+    rows, cols = int(hs[0].Rows), int(hs[0].Columns)
+    image, vol = pixels.new_volume((len(order), rows, cols), dtype)
+    for k, i in enumerate(order):
+        if not pixels.read_native_into(files[i], offsets[i], headers[i], vol[k], rescales[k]):
+            raw = pixels.decode(files[i])
+            pixels.put(vol[k], raw.reshape(rows, cols), *rescales[k])
+    del vol  # the view must not outlive the image buffer
+    image = apply_plan(pixels.narrow(image), plan)
+    return make_source(name, image, hs, [files[i] for i in order], plan.notes)

@@ -1,0 +1,354 @@
+"""Helpers shared by every derived-object writer (series, SEG, SR, Encapsulated STL).
+
+What each helper is for
+-----------------------
+``copy_patient_study`` / ``copy_frame_of_reference`` / ``copy_attributes``
+    Copy the Patient, General Study, Patient Study (and Clinical Trial) modules, and the Frame of
+    Reference module, from a source header: a derived object lives in the source study and frame.
+``set_general_equipment`` / ``acquisition_equipment_item``
+    The General Equipment module of a derived object names *sprim* (the equipment that produced
+    it); the source scanner (Manufacturer, model, serial, software) is kept as a Contributing
+    Equipment item with purpose "Acquisition Equipment" (DCM 109101).
+``contributing_equipment`` / ``software_versions`` / ``derivation_description``
+    Provenance (DESIGN §5): sprim version, step name, step version and canonical params.
+``derived_series_number`` / ``series_description`` / ``series_folder``
+    SeriesNumber scheme avoiding the source series, a radiologist-readable SeriesDescription, the
+    output folder ``<SeriesNumber>_<slug>``.
+``referenced_series_item`` / ``source_image_item`` / ``code_item``
+    Items of ReferencedSeriesSequence, SourceImageSequence and coded sequences.
+``ds_str`` / ``file_meta`` / ``dicom_now``
+    DS values of at most 16 characters, File Meta Information, DA/TM of now.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from workers.config import settings
+from workers.writers import Provenance
+
+# Patient module (C.7.1.1); SpecificCharacterSet travels with the names it encodes.
+PATIENT_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "OtherPatientIDsSequence",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "QualityControlSubject",
+    "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence",
+    "PatientBreedDescription",
+    "PatientBreedCodeSequence",
+    "BreedRegistrationSequence",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "EthnicGroup",
+)
+# General Study module (C.7.2.1).
+STUDY_KEYWORDS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "ProcedureCodeSequence",
+    "ReferencedStudySequence",
+    "RequestingService",
+)
+# Patient Study module (C.7.2.2).
+PATIENT_STUDY_KEYWORDS = (
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientSexNeutered",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "SmokingStatus",
+    "PregnancyStatus",
+    "LastMenstrualDate",
+)
+# Clinical Trial Subject / Study modules: keep de-identified research data traceable.
+CLINICAL_TRIAL_KEYWORDS = (
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+)
+FRAME_OF_REFERENCE_KEYWORDS = ("FrameOfReferenceUID", "PositionReferenceIndicator")
+# Source scanner identification, kept in the "Acquisition Equipment" contributing item.
+ACQUISITION_EQUIPMENT_KEYWORDS = (
+    "Manufacturer",
+    "InstitutionName",
+    "InstitutionAddress",
+    "StationName",
+    "InstitutionalDepartmentName",
+    "ManufacturerModelName",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
+)
+
+SPRIM = "sprim"
+SPRIM_MODEL = "sprim post-processing"
+
+
+@lru_cache
+def sprim_version() -> str:
+    """Installed version of the ``sprim`` distribution ("0+unknown" when not installed)."""
+    try:
+        return version("sprim")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def ds_str(x: float) -> str:
+    """A DS value of at most 16 characters (dciodvfy rejects longer ones).
+
+    Uses the most significant digits that fit: ``ds_str(-117.37698364257812) == '-117.37698364258'``.
+    """
+    x = float(x)
+    if x == 0.0:
+        return "0"
+    for digits in range(15, 0, -1):
+        s = f"{x:.{digits}g}"
+        if "e" in s:
+            mant, exp = s.split("e")
+            s = f"{mant}e{int(exp)}"  # e-05 -> e-5 saves characters
+        if len(s) <= 16:
+            return s
+    raise ValueError(f"cannot format {x!r} as DS")  # pragma: no cover - 1 digit always fits
+
+
+def dicom_now() -> tuple[str, str]:
+    """(DA, TM) strings of the current UTC time."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+
+def copy_attributes(src: Dataset, dst: Dataset, keywords: tuple[str, ...]) -> None:
+    """Deep-copy the attributes of ``keywords`` present in ``src`` into ``dst``."""
+    for kw in keywords:
+        elem = src.data_element(kw) if kw in src else None
+        if elem is not None:
+            dst[elem.tag] = copy.deepcopy(elem)
+
+
+def copy_patient_study(src: Dataset, dst: Dataset) -> None:
+    """Copy Patient, General Study, Patient Study and Clinical Trial modules; type 2 kept present.
+
+    Type 2 attributes missing in the source are written empty (dciodvfy requires them present).
+    """
+    copy_attributes(
+        src,
+        dst,
+        PATIENT_KEYWORDS + STUDY_KEYWORDS + PATIENT_STUDY_KEYWORDS + CLINICAL_TRIAL_KEYWORDS,
+    )
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    ):
+        if kw not in dst:
+            setattr(dst, kw, "")
+
+
+def copy_frame_of_reference(src: Dataset, dst: Dataset) -> None:
+    """Copy FrameOfReferenceUID and PositionReferenceIndicator (type 2: empty when absent)."""
+    copy_attributes(src, dst, FRAME_OF_REFERENCE_KEYWORDS)
+    if "PositionReferenceIndicator" not in dst:
+        dst.PositionReferenceIndicator = ""
+
+
+def set_general_equipment(dst: Dataset) -> None:
+    """General Equipment module naming sprim, the equipment that produced the derived object."""
+    dst.Manufacturer = SPRIM
+    dst.ManufacturerModelName = SPRIM_MODEL
+    dst.SoftwareVersions = sprim_version()
+    dst.StationName = settings().station_name[:16]
+    if settings().institution_name:
+        dst.InstitutionName = settings().institution_name[:64]
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """One item of a code sequence (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def software_versions(prov: Provenance) -> list[str]:
+    """SoftwareVersions values: ``["sprim 0.1.0", "reformat.mpr 1.0.0"]`` (LO, ≤ 64 each)."""
+    return [f"{SPRIM} {sprim_version()}"[:64], f"{prov.step.name} {prov.step.version}"[:64]]
+
+
+def derivation_description(prov: Provenance, what: str = "") -> str:
+    """DerivationDescription / ContributionDescription text (ST, ≤ 1024 characters).
+
+    ``sprim 0.1.0 reformat.mpr 1.0.0 rule=ct-chest params={...}: <what>``; params are the canonical
+    JSON (sorted keys, defaults filled) that also feeds the UIDs.
+    """
+    text = (
+        f"{SPRIM} {sprim_version()} {prov.step.name} {prov.step.version}"
+        f" rule={prov.rule} params={prov.params_canonical}"
+    )
+    if what:
+        text += f": {what}"
+    return text if len(text) <= 1024 else text[:1021] + "..."
+
+
+def acquisition_equipment_item(source_header: Dataset) -> Dataset | None:
+    """A Contributing Equipment item describing the source scanner, or None when unknown."""
+    item = Dataset()
+    copy_attributes(source_header, item, ACQUISITION_EQUIPMENT_KEYWORDS)
+    if not item.get("Manufacturer"):
+        return None
+    item.PurposeOfReferenceCodeSequence = [code_item("109101", "DCM", "Acquisition Equipment")]
+    return item
+
+
+def contributing_equipment(prov: Provenance, source_header: Dataset | None = None) -> list[Dataset]:
+    """ContributingEquipmentSequence items: the source scanner (if known), then sprim.
+
+    The sprim item ("Processing Equipment", DCM 109102) carries SoftwareVersions (sprim and step
+    versions), ContributionDateTime and ContributionDescription (step, rule, canonical params).
+    """
+    items: list[Dataset] = []
+    if source_header is not None and (acq := acquisition_equipment_item(source_header)):
+        items.append(acq)
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [code_item("109102", "DCM", "Processing Equipment")]
+    item.Manufacturer = SPRIM
+    item.ManufacturerModelName = SPRIM_MODEL
+    item.StationName = settings().station_name[:16]
+    if settings().institution_name:
+        item.InstitutionName = settings().institution_name[:64]
+    item.SoftwareVersions = software_versions(prov)
+    item.ContributionDateTime = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    item.ContributionDescription = derivation_description(prov)
+    items.append(item)
+    return items
+
+
+def derived_series_number(source_header: Dataset, prov: Provenance, sub_index: int = 0) -> int:
+    """SeriesNumber of a derived series: ``source * 100 + 10 * step + output + sub + 1``.
+
+    The derived numbers of source series N are N01..N99, so they sort right after their source in
+    a viewer and never equal a source series number below 100 * N; distinct steps (up to 10) and
+    outputs (up to 9 per step) of one job get distinct numbers. ``sub_index`` separates several
+    objects written from one output (e.g. SEG = 0, SR = 1). A source without SeriesNumber uses
+    999 (99901...), a range scanners rarely use.
+    """
+    try:
+        base = int(source_header.get("SeriesNumber") or 999)
+    except (TypeError, ValueError):
+        base = 999
+    offset = 10 * min(prov.step_index, 9) + min(prov.output_index + sub_index, 8) + 1
+    number = abs(base) * 100 + offset
+    return number if number < 2**31 else 99900 + offset  # IS is a signed 32-bit integer
+
+
+def series_description(description: str, source_header: Dataset | None = None) -> str:
+    """SeriesDescription (LO, ≤ 64): the output's label, e.g. ``COR 3mm AVG``.
+
+    With ``source_header`` the source SeriesDescription is appended in brackets when it fits, so a
+    radiologist sees which series it was made from: ``COR 3mm AVG [Thorax 1mm B70f]``.
+    """
+    text = description.strip() or "DERIVED"
+    src = str(source_header.get("SeriesDescription", "")).strip() if source_header else ""
+    if src and len(text) + len(src) + 3 <= 64:
+        text = f"{text} [{src}]"
+    return text[:64]
+
+
+def slug(text: str) -> str:
+    """File-system-safe short form of a description: ``COR 3mm AVG`` -> ``COR_3mm_AVG``."""
+    s = re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_.")
+    return s[:48] or "series"
+
+
+def series_folder(out_dir: Path, series_number: int, description: str) -> Path:
+    """``out_dir/<SeriesNumber>_<slug>``, created."""
+    folder = Path(out_dir) / f"{series_number}_{slug(description)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def referenced_series_item(headers: Dataset | Sequence[Dataset]) -> Dataset:
+    """ReferencedSeriesSequence item (Common Instance Reference module) for the source series.
+
+    ``headers`` are the source instances (or one header): SeriesInstanceUID plus a
+    ReferencedInstanceSequence (type 1) of their SOP class/instance UIDs. No StudyInstanceUID:
+    dciodvfy refuses it there when the source is in the same study (always, for sprim).
+    """
+    heads = [headers] if isinstance(headers, Dataset) else list(headers)
+    item = Dataset()
+    item.SeriesInstanceUID = heads[0].SeriesInstanceUID
+    refs = []
+    for h in heads:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = h.SOPClassUID
+        ref.ReferencedSOPInstanceUID = h.SOPInstanceUID
+        refs.append(ref)
+    item.ReferencedInstanceSequence = refs
+    return item
+
+
+def source_image_item(source_header: Dataset) -> Dataset:
+    """SourceImageSequence item referencing one source instance, purpose DCM 121322."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = source_header.SOPClassUID
+    item.ReferencedSOPInstanceUID = source_header.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [
+        code_item("121322", "DCM", "Source image for image processing operation")
+    ]
+    return item
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
+    """File Meta Information for an Explicit VR Little Endian Part 10 file."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"SPRIM_{sprim_version()}"[:16]
+    return meta
