@@ -21,8 +21,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 HU_AIR, HU_SOFT, HU_LUNG, HU_BONE, HU_TABLE, HU_CSF = -1000, 30, -850, 700, 200, 10
 INTERCEPT = -1024

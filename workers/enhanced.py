@@ -146,7 +146,9 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
     )
     chosen = [frames[i] for i in plan.order]
     rescales = [fr["rescale"] for fr in chosen]
-    dtype = pixels.output_dtype(rescales, [pixels.stored_range(headers[fr["file"]]) for fr in chosen])
+    dtype = pixels.output_dtype(
+        rescales, [pixels.stored_range(headers[fr["file"]]) for fr in chosen]
+    )
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     image, vol = pixels.new_volume((len(chosen), rows, cols), dtype)
     for f, path in enumerate(files):
@@ -165,4 +167,6 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
     del vol  # the view must not outlive the image buffer
     image = apply_plan(pixels.narrow(image), plan)
     used = sorted({fr["file"] for fr in chosen})
-    return make_source(name, image, [headers[f] for f in used], [files[f] for f in used], plan.notes)
+    return make_source(
+        name, image, [headers[f] for f in used], [files[f] for f in used], plan.notes
+    )

@@ -74,7 +74,10 @@ def rescale_of(ds: Dataset) -> tuple[float, float]:
     """(RescaleSlope, RescaleIntercept), defaulting to (1, 0)."""
     slope = ds.get("RescaleSlope")
     icpt = ds.get("RescaleIntercept")
-    return (1.0 if slope in (None, "") else float(slope), 0.0 if icpt in (None, "") else float(icpt))
+    return (
+        1.0 if slope in (None, "") else float(slope),
+        0.0 if icpt in (None, "") else float(icpt),
+    )
 
 
 def stored_range(ds: Dataset) -> tuple[int, int]:

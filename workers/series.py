@@ -30,7 +30,6 @@ from pydicom.uid import UID
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 
 from pipelines.types import Volume
-
 from workers import pixels
 from workers.source import SeriesError, SourceSeries
 from workers.stack import apply_plan, plan_stack

@@ -126,7 +126,8 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     # Rows go head -> foot: slice order by descending z.
     z_of = origin[2] + d[2, 2] * sz * np.arange(nz)
     rows = np.argsort(-z_of, kind="stable")
-    flat = pooled.reshape(nz, -1)[rows]
+    # (in-plane voxel, slice) layout: a view is a row gather + a reduceat over contiguous rows.
+    flat = np.ascontiguousarray(pooled.reshape(nz, -1)[rows].T)
     out = np.full((params.views, nz, width), background, dtype=np.int16)
     geometry = []
     for k in range(params.views):
@@ -137,9 +138,8 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
         order = np.argsort(bins, kind="stable")
         sorted_bins = bins[order]
         starts = np.flatnonzero(np.r_[True, sorted_bins[1:] != sorted_bins[:-1]])
-        mip = np.maximum.reduceat(flat[:, order], starts, axis=1)
-        view = out[k]
-        view[:, sorted_bins[starts]] = np.maximum(mip, background).astype(np.int16)
+        mip = np.maximum.reduceat(flat[order], starts, axis=0)
+        out[k][:, sorted_bins[starts]] = np.maximum(mip, background).T
         first = np.r_[centre - half * u, z_of[rows[0]]]
         orient = (u[0], u[1], 0.0, 0.0, 0.0, -1.0)
         geometry.append(

@@ -1,0 +1,89 @@
+"""`sprim run`: the main job on embedded defaults, through the real console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "demo" / "ct-abdomen"
+FAILING = ROOT.parent / "shared" / "data" / "edge-cases" / "series" / "failing"
+SPRIM = str(Path(sys.executable).parent / "sprim")
+
+
+def sprim_run(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SPRIM, "run", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+
+
+def uids(out: Path) -> dict[str, set[str]]:
+    """SeriesInstanceUID -> its SOPInstanceUIDs, read back from the written files."""
+    found: dict[str, set[str]] = {}
+    for f in out.rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        found.setdefault(ds.SeriesInstanceUID, set()).add(ds.SOPInstanceUID)
+    return found
+
+
+def test_default_rules_on_demo_ct_write_mpr_set_and_summary(tmp_path: Path) -> None:
+    r = sprim_run(DEMO, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["series_found"] == 1
+    (job,) = [j for j in summary["jobs"] if j["rule"] == "ct-volume-mpr"]
+    assert job["state"] == "done"
+    descriptions = {o["series_description"] for s in job["steps"] for o in s["outputs"]}
+    assert any(d.startswith("COR 3mm") for d in descriptions), descriptions
+    assert any(d.startswith("SAG 3mm") for d in descriptions), descriptions
+    src = pydicom.dcmread(next(DEMO.glob("*.dcm")), stop_before_pixels=True)
+    for f in (tmp_path / "a").rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+
+    # Deterministic: the same run again gives the same UIDs, instance for instance.
+    assert sprim_run(DEMO, "--out", tmp_path / "b").returncode == 0
+    assert uids(tmp_path / "a") == uids(tmp_path / "b")
+
+
+def test_changed_param_changes_uids(tmp_path: Path) -> None:
+    base = ["--step", "reformat.mpr", "--set", "planes=[coronal]"]
+    assert sprim_run(DEMO, "--out", tmp_path / "a", *base).returncode == 0
+    r = sprim_run(DEMO, "--out", tmp_path / "b", *base, "--set", "thickness_mm=5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = uids(tmp_path / "a"), uids(tmp_path / "b")
+    assert len(a) == len(b) == 1
+    assert not set(a) & set(b)
+    assert not set().union(*a.values()) & set().union(*b.values())
+
+
+def test_bad_series_fail_alone_with_specific_messages(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    shutil.copytree(DEMO, inp / "ct")
+    shutil.copytree(FAILING, inp / "failing")
+    r = sprim_run(inp, "--out", tmp_path / "out", "--step", "reformat.mpr")
+    assert r.returncode == 1, r.stdout + r.stderr  # something failed ...
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    states = {j["series_uid"]: j for j in summary["jobs"]}
+    ct_uid = pydicom.dcmread(next(DEMO.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    assert states[ct_uid]["state"] == "done"  # ... but the good CT was still processed
+    failed = [j for j in summary["jobs"] if j["state"] == "failed"]
+    assert failed
+    for j in failed:
+        assert "internal error" not in j["error"], j
+        defects = ("missing slices", "orientations", "same slice position", "exceeds")
+        assert any(d in j["error"] for d in defects), j["error"]
+
+
+def test_usage_errors_exit_2_with_a_message(tmp_path: Path) -> None:
+    r = sprim_run(DEMO, "--out", tmp_path, "--step", "reformat.nope")
+    assert r.returncode == 2 and "unknown step" in r.stdout
+    r = sprim_run(DEMO, "--out", tmp_path, "--step", "reformat.mpr", "--set", "thickness_mm=-1")
+    assert r.returncode == 2 and "thickness_mm" in r.stdout
