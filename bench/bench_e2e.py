@@ -19,14 +19,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
+import requests
+
 from bench.common import (
+    BIN,
+    ROOT,
     command_line,
+    env,
     repeat,
     row,
+    run_cmd,
     run_python,
+    series_mb,
     synthetic_series,
     write_result,
 )
@@ -131,6 +145,311 @@ def _cost_rows(cost: dict[str, Any], cmd: str) -> list[dict]:
                         f"{p['slices']} slices (one process: read + steps + write)",
                         p["rss_to_volume"], "x", target=4.0, detail=f"{p['max_rss_mb']:.0f} MB vs "
                         f"{p['volume_int16_mb']:.0f} MB volume", command=cmd))  # fmt: skip
+    return rows
+
+
+# -- platform: Orthanc + RabbitMQ + 2 worker processes + sprim watch --------------------------
+FETCH = """
+import json, sys, tempfile, time
+from pathlib import Path
+from workers.archive.dicomweb import DicomWebArchive
+with tempfile.TemporaryDirectory(prefix="sprim-bench-fetch-") as d:
+    t0 = time.perf_counter()
+    files = DicomWebArchive(sys.argv[1]).fetch_series(sys.argv[2], sys.argv[3], Path(d))
+    dt = time.perf_counter() - t0
+    mb = sum(f.stat().st_size for f in files) / 1e6
+print(json.dumps({"seconds": dt, "files": len(files), "mb": mb}))
+"""
+
+
+def _rabbitmqctl(*args: str) -> None:
+    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([exe, *args], check=True, capture_output=True, timeout=120)
+
+
+def _study_uid(folder: Path) -> str:
+    import pydicom
+
+    f = next(iter(sorted(folder.glob("*.dcm"))))
+    return str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+
+
+class Platform:
+    """Orthanc, a RabbitMQ vhost, ``celery -A tasks worker -c 2`` and ``sprim watch``, private."""
+
+    def __init__(self, root: Path) -> None:
+        from tests.harness.orthanc import OrthancServer
+
+        self.root = root
+        self.vhost = f"sprim-bench-{os.getpid()}"
+        self.orthanc = OrthancServer(root / "orthanc", stable_age=2)
+        self.home = root / "home"
+        self.worker: subprocess.Popen | None = None
+        self.watcher: subprocess.Popen | None = None
+        self.peak_rss: dict[int, float] = {}
+        self._stop = threading.Event()
+        self.since = 0
+
+    def __enter__(self) -> Platform:
+        _rabbitmqctl("add_vhost", self.vhost)
+        _rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        self.orthanc.start()
+        self.env = env(
+            SPRIM_HOME=str(self.home),
+            SPRIM_BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}",
+            SPRIM_ARCHIVE_URL=self.orthanc.dicomweb_url,
+            SPRIM_WATCH_URL=self.orthanc.url,
+            SPRIM_WATCH_INTERVAL_S="0.1",
+            SPRIM_DISPATCH_WINDOW="2",
+            SPRIM_RELEASE_INTERVAL_S="1",
+        )
+        log = open(self.root / "worker.log", "ab")  # noqa: SIM115
+        self.worker = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "tasks", "worker", "-c", "2", "-l", "info",
+             "-n", f"{self.vhost}@%h", "--without-gossip", "--without-mingle"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while b"ready." not in (self.root / "worker.log").read_bytes():
+            if self.worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("celery worker did not start: see " + str(self.root))
+            time.sleep(0.2)
+        threading.Thread(target=self._watch_rss, daemon=True).start()
+        from workers.jobstore import default_url, open_store
+
+        self.store = open_store(default_url(self.home))
+        self.since = self.orthanc.get("/changes", params={"last": ""}).json().get("Last", 0)
+        self.start_watch()
+        return self
+
+    def _watch_rss(self) -> None:
+        """Peak RSS (VmHWM) of every process of the worker, sampled every 0.2 s."""
+        while not self._stop.wait(0.2) and self.worker:
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit():
+                    continue
+                try:
+                    stat = (d / "stat").read_text()
+                    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                    if ppid != self.worker.pid and int(d.name) != self.worker.pid:
+                        continue
+                    for line in (d / "status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            mb = int(line.split()[1]) / 1024
+                            self.peak_rss[int(d.name)] = max(self.peak_rss.get(int(d.name), 0), mb)
+                except (OSError, ValueError, IndexError):
+                    continue
+
+    def start_watch(self) -> None:
+        log = open(self.root / "watch.log", "ab")  # noqa: SIM115
+        self.watcher = subprocess.Popen(
+            [str(BIN / "sprim"), "watch"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def stop_watch(self) -> None:
+        if self.watcher and self.watcher.poll() is None:
+            self.watcher.terminate()
+            self.watcher.wait(30)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.stop_watch()
+        if self.worker and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(60)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.orthanc.close()
+        try:
+            _rabbitmqctl("delete_vhost", self.vhost)
+        except subprocess.CalledProcessError:
+            pass
+
+    # -- observations ------------------------------------------------------------------------
+    def wait_stable(self, study_uids: set[str], timeout: float = 600.0) -> dict[str, float]:
+        """Epoch seconds at which each study's ``StableStudy`` appeared in Orthanc's feed."""
+        ids: dict[str, str] = {}
+        seen: dict[str, float] = {}
+        deadline = time.monotonic() + timeout
+        while len(seen) < len(study_uids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(study_uids) - len(seen)} studies never became stable")
+            for uid in study_uids - set(ids.values()):
+                hits = requests.post(self.orthanc.url + "/tools/lookup", data=uid, timeout=10)
+                for h in hits.json():
+                    if h["Type"] == "Study":
+                        ids[h["ID"]] = uid
+            feed = self.orthanc.get("/changes", params={"since": self.since, "limit": 1000}).json()
+            stamp = time.time()
+            for ch in feed.get("Changes", []):
+                if ch["ChangeType"] == "StableStudy" and ch["ID"] in ids:
+                    seen.setdefault(ids[ch["ID"]], stamp)
+                self.since = max(self.since, ch["Seq"])
+            time.sleep(0.05)
+        return seen
+
+    def wait_done(self, study_uids: set[str], timeout: float = 900.0) -> list:
+        """All jobs of the studies once each study has jobs and all are final."""
+        final = {"done", "failed", "cancelled", "no_match"}
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = [j for uid in study_uids for j in self.store.list(study_uid=uid, limit=50)]
+            have = {j.study_uid for j in jobs}
+            if have >= study_uids and all(j.state in final for j in jobs):
+                return jobs
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs not final after {timeout:.0f} s: {len(jobs)} jobs")
+            time.sleep(0.05)
+
+
+def _send(orthanc: Any, folders: list[Path]) -> float:
+    args = ["storescu", "-aet", "BENCH", "-aec", orthanc.aet, "-nh", "+sd", "+r", "127.0.0.1",
+            str(orthanc.dicom_port), *map(str, folders)]  # fmt: skip
+    return run_cmd(args, timeout=1800).seconds
+
+
+def _job_summary(jobs: list) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    for j in jobs:
+        for k, v in (j.timings or {}).items():
+            timings[k] = timings.get(k, 0.0) + v
+    return {
+        "jobs": len(jobs),
+        "states": sorted(j.state for j in jobs),
+        "errors": [j.error for j in jobs if j.error][:3],
+        "rules": sorted({j.rule or "" for j in jobs}),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "outputs": sum(len(o.get("instances", [])) for j in jobs for o in (j.outputs or [])),
+        "queue_wait_s": max((j.started_at or 0) - j.created_at for j in jobs) if jobs else None,
+    }
+
+
+def platform_bench(
+    *, latency_slices: int, latency_runs: int, studies: int, stream_slices: int, fetch_runs: int,
+    cost: dict | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Latency, throughput and fetch figures on a private platform (see module docstring)."""
+    from tests.harness.orthanc import orthanc_available
+
+    if not orthanc_available():
+        return {"error": "Orthanc + DICOMweb plugin not installed"}
+    out: dict[str, Any] = {"latency": [], "stable_age_s": 2}
+    with tempfile.TemporaryDirectory(prefix="sprim-bench-e2e-") as tmp, Platform(Path(tmp)) as p:
+        for k in range(latency_runs):
+            folder = synthetic_series(latency_slices, seed=10 + k)
+            uid = _study_uid(folder)
+            t_send = time.time()
+            send_s = _send(p.orthanc, [folder])
+            stable = p.wait_stable({uid})[uid]
+            jobs = p.wait_done({uid})
+            done = max(j.finished_at or 0 for j in jobs)
+            out["latency"].append(
+                {"slices": latency_slices, "send_s": send_s, "stable_after_send_s":
+                 stable - t_send - send_s, "stable_to_done_s": done - stable,
+                 "last_instance_to_done_s": done - t_send - send_s,
+                 "route_delay_s": min(j.created_at for j in jobs) - stable, **_job_summary(jobs)}
+            )  # fmt: skip
+            if k == 0:
+                out["fetch"] = _fetch_vs_archive(p, folder, uid, fetch_runs)
+        folders = [synthetic_series(stream_slices, seed=1000 + i) for i in range(studies)]
+        uids = {_study_uid(f) for f in folders}
+        p.stop_watch()
+        send_s = _send(p.orthanc, folders)
+        p.wait_stable(uids)
+        t0 = time.time()
+        p.start_watch()
+        jobs = p.wait_done(uids, timeout=1800)
+        t_end = max(j.finished_at or 0 for j in jobs)
+        out["throughput"] = {
+            "studies": studies, "slices": stream_slices, "send_s": send_s,
+            "seconds": t_end - t0, "studies_per_hour": studies / (t_end - t0) * 3600,
+            **_job_summary(jobs),
+        }  # fmt: skip
+        out["worker_peak_rss_mb"] = {str(k): round(v, 1) for k, v in p.peak_rss.items()}
+    return out
+
+
+def _fetch_vs_archive(p: Platform, folder: Path, uid: str, runs: int) -> dict[str, Any]:
+    import pydicom
+
+    first = next(iter(sorted(folder.glob("*.dcm"))))
+    series_uid = str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)
+    hit = requests.post(p.orthanc.url + "/tools/lookup", data=series_uid, timeout=10).json()
+    sid = next(h["ID"] for h in hit if h["Type"] == "Series")
+    wado = f"{p.orthanc.dicomweb_url}/studies/{uid}/series/{series_uid}"
+    accept = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
+    res: dict[str, Any] = {"mb": round(series_mb(folder), 1)}
+    fetch, _ = repeat(lambda: run_python(FETCH, p.orthanc.dicomweb_url, uid, series_uid), runs,
+                      key="seconds")  # fmt: skip
+    res["sprim_fetch"] = fetch.to_dict()
+    curl = ["curl", "-sf", "-o", "/dev/null", "-H", accept, wado]
+    res["curl_wado"] = repeat(lambda: run_cmd(curl), runs)[0].to_dict()
+    zip_cmd = ["curl", "-sf", "-o", "/dev/null", f"{p.orthanc.url}/series/{sid}/archive"]
+    first_zip = run_cmd(zip_cmd, timeout=600)
+    n_zip = runs if first_zip.seconds < 10 else 1  # ~23 s each on these machines
+    zs = [first_zip.seconds] + [run_cmd(zip_cmd, timeout=600).seconds for _ in range(n_zip - 1)]
+    res["orthanc_archive"] = {"median": statistics.median(zs), "min": min(zs), "max": max(zs),
+                              "runs": zs}  # fmt: skip
+    return res
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def platform_rows(pl: dict[str, Any], cmd: str) -> list[dict]:
+    if "error" in pl:
+        why = f"not measured: {pl['error']}"
+        return [row(i, w, None, u, target=t, op=o, detail=why, command=cmd) for i, w, u, t, o in (
+            ("e2e.latency_400", "end to end, default CT rule, 400-slice CT", "s", 10.0, "<="),
+            ("e2e.throughput", "sustained throughput, 2 worker processes", "studies/h", 400.0,
+             ">="))]  # fmt: skip
+    rows = []
+    lat = pl["latency"]
+    if lat:
+        vals = [x["stable_to_done_s"] for x in lat]
+        x0 = lat[0]
+        tm = ", ".join(f"{k} {v:.2f}" for k, v in x0["timings"].items())
+        bad = [x for x in lat if set(x["states"]) != {"done"}]
+        rows.append(row("e2e.latency_400", f"end to end, default CT rule, {x0['slices']}-slice CT: "
+                        "StableStudy → all outputs stored in Orthanc", _med(vals), "s",
+                        target=10.0, detail=f"min {min(vals):.2f}, max {max(vals):.2f}; jobs "
+                        f"{x0['states']} rules {x0['rules']}; route {x0['route_delay_s']:.2f} s; "
+                        f"worker: {tm}; {x0['outputs']} objects"
+                        + (f"; FAILED: {bad[0]['errors']}" if bad else ""), command=cmd))  # fmt: skip
+        li = [x["last_instance_to_done_s"] for x in lat]
+        rows.append(row("e2e.last_instance_to_done", f"last instance stored in Orthanc → all "
+                        f"outputs stored (StableAge {pl['stable_age_s']} s included)", _med(li),
+                        "s", detail=f"storescu of the study {x0['send_s']:.2f} s", command=cmd))  # fmt: skip
+    th = pl.get("throughput")
+    if th:
+        bad = [s for s in th["states"] if s != "done"]
+        rows.append(row("e2e.throughput", f"sustained throughput, 2 worker processes, stream of "
+                        f"{th['studies']} studies of {th['slices']} slices", th["studies_per_hour"],
+                        "studies/h", target=400.0, op=">=", detail=f"{th['seconds']:.1f} s from "
+                        f"watcher start to last job done; {th['jobs']} jobs"
+                        + (f", {len(bad)} not done: {th['errors']}" if bad else ""),
+                        command=cmd))  # fmt: skip
+    rss = pl.get("worker_peak_rss_mb") or {}
+    if rss and lat:
+        vol = lat[0]["slices"] * 512 * 512 * 2 / 2**20
+        peak = max(rss.values())
+        rows.append(row("e2e.worker_rss_ratio", "peak worker RSS / int16 volume (Celery pool "
+                        "process, VmHWM)", peak / vol, "x", target=4.0, detail=f"{peak:.0f} MB vs "
+                        f"{vol:.0f} MB ({lat[0]['slices']} x 512² int16)", command=cmd))  # fmt: skip
+    f = pl.get("fetch")
+    if f:
+        s, c, z = f["sprim_fetch"], f["curl_wado"], f["orthanc_archive"]
+        rows.append(row("e2e.fetch_vs_curl", "WADO-RS fetch (sprim) vs curl of the same WADO-RS "
+                        "URL", s["median"] / c["median"], "x", detail=f"sprim {s['median']:.2f} s "
+                        f"({f['mb'] / s['median']:.0f} MB/s), curl {c['median']:.2f} s",
+                        command=cmd))  # fmt: skip
+        rows.append(row("e2e.archive_vs_fetch", "Orthanc /series/{id}/archive download vs sprim "
+                        "WADO-RS fetch", z["median"] / s["median"], "x", detail=f"archive "
+                        f"{z['median']:.2f} s ({f['mb'] / z['median']:.0f} MB/s, {len(z['runs'])} "
+                        "run(s))", command=cmd))  # fmt: skip
     return rows
 
 

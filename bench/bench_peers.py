@@ -28,7 +28,6 @@ from typing import Any
 from bench.common import (
     BIN,
     REAL_CT,
-    Stat,
     cat_floor,
     command_line,
     env,
@@ -173,7 +172,7 @@ def receive_vs_storescp(folder: Path, runs: int) -> dict[str, Any]:
                     for p in list(store.iterdir()):
                         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-                stat, _ = repeat(lambda: run_cmd(send), runs, setup=clean)
+                stat, _ = repeat(lambda send=send: run_cmd(send), runs, setup=clean)
                 received = sum(1 for p in store.rglob("*") if p.is_file())
                 out[name] = stat.to_dict() | {"received_files": received}
             except (RuntimeError, TimeoutError) as e:

@@ -109,9 +109,7 @@ def run_cmd(
         fe.seek(0)
         out, err = fo.read(), fe.read()
     if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"exit {proc.returncode}: {shlex.join(map(str, cmd))}\n{err[-1500:]}"
-        )
+        raise RuntimeError(f"exit {proc.returncode}: {shlex.join(map(str, cmd))}\n{err[-1500:]}")
     return Sample(seconds, usage.ru_maxrss / 1024.0, out)
 
 

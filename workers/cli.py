@@ -23,6 +23,9 @@ console = Console()
 @app.callback()
 def _root() -> None:
     """Shared post-processing for medical imaging: DICOM in, derived DICOM out."""
+    from workers.plugins import load_plugins
+
+    load_plugins()  # SPRIM_PLUGINS site step modules, before any command lists or runs steps
 
 
 @app.command("steps")

@@ -140,7 +140,7 @@ def _walk(inputs: Iterable[Path], keep: list[tempfile.TemporaryDirectory]) -> It
         p = Path(p)
         if p.is_dir():
             yield from _walk(sorted(x for x in p.rglob("*") if x.is_file()), keep)
-        elif p.is_file() and zipfile.is_zipfile(p) and p.suffix.lower() == ".zip":
+        elif p.suffix.lower() == ".zip" and p.is_file() and zipfile.is_zipfile(p):
             tmp = tempfile.TemporaryDirectory(prefix="sprim-zip-")
             keep.append(tmp)
             with zipfile.ZipFile(p) as zf:

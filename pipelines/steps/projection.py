@@ -23,7 +23,9 @@ class MipParams(BaseModel, frozen=True, extra="forbid"):
     views: int = Field(36, ge=1, le=360, description="Number of views over a full turn.")
     arc_deg: float = Field(360.0, gt=0.0, le=360.0, description="Total rotation (degrees).")
     pixel_mm: float = Field(
-        1.5, gt=0.0, description="Pixel size of the views (mm) along the rotated horizontal axis."
+        2.0,
+        gt=0.0,
+        description="Pixel size of the views (mm); slices are pooled to about this too.",
     )
     lower_hu: float | None = Field(
         None, description="Ignore voxels below this value (HU or source units); None = no limit."
@@ -107,49 +109,54 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
         if not keep.any():
             raise StepError("nothing left to project inside the chosen window/segment")
         a = np.where(keep, a, np.asarray(floor, a.dtype))
-    # Pool in-plane to about pixel_mm (max keeps small bright vessels and bone).
+    # Pool to blocks of at least pixel_mm (max keeps small bright vessels and bone): rays
+    # sampled every pixel_mm then visit every block.
     sx, sy, sz = image.GetSpacing()
-    fxy = max(1, int(round(params.pixel_mm / min(sx, sy))))
-    grid = Grid(tuple(reversed(image.GetSize())), (1, fxy, fxy))  # type: ignore[arg-type]
-    pooled = grid.block_max(np.asarray(a)) if fxy > 1 else np.ascontiguousarray(a)
+    fxy = max(1, int(np.ceil(params.pixel_mm / min(sx, sy) - 0.01)))
+    fz = max(1, int(round(params.pixel_mm / sz)))
+    grid = Grid(tuple(reversed(image.GetSize())), (fz, fxy, fxy))  # type: ignore[arg-type]
+    pooled = grid.block_max(np.asarray(a)) if (fz, fxy) != (1, 1) else np.ascontiguousarray(a)
     nz, ny, nx = pooled.shape
     d = np.array(image.GetDirection()).reshape(3, 3)
     origin = np.array(image.GetOrigin())
-    # Physical x, y of each pooled in-plane voxel centre (the same for every axial slice).
-    jj, ii = np.meshgrid(
-        np.arange(ny) * fxy + (fxy - 1) / 2, np.arange(nx) * fxy + (fxy - 1) / 2, indexing="ij"
-    )
-    pos = origin[:2, None] + d[:2, :2] @ np.stack([ii.ravel() * sx, jj.ravel() * sy])
-    centre = pos.mean(axis=1)
-    half = float(np.max(np.hypot(*(pos - centre[:, None])))) + params.pixel_mm
+    d2 = d[:2, :2]
+    # In-plane centre and radius of the volume (pooled voxel centres).
+    corners = np.array([[0, 0], [nx - 1, 0], [0, ny - 1], [nx - 1, ny - 1]], float)
+    corner_pos = origin[:2] + (corners * fxy + (fxy - 1) / 2) * (sx, sy) @ d2.T
+    centre = corner_pos.mean(axis=0)
+    half = float(np.max(np.hypot(*(corner_pos - centre).T))) + params.pixel_mm
     width = int(np.ceil(2 * half / params.pixel_mm))
-    # Rows go head -> foot: slice order by descending z.
-    z_of = origin[2] + d[2, 2] * sz * np.arange(nz)
+    # Rows go head -> foot: pooled slices by descending z.
+    z_of = origin[2] + d[2, 2] * sz * (np.arange(nz) * fz + (fz - 1) / 2)
     rows = np.argsort(-z_of, kind="stable")
-    # (in-plane voxel, slice) layout: a view is a row gather + a reduceat over contiguous rows.
-    flat = np.ascontiguousarray(pooled.reshape(nz, -1)[rows].T)
+    # (in-plane voxel, slice) layout with one extra row of floor for rays outside the volume.
+    flat = np.empty((ny * nx + 1, nz), dtype=pooled.dtype)
+    flat[:-1] = pooled.reshape(nz, -1)[rows].T
+    flat[-1] = floor
+    del pooled
     out = np.full((params.views, nz, width), background, dtype=np.int16)
+    steps_mm = (np.arange(width) + 0.5) * params.pixel_mm - half
+    chunk = max(1, (8 << 20) // (width * nz * 2))  # ~8 MB of gathered samples at a time
     geometry = []
     for k in range(params.views):
         theta = np.deg2rad(params.arc_deg * k / params.views)
         u = np.array([np.cos(theta), np.sin(theta)])  # view's horizontal axis (row direction)
-        s = ((u @ (pos - centre[:, None])) + half) / params.pixel_mm
-        bins = np.clip(s.astype(np.int64), 0, width - 1)
-        order = np.argsort(bins, kind="stable")
-        sorted_bins = bins[order]
-        starts = np.flatnonzero(np.r_[True, sorted_bins[1:] != sorted_bins[:-1]])
-        mip = np.maximum.reduceat(flat[order], starts, axis=0)
-        out[k][:, sorted_bins[starts]] = np.maximum(mip, background).T
-        first = np.r_[centre - half * u, z_of[rows[0]]]
-        orient = (u[0], u[1], 0.0, 0.0, 0.0, -1.0)
+        w = np.array([-np.sin(theta), np.cos(theta)])  # ray direction (into the screen)
+        p = centre + steps_mm[:, None, None] * u + steps_mm[None, :, None] * w  # (col, depth, 2)
+        q = (p - origin[:2]) @ d2 / (sx, sy)  # continuous fine indices (i, j)
+        ij = np.rint((q - (fxy - 1) / 2) / fxy).astype(np.int64)
+        inside = (ij[..., 0] >= 0) & (ij[..., 0] < nx) & (ij[..., 1] >= 0) & (ij[..., 1] < ny)
+        index = np.where(inside, ij[..., 1] * nx + ij[..., 0], ny * nx)
+        view = out[k]
+        for c0 in range(0, width, chunk):
+            block = flat[index[c0 : c0 + chunk].ravel()].reshape(-1, width, nz)
+            view[:, c0 : c0 + chunk] = np.maximum(block.max(axis=1), background).T
+        first = np.r_[centre + u * steps_mm[0], z_of[rows[0]]]
         geometry.append(
-            (
-                tuple(float(x) for x in first + np.r_[u, 0] * params.pixel_mm / 2),
-                tuple(float(x) for x in orient),
-            )
+            (tuple(float(x) for x in first), (float(u[0]), float(u[1]), 0.0, 0.0, 0.0, -1.0))
         )
     img = sitk.GetImageFromArray(out)
-    img.SetSpacing((params.pixel_mm, sz, 1.0))
+    img.SetSpacing((params.pixel_mm, sz * fz, 1.0))
     img.SetOrigin(geometry[0][0])
     u0 = np.array(geometry[0][1][:3])
     v0 = np.array(geometry[0][1][3:])

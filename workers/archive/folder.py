@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ class FolderArchive:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.name = name or f"folder:{self.root}"
-        self._index: dict[Path, _Entry] = {}
+        self._index: dict[str, _Entry] = {}
+        self._dirs: dict[str, tuple[int, list[str]]] = {}
+        self._dir_files: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -62,28 +65,58 @@ class FolderArchive:
 
     # -- index ---------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Index new or changed files, forget deleted ones."""
-        seen: set[Path] = set()
-        for dirpath, _dirs, names in os.walk(self.root):
-            for n in names:
-                if n.startswith("."):
+        """Index new or changed files, forget deleted ones.
+
+        A directory whose mtime did not change is not listed again (files are stored by atomic
+        rename, which changes the directory's mtime); the cost is one stat per directory.
+        """
+        seen_dirs: set[str] = set()
+        stack = [str(self.root)]
+        while stack:
+            d = stack.pop()
+            seen_dirs.add(d)
+            try:
+                mtime = os.stat(d).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            cached = self._dirs.get(d)
+            # mtimes use a coarse clock: a directory changed in the last 2 s is listed again
+            if cached is not None and cached[0] == mtime and time.time_ns() - mtime > 2e9:
+                stack.extend(cached[1])
+                continue
+            subdirs, files = [], set()
+            try:
+                entries = list(os.scandir(d))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                if e.name.startswith("."):
                     continue
-                p = Path(dirpath) / n
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append(e.path)
+                    continue
+                files.add(e.path)
                 try:
-                    st = p.stat()
+                    st = e.stat()
                 except FileNotFoundError:
                     continue
-                seen.add(p)
-                e = self._index.get(p)
-                if e is not None and e.mtime_ns == st.st_mtime_ns and e.size == st.st_size:
+                old = self._index.get(e.path)
+                if old is not None and old.mtime_ns == st.st_mtime_ns and old.size == st.st_size:
                     continue
-                entry = self._read(p, st)
+                entry = self._read(Path(e.path), st)
                 if entry is not None:
-                    self._index[p] = entry
+                    self._index[e.path] = entry
                 else:
-                    self._index.pop(p, None)
-        for p in set(self._index) - seen:
-            del self._index[p]
+                    self._index.pop(e.path, None)
+            for p in self._dir_files.get(d, set()) - files:
+                self._index.pop(p, None)
+            self._dirs[d] = (mtime, subdirs)
+            self._dir_files[d] = files
+            stack.extend(subdirs)
+        for d in set(self._dirs) - seen_dirs:
+            for p in self._dir_files.pop(d, set()):
+                self._index.pop(p, None)
+            del self._dirs[d]
 
     @staticmethod
     def _read(p: Path, st: os.stat_result) -> _Entry | None:
@@ -150,7 +183,7 @@ class FolderArchive:
         """Copy ``files`` in (atomic rename), replacing same SOPInstanceUID; returns when on disk."""
         with self._lock:
             self.refresh()
-            by_sop = {e.sop: p for p, e in self._index.items()}
+            by_sop = {e.sop: Path(p) for p, e in self._index.items()}
             for f in files:
                 try:
                     ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -174,6 +207,6 @@ class FolderArchive:
                 old = by_sop.get(sop)
                 if old is not None and old != target:
                     old.unlink(missing_ok=True)
-                    self._index.pop(old, None)
+                    self._index.pop(str(old), None)
                 by_sop[sop] = target
             self.refresh()
