@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +28,15 @@ from typing import Any
 import requests
 
 from bench.common import (
-    BIN,
-    ROOT,
+    Platform,
     command_line,
-    env,
     repeat,
     row,
     run_cmd,
     run_python,
     series_mb,
+    storescu,
+    study_uid_of,
     synthetic_series,
     write_result,
 )
@@ -52,14 +48,16 @@ t0 = time.perf_counter()
 from workers.run import plan_rules
 from workers.runner import run_steps
 from workers.series import read_series, scan
-imports = time.perf_counter() - t0
+import workers.writers._builtin  # noqa: F401
+plan = plan_rules(None)  # built-in rules, every step imported: start-up, not per-series cost
+startup = time.perf_counter() - t0
 t = {}
 t0 = time.perf_counter()
 found = scan(Path(sys.argv[1]))
 t["scan"] = time.perf_counter() - t0
-jobs, _ = plan_rules(None)(found)
+jobs, _ = plan(found)
 t["route"] = time.perf_counter() - t0 - t["scan"]
-out = {"imports_s": imports, "jobs": len(jobs), "rules": sorted({j.rule for j in jobs})}
+out = {"startup_s": startup, "jobs": len(jobs), "rules": sorted({j.rule for j in jobs})}
 with tempfile.TemporaryDirectory(prefix="sprim-bench-cost-") as tmp:
     for j in jobs:
         t1 = time.perf_counter()
@@ -162,154 +160,6 @@ print(json.dumps({"seconds": dt, "files": len(files), "mb": mb}))
 """
 
 
-def _rabbitmqctl(*args: str) -> None:
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    subprocess.run([exe, *args], check=True, capture_output=True, timeout=120)
-
-
-def _study_uid(folder: Path) -> str:
-    import pydicom
-
-    f = next(iter(sorted(folder.glob("*.dcm"))))
-    return str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
-
-
-class Platform:
-    """Orthanc, a RabbitMQ vhost, ``celery -A tasks worker -c 2`` and ``sprim watch``, private."""
-
-    def __init__(self, root: Path) -> None:
-        from tests.harness.orthanc import OrthancServer
-
-        self.root = root
-        self.vhost = f"sprim-bench-{os.getpid()}"
-        self.orthanc = OrthancServer(root / "orthanc", stable_age=2)
-        self.home = root / "home"
-        self.worker: subprocess.Popen | None = None
-        self.watcher: subprocess.Popen | None = None
-        self.peak_rss: dict[int, float] = {}
-        self._stop = threading.Event()
-        self.since = 0
-
-    def __enter__(self) -> Platform:
-        _rabbitmqctl("add_vhost", self.vhost)
-        _rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
-        self.orthanc.start()
-        self.env = env(
-            SPRIM_HOME=str(self.home),
-            SPRIM_BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}",
-            SPRIM_ARCHIVE_URL=self.orthanc.dicomweb_url,
-            SPRIM_WATCH_URL=self.orthanc.url,
-            SPRIM_WATCH_INTERVAL_S="0.1",
-            SPRIM_DISPATCH_WINDOW="2",
-            SPRIM_RELEASE_INTERVAL_S="1",
-        )
-        log = open(self.root / "worker.log", "ab")  # noqa: SIM115
-        self.worker = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "tasks", "worker", "-c", "2", "-l", "info",
-             "-n", f"{self.vhost}@%h", "--without-gossip", "--without-mingle"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while b"ready." not in (self.root / "worker.log").read_bytes():
-            if self.worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("celery worker did not start: see " + str(self.root))
-            time.sleep(0.2)
-        threading.Thread(target=self._watch_rss, daemon=True).start()
-        from workers.jobstore import default_url, open_store
-
-        self.store = open_store(default_url(self.home))
-        self.since = self.orthanc.get("/changes", params={"last": ""}).json().get("Last", 0)
-        self.start_watch()
-        return self
-
-    def _watch_rss(self) -> None:
-        """Peak RSS (VmHWM) of every process of the worker, sampled every 0.2 s."""
-        while not self._stop.wait(0.2) and self.worker:
-            for d in Path("/proc").iterdir():
-                if not d.name.isdigit():
-                    continue
-                try:
-                    stat = (d / "stat").read_text()
-                    ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                    if ppid != self.worker.pid and int(d.name) != self.worker.pid:
-                        continue
-                    for line in (d / "status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            mb = int(line.split()[1]) / 1024
-                            self.peak_rss[int(d.name)] = max(self.peak_rss.get(int(d.name), 0), mb)
-                except (OSError, ValueError, IndexError):
-                    continue
-
-    def start_watch(self) -> None:
-        log = open(self.root / "watch.log", "ab")  # noqa: SIM115
-        self.watcher = subprocess.Popen(
-            [str(BIN / "sprim"), "watch"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-
-    def stop_watch(self) -> None:
-        if self.watcher and self.watcher.poll() is None:
-            self.watcher.terminate()
-            self.watcher.wait(30)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.stop_watch()
-        if self.worker and self.worker.poll() is None:
-            self.worker.terminate()
-            try:
-                self.worker.wait(60)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
-        self.orthanc.close()
-        try:
-            _rabbitmqctl("delete_vhost", self.vhost)
-        except subprocess.CalledProcessError:
-            pass
-
-    # -- observations ------------------------------------------------------------------------
-    def wait_stable(self, study_uids: set[str], timeout: float = 600.0) -> dict[str, float]:
-        """Epoch seconds at which each study's ``StableStudy`` appeared in Orthanc's feed."""
-        ids: dict[str, str] = {}
-        seen: dict[str, float] = {}
-        deadline = time.monotonic() + timeout
-        while len(seen) < len(study_uids):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(study_uids) - len(seen)} studies never became stable")
-            for uid in study_uids - set(ids.values()):
-                hits = requests.post(self.orthanc.url + "/tools/lookup", data=uid, timeout=10)
-                for h in hits.json():
-                    if h["Type"] == "Study":
-                        ids[h["ID"]] = uid
-            feed = self.orthanc.get("/changes", params={"since": self.since, "limit": 1000}).json()
-            stamp = time.time()
-            for ch in feed.get("Changes", []):
-                if ch["ChangeType"] == "StableStudy" and ch["ID"] in ids:
-                    seen.setdefault(ids[ch["ID"]], stamp)
-                self.since = max(self.since, ch["Seq"])
-            time.sleep(0.05)
-        return seen
-
-    def wait_done(self, study_uids: set[str], timeout: float = 900.0) -> list:
-        """All jobs of the studies once each study has jobs and all are final."""
-        final = {"done", "failed", "cancelled", "no_match"}
-        deadline = time.monotonic() + timeout
-        while True:
-            jobs = [j for uid in study_uids for j in self.store.list(study_uid=uid, limit=50)]
-            have = {j.study_uid for j in jobs}
-            if have >= study_uids and all(j.state in final for j in jobs):
-                return jobs
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"jobs not final after {timeout:.0f} s: {len(jobs)} jobs")
-            time.sleep(0.05)
-
-
-def _send(orthanc: Any, folders: list[Path]) -> float:
-    args = ["storescu", "-aet", "BENCH", "-aec", orthanc.aet, "-nh", "+sd", "+r", "127.0.0.1",
-            str(orthanc.dicom_port), *map(str, folders)]  # fmt: skip
-    return run_cmd(args, timeout=1800).seconds
-
-
 def _job_summary(jobs: list) -> dict[str, Any]:
     timings: dict[str, float] = {}
     for j in jobs:
@@ -337,11 +187,14 @@ def platform_bench(
         return {"error": "Orthanc + DICOMweb plugin not installed"}
     out: dict[str, Any] = {"latency": [], "stable_age_s": 2}
     with tempfile.TemporaryDirectory(prefix="sprim-bench-e2e-") as tmp, Platform(Path(tmp)) as p:
+        warm = synthetic_series(24, seed=9)  # warm-up: imports, rules, connections (unmeasured)
+        storescu(p.orthanc, [warm])
+        p.wait_done({study_uid_of(warm)}, timeout=600)
         for k in range(latency_runs):
             folder = synthetic_series(latency_slices, seed=10 + k)
-            uid = _study_uid(folder)
+            uid = study_uid_of(folder)
             t_send = time.time()
-            send_s = _send(p.orthanc, [folder])
+            send_s = storescu(p.orthanc, [folder])
             stable = p.wait_stable({uid})[uid]
             jobs = p.wait_done({uid})
             done = max(j.finished_at or 0 for j in jobs)
@@ -351,12 +204,12 @@ def platform_bench(
                  "last_instance_to_done_s": done - t_send - send_s,
                  "route_delay_s": min(j.created_at for j in jobs) - stable, **_job_summary(jobs)}
             )  # fmt: skip
-            if k == 0:
+            if k == 0 and fetch_runs:
                 out["fetch"] = _fetch_vs_archive(p, folder, uid, fetch_runs)
         folders = [synthetic_series(stream_slices, seed=1000 + i) for i in range(studies)]
-        uids = {_study_uid(f) for f in folders}
+        uids = {study_uid_of(f) for f in folders}
         p.stop_watch()
-        send_s = _send(p.orthanc, folders)
+        send_s = storescu(p.orthanc, folders)
         p.wait_stable(uids)
         t0 = time.time()
         p.start_watch()
@@ -461,7 +314,7 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=None, help="Studies in the throughput stream.")
     ap.add_argument("--stream-slices", type=int, default=None, help="Slices per stream study.")
     ap.add_argument("--latency-slices", type=int, default=None)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["cost", "platform"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["cost", "platform", "fetch"])
     args = ap.parse_args()
     runs = args.runs or (1 if args.quick else 3)
     sizes = args.sizes or ([50, 100, 200] if args.quick else [100, 200, 400, 800])
@@ -477,7 +330,7 @@ def main() -> None:
             latency_runs=runs,
             studies=args.studies or (4 if args.quick else 50),
             stream_slices=args.stream_slices or (50 if args.quick else 100),
-            fetch_runs=runs,
+            fetch_runs=0 if "fetch" in args.skip else runs,
             cost=raw.get("cost"),
         )
         rows += platform_rows(raw["platform"], cmd)

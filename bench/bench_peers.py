@@ -49,6 +49,21 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "size": list(img.GetSize(
                   "pixel": img.GetPixelIDTypeAsString()}))
 """
 IMPORTS = "import json; from workers.series import read_series, scan; print('{}')"
+MPR2 = """
+import json, sys, tempfile, time
+from pathlib import Path
+from workers.run import parse_sets
+from workers.runner import run_steps
+from workers.series import read_series, scan
+import workers.writers._builtin  # noqa: F401  (imports excluded from the timing)
+calls = parse_sets(["reformat.mpr"], ["planes=[axial]", "thickness_mm=2", "spacing_mm=2",
+                                      "pixel_spacing_mm=2"])
+with tempfile.TemporaryDirectory(prefix="sprim-bench-mpr2-") as d:
+    t0 = time.perf_counter()
+    rep = run_steps(read_series(scan(Path(sys.argv[1]))[0]), calls, "cli", Path(d))
+    dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "files": len(rep.written)}))
+"""
 
 
 def _free_port() -> int:
@@ -127,6 +142,11 @@ def reformat_vs_plastimatch(folder: Path, runs: int) -> dict[str, Any]:
             out["sprim"] = stat.to_dict() | {"files": written, "command": " ".join(sprim[1:])}
         except RuntimeError as e:
             out["sprim"] = {"error": str(e).splitlines()[-1][:300]}
+        try:
+            stat, _ = repeat(lambda: run_python(MPR2, str(folder)), runs, key="seconds")
+            out["sprim_inprocess"] = stat.to_dict()
+        except RuntimeError as e:
+            out["sprim_inprocess"] = {"error": str(e).splitlines()[-1][:300]}
         if shutil.which("plastimatch"):
             pm = ["plastimatch", "convert", "--input", str(folder), "--output-dicom", str(dest),
                   "--spacing", "2 2 2", "--dim", dim_arg]  # fmt: skip
@@ -241,10 +261,22 @@ def _rows(raw: dict[str, Any], cmd: str) -> list[dict]:
             if ratio is not None
             else f"not measured: {s.get('error') or p.get('error') or 'plastimatch missing'}"
         )
+        ip = rp.get("sprim_inprocess", {})
+        if ratio is not None and "median" in ip:
+            detail += (f"; in one warm process (imports excluded) sprim {ip['median']:.2f} s = "
+                       f"{ip['median'] / p['median']:.2f}x")  # fmt: skip
         rows.append(row(f"peers.reformat_vs_plastimatch.{tag}",
                         f"read + 2 mm axial reformat + DICOM write vs plastimatch ({tag})",
                         ratio, "x", target=1.0, detail=detail, command=cmd))  # fmt: skip
-    rv = raw.get("receive", {})
+    st = raw.get("startup")
+    if st:
+        rows.append(row("peers.startup", "start-up: python + import of every step, writer and "
+                        "the CLI", st["median"], "s", detail=f"min {st['min']:.2f}, max "
+                        f"{st['max']:.2f}, {st['max_rss_mb']:.0f} MB; paid by every `sprim run`",
+                        command=cmd))  # fmt: skip
+    if "receive" not in raw:
+        return rows
+    rv = raw["receive"]
     s, d = rv.get("sprim_listen", {}), rv.get("storescp", {})
     ratio = _ratio(s, d)
     detail = (
@@ -275,6 +307,8 @@ def main() -> None:
         for tag, folder in sets.items():
             raw["read"].append(read_vs_peers(folder, runs, tag))
     if "reformat" not in args.skip:
+        code = "import pipelines.steps, workers.writers._builtin, workers.cli"
+        raw["startup"] = repeat(lambda: run_python(code), runs)[0].to_dict()
         for tag, folder in sets.items():
             raw["reformat"][tag] = reformat_vs_plastimatch(folder, runs)
     if "receive" not in args.skip:

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -249,3 +252,157 @@ def cat_floor(folder: Path, runs: int) -> Stat:
 def command_line(module: str) -> str:
     """How to reproduce: ``.venv/bin/python -m MODULE ARGS`` of this process."""
     return shlex.join([".venv/bin/python", "-m", module, *sys.argv[1:]])
+
+
+# -- a private platform: Orthanc + RabbitMQ vhost + 2 worker processes + sprim watch ------
+def rabbitmqctl(*args: str) -> None:
+    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([exe, *args], check=True, capture_output=True, timeout=120)
+
+
+def study_uid_of(folder: Path) -> str:
+    import pydicom
+
+    f = next(iter(sorted(folder.glob("*.dcm"))))
+    return str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+
+
+class Platform:
+    """Orthanc, a RabbitMQ vhost, ``celery -A tasks worker -c 2`` and ``sprim watch``, private.
+
+    Built-in rules, SQLite job store in ``root/home``, Orthanc StableAge ``stable_age`` s. The
+    worker's processes are sampled for peak RSS (VmHWM) in :attr:`peak_rss`.
+    """
+
+    def __init__(self, root: Path, stable_age: int = 2) -> None:
+        from tests.harness.orthanc import OrthancServer
+
+        self.root = root
+        self.vhost = f"sprim-bench-{os.getpid()}"
+        self.orthanc = OrthancServer(root / "orthanc", stable_age=stable_age)
+        self.home = root / "home"
+        self.worker: subprocess.Popen | None = None
+        self.watcher: subprocess.Popen | None = None
+        self.peak_rss: dict[int, float] = {}
+        self._stop = threading.Event()
+        self.since = 0
+
+    def __enter__(self) -> Platform:
+        rabbitmqctl("add_vhost", self.vhost)
+        rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        self.orthanc.start()
+        self.env = env(
+            SPRIM_HOME=str(self.home),
+            SPRIM_BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}",
+            SPRIM_ARCHIVE_URL=self.orthanc.dicomweb_url,
+            SPRIM_WATCH_URL=self.orthanc.url,
+            SPRIM_WATCH_INTERVAL_S="0.1",
+            SPRIM_DISPATCH_WINDOW="2",
+            SPRIM_RELEASE_INTERVAL_S="1",
+        )
+        log = open(self.root / "worker.log", "ab")  # noqa: SIM115
+        self.worker = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "tasks", "worker", "-c", "2", "-l", "info",
+             "-n", f"{self.vhost}@%h", "--without-gossip", "--without-mingle"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while b"ready." not in (self.root / "worker.log").read_bytes():
+            if self.worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("celery worker did not start: see " + str(self.root))
+            time.sleep(0.2)
+        threading.Thread(target=self._watch_rss, daemon=True).start()
+        from workers.jobstore import default_url, open_store
+
+        self.store = open_store(default_url(self.home))
+        self.since = self.orthanc.get("/changes", params={"last": ""}).json().get("Last", 0)
+        self.start_watch()
+        return self
+
+    def _watch_rss(self) -> None:
+        """Peak RSS (VmHWM) of every process of the worker, sampled every 0.2 s."""
+        while not self._stop.wait(0.2) and self.worker:
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit():
+                    continue
+                try:
+                    stat = (d / "stat").read_text()
+                    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                    if ppid != self.worker.pid and int(d.name) != self.worker.pid:
+                        continue
+                    for line in (d / "status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            mb = int(line.split()[1]) / 1024
+                            self.peak_rss[int(d.name)] = max(self.peak_rss.get(int(d.name), 0), mb)
+                except (OSError, ValueError, IndexError):
+                    continue
+
+    def start_watch(self) -> None:
+        log = open(self.root / "watch.log", "ab")  # noqa: SIM115
+        self.watcher = subprocess.Popen(
+            [str(BIN / "sprim"), "watch"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def stop_watch(self) -> None:
+        if self.watcher and self.watcher.poll() is None:
+            self.watcher.terminate()
+            self.watcher.wait(30)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.stop_watch()
+        if self.worker and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(60)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.orthanc.close()
+        try:
+            rabbitmqctl("delete_vhost", self.vhost)
+        except subprocess.CalledProcessError:
+            pass
+
+    # -- observations ------------------------------------------------------------------------
+    def wait_stable(self, study_uids: set[str], timeout: float = 600.0) -> dict[str, float]:
+        """Epoch seconds at which each study's ``StableStudy`` appeared in Orthanc's feed."""
+        ids: dict[str, str] = {}
+        seen: dict[str, float] = {}
+        deadline = time.monotonic() + timeout
+        while len(seen) < len(study_uids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(study_uids) - len(seen)} studies never became stable")
+            for uid in study_uids - set(ids.values()):
+                hits = requests.post(self.orthanc.url + "/tools/lookup", data=uid, timeout=10)
+                for h in hits.json():
+                    if h["Type"] == "Study":
+                        ids[h["ID"]] = uid
+            feed = self.orthanc.get("/changes", params={"since": self.since, "limit": 1000}).json()
+            stamp = time.time()
+            for ch in feed.get("Changes", []):
+                if ch["ChangeType"] == "StableStudy" and ch["ID"] in ids:
+                    seen.setdefault(ids[ch["ID"]], stamp)
+                self.since = max(self.since, ch["Seq"])
+            time.sleep(0.05)
+        return seen
+
+    def wait_done(self, study_uids: set[str], timeout: float = 900.0) -> list:
+        """All jobs of the studies once each study has jobs and all are final."""
+        final = {"done", "failed", "cancelled", "no_match"}
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = [j for uid in study_uids for j in self.store.list(study_uid=uid, limit=50)]
+            have = {j.study_uid for j in jobs}
+            if have >= study_uids and all(j.state in final for j in jobs):
+                return jobs
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs not final after {timeout:.0f} s: {len(jobs)} jobs")
+            time.sleep(0.05)
+
+
+def storescu(orthanc: Any, folders: list[Path]) -> float:
+    """Send folders to Orthanc with dcmtk ``storescu`` (one association); seconds taken."""
+    args = ["storescu", "-aet", "BENCH", "-aec", orthanc.aet, "-nh", "+sd", "+r", "127.0.0.1",
+            str(orthanc.dicom_port), *map(str, folders)]  # fmt: skip
+    return run_cmd(args, timeout=1800).seconds

@@ -29,14 +29,12 @@ def make_app() -> Celery:
     s = settings()
     p = s.queue_prefix
     ex = Exchange(p, type="direct", durable=True)
-    dlx = Exchange(f"{p}.dlx", type="fanout", durable=True)
     args = {"x-max-priority": 10, "x-dead-letter-exchange": f"{p}.dlx"}
     app = Celery("sprim", broker=s.broker_url or DEFAULT_BROKER, include=["tasks.jobs"])
     app.conf.update(
         task_queues=[
             Queue(f"{p}.cpu", ex, routing_key="cpu", durable=True, queue_arguments=args),
             Queue(f"{p}.io", ex, routing_key="io", durable=True, queue_arguments=args),
-            Queue(f"{p}.dead", dlx, routing_key="#", durable=True),
         ],
         task_default_queue=f"{p}.cpu",
         task_default_exchange=p,
@@ -66,6 +64,14 @@ def make_app() -> Celery:
         worker_max_tasks_per_child=200,
     )
     return app
+
+
+def dead_letter_queue() -> Queue:
+    """Where RabbitMQ puts messages rejected without requeue (poison messages): not consumed,
+    inspect with ``rabbitmqctl list_queues`` / the management UI. Failed *jobs* are in the job
+    store (``sprim jobs list --state failed``)."""
+    p = settings().queue_prefix
+    return Queue(f"{p}.dead", Exchange(f"{p}.dlx", type="fanout", durable=True), durable=True)
 
 
 app = make_app()

@@ -8,7 +8,7 @@ import threading
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
-from tasks.app import app
+from tasks.app import app, dead_letter_queue
 from tasks.dispatch import CeleryDispatcher
 from workers import jobs
 from workers.config import settings
@@ -67,7 +67,12 @@ def _after_fork(**_kw) -> None:
 
 @signals.worker_ready.connect
 def _start_release_loop(**_kw) -> None:
-    """Release waiting jobs periodically too (a job stuck waiting after a lost send or restart)."""
+    """Declare the dead-letter queue; release waiting jobs periodically too (after a restart)."""
+    try:
+        with app.connection_for_write() as conn:
+            dead_letter_queue()(conn.default_channel).declare()
+    except Exception:
+        log.exception("event=dead_letter_declare_failed")
 
     def loop() -> None:
         stop = threading.Event()

@@ -6,11 +6,9 @@ reprocesses only its institution's studies: 401 without a valid token, 404 for a
 institution's job or study (existence is not revealed).
 """
 
-from __future__ import annotations
-
 import hmac
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -20,6 +18,8 @@ from workers.config import settings
 from workers.dispatch import Dispatcher
 from workers.jobstore import STATES, Job, JobStore, open_store
 from workers.reprocess import BadRequest, NotFound, cancel, reprocess, retry, visible
+
+JobState = Literal[STATES]  # type: ignore[valid-type]
 
 
 class StepRequest(BaseModel):
@@ -56,7 +56,7 @@ class JobOut(BaseModel):
     description_suffix: str
 
     @classmethod
-    def of(cls, j: Job) -> JobOut:
+    def of(cls, j: Job) -> "JobOut":
         return cls(**{k: getattr(j, k) for k in cls.model_fields})
 
 
@@ -102,7 +102,7 @@ def create_app(store: JobStore | None = None, disp: Dispatcher | None = None) ->
 
     @app.get("/jobs", response_model=list[JobOut], tags=["jobs"])
     def list_jobs(
-        inst: Inst, s: Store, state: str | None = Query(None, enum=list(STATES)),
+        inst: Inst, s: Store, state: JobState | None = None,
         study_uid: str | None = None, limit: int = Query(100, le=1000),
     ) -> list[JobOut]:  # fmt: skip
         only = None if inst == "*" else inst

@@ -262,8 +262,8 @@ def execute_job(
     A redelivered job (worker lost) runs again: its deterministic output UIDs replace what a
     previous attempt may have stored. A job already final is left alone.
     """
-    from workers.runner import StepCall, run_steps
     from workers.plugins import load_plugins
+    from workers.runner import StepCall, run_steps
     from workers.series import read_series, scan
 
     load_plugins()

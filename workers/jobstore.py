@@ -5,8 +5,10 @@ Schema changes go through Alembic (``workers/alembic``); :meth:`JobStore.migrate
 
 Fairness lives here (:meth:`JobStore.release`): jobs wait in the store, and at most ``capacity``
 are handed to the broker at a time (one per free worker slot). Each release picks the highest
-priority first, then round-robin across institutions (the least recently served institution's
-oldest job first), so one site's burst never queues ahead of another site's study in the broker.
+priority first, then the institution with the fewest jobs in flight (a job's rank = jobs its
+institution has in flight + its place in the institution's queue), then the least recently
+served institution, then age — round-robin across institutions, so one site's burst never
+queues ahead of another site's study in the broker.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    case,
     create_engine,
     event,
     func,
@@ -341,8 +344,16 @@ class JobStore:
             free = capacity - (inflight or 0)
             if free <= 0:
                 return []
+            in_flight = or_(
+                JobRow.state == "running",
+                (JobRow.state == "queued") & JobRow.dispatched_at.is_not(None),
+            )
             last = (
-                select(JobRow.institution, func.max(JobRow.dispatched_at).label("last"))
+                select(
+                    JobRow.institution,
+                    func.max(JobRow.dispatched_at).label("last"),
+                    func.sum(case((in_flight, 1), else_=0)).label("busy"),
+                )
                 .group_by(JobRow.institution)
                 .subquery()
             )
@@ -359,7 +370,8 @@ class JobStore:
                 .join(last, last.c.institution == waiting.c.institution, isouter=True)
                 .order_by(
                     waiting.c.priority.desc(),
-                    waiting.c.rn,
+                    # the job would be its institution's n-th concurrent one: fewest first
+                    waiting.c.rn + func.coalesce(last.c.busy, 0),
                     func.coalesce(last.c.last, 0.0),
                     waiting.c.id,
                 )

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -53,6 +56,41 @@ _NON_IMAGE = (
 )
 
 
+def value(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """A plain top-level value, parsed from the raw bytes when pydicom has not converted it.
+
+    pydicom's lazy conversion costs ~50 µs per element; reading a dozen values from 400
+    headers that way is a quarter of the series read time. Handles DS/IS (numbers), text VRs
+    and US; anything else (or a deferred value) goes through pydicom.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return default
+    elem = ds.get_item(tag)
+    raw = getattr(elem, "value", None)
+    vr = dictionary_VR(tag)
+    if not isinstance(raw, bytes) or not getattr(elem, "is_raw", False):
+        got = ds[tag].value
+        if got is None or got == "":
+            return default
+        if vr == "DS":
+            return [float(x) for x in got] if isinstance(got, list | MultiValue) else float(got)
+        return got
+    if vr == "US":
+        return int.from_bytes(raw[:2], "little" if elem.is_little_endian else "big")
+    text = raw.decode("latin-1").strip(" \0")
+    if not text:
+        return default
+    parts = text.split("\\")
+    if vr == "DS":
+        nums = [float(x) for x in parts]
+    elif vr == "IS":
+        nums = [int(float(x)) for x in parts]
+    else:
+        return parts[0] if len(parts) == 1 else parts
+    return nums[0] if len(nums) == 1 else nums
+
+
 def check_image_series(name: str, headers: list[Dataset], offsets: list[int | None]) -> None:
     """Refuse non-image objects, colour images and series without pixel data."""
     sop = UID(str(headers[0].get("SOPClassUID", "")))
@@ -61,8 +99,8 @@ def check_image_series(name: str, headers: list[Dataset], offsets: list[int | No
         raise SeriesError(
             f"{name}: not an image series ({sop_name}); only CT, MR and PET images make volumes"
         )
-    photometric = {str(h.get("PhotometricInterpretation", "")) for h in headers}
-    samples = {int(h.get("SamplesPerPixel") or 1) for h in headers}
+    photometric = {str(value(h, "PhotometricInterpretation", "")) for h in headers}
+    samples = {value(h, "SamplesPerPixel", 1) for h in headers}
     if samples != {1} or not photometric <= {"MONOCHROME1", "MONOCHROME2"}:
         kinds = "/".join(sorted(p for p in photometric if p))
         raise SeriesError(f"{name}: colour images ({kinds}); sprim builds greyscale volumes only")
@@ -82,8 +120,8 @@ def rescale_of(ds: Dataset) -> tuple[float, float]:
 
 def stored_range(ds: Dataset) -> tuple[int, int]:
     """The range BitsStored and PixelRepresentation allow."""
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-    if int(ds.get("PixelRepresentation") or 0):
+    bits = int(value(ds, "BitsStored") or value(ds, "BitsAllocated") or 16)
+    if value(ds, "PixelRepresentation", 0):
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
@@ -130,12 +168,12 @@ def read_native_into(
 ) -> bool:
     """Read uncompressed single-frame pixels straight into ``dst``; False if not applicable."""
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    bits = int(ds.get("BitsAllocated") or 0)
+    bits = value(ds, "BitsAllocated", 0)
     if offset is None or ts not in _NATIVE or bits not in (8, 16, 32):
         return False
     big = ts == ExplicitVRBigEndian
     raw_dtype = np.dtype(
-        f"{'>' if big else '<'}{'i' if int(ds.get('PixelRepresentation') or 0) else 'u'}{bits // 8}"
+        f"{'>' if big else '<'}{'i' if value(ds, 'PixelRepresentation', 0) else 'u'}{bits // 8}"
     )
     nbytes = dst.size * raw_dtype.itemsize
     with open(path, "rb") as fp:
@@ -148,20 +186,35 @@ def read_native_into(
             length = int.from_bytes(head[4:8], "big" if big else "little")
         if length == 0xFFFFFFFF or length < nbytes:
             return False  # encapsulated or short: let pydicom decide
-        if raw_dtype == dst.dtype and rescale == (1.0, 0.0):
-            return fp.readinto(memoryview(dst).cast("B")) == nbytes
-        if raw_dtype.itemsize == dst.dtype.itemsize and rescale[0] == 1.0:
-            # Same width: read in place, then rescale in place (numpy buffers the overlap).
-            view = dst.view(raw_dtype)
+        stored = value(ds, "BitsStored", bits)
+        if raw_dtype.itemsize == dst.dtype.itemsize and dst.dtype.kind == "i":
+            # Same width: read straight into the volume, fix and rescale in place.
             if fp.readinto(memoryview(dst).cast("B")) != nbytes:
                 return False
-            put(dst, view, *rescale)
+            raw = dst.view(raw_dtype)
+            _only_stored_bits(raw, stored)
+            if raw.dtype != dst.dtype or rescale != (1.0, 0.0):
+                put(dst, raw, *rescale)  # numpy buffers the overlap
             return True
         raw = np.fromfile(fp, dtype=raw_dtype, count=dst.size)
         if raw.size != dst.size:
             return False
+        _only_stored_bits(raw, stored)
         put(dst, raw.reshape(dst.shape), *rescale)
         return True
+
+
+def _only_stored_bits(raw: np.ndarray, bits_stored: int) -> None:
+    """Clear bits above BitsStored (unsigned) or sign-extend from it (signed), in place."""
+    width = raw.dtype.itemsize * 8
+    if bits_stored >= width:
+        return
+    if raw.dtype.kind == "u":
+        np.bitwise_and(raw, raw.dtype.type((1 << bits_stored) - 1), out=raw)
+    else:
+        shift = raw.dtype.type(width - bits_stored)
+        np.left_shift(raw, shift, out=raw)
+        np.right_shift(raw, shift, out=raw)
 
 
 def decode(path: Path, index: int | None = None) -> np.ndarray:
@@ -183,11 +236,13 @@ def read_pixels(path: Path) -> np.ndarray:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     rescale = rescale_of(ds)
     dtype = output_dtype([rescale], [stored_range(ds)])
-    dtype = np.dtype(np.float32) if dtype == np.int32 else dtype
     raw = decode(path)
     raw = raw.reshape((-1, *raw.shape[-2:]))
     out = np.empty(raw.shape, dtype=dtype)
     put(out, raw, *rescale)
+    if dtype == np.int32:  # as narrow() does for volumes
+        fits = out.min() >= -(2**15) and out.max() < 2**15
+        return out.astype(np.int16 if fits else np.float32)
     return out
 
 

@@ -26,7 +26,12 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 
 from pipelines.types import Volume
@@ -102,7 +107,8 @@ def series_name(attrs: dict[str, Any] | Dataset) -> str:
     desc = get("SeriesDescription") or ""
     num = get("SeriesNumber")
     num_s = f" {num}" if num not in (None, "") else ""
-    return f'series{num_s} "{desc}" ({get("SeriesInstanceUID", "no SeriesInstanceUID")})'
+    desc_s = f' "{desc}"' if desc else ""
+    return f"series{num_s}{desc_s} ({get('SeriesInstanceUID', 'no SeriesInstanceUID')})"
 
 
 def plain(value: Any) -> Any:
@@ -122,7 +128,23 @@ def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
     """Header without pixels and the offset of PixelData; None for non-DICOM files."""
     try:
         with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=DEFER_SIZE)
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=DEFER_SIZE)
+            except InvalidDicomError:
+                # No preamble: old exports still start with a group 0008 (or 0002) element.
+                fp.seek(0)
+                if fp.read(2) not in (b"\x08\x00", b"\x02\x00"):
+                    return None
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=DEFER_SIZE, force=True)
+                if "SOPClassUID" not in ds:
+                    return None
+                implicit, little = ds.original_encoding
+                ds.file_meta.TransferSyntaxUID = (
+                    (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+                    if little
+                    else ExplicitVRBigEndian
+                )
             offset = fp.tell()
             tag = fp.read(4)
     except (InvalidDicomError, OSError, EOFError):
@@ -172,15 +194,15 @@ def scan(inputs: Path | list[Path]) -> list[SeriesFiles]:
         if got is None:
             continue
         ds, offset = got
-        sop_class = str(ds.get("SOPClassUID", ""))
-        uid = ds.get("SeriesInstanceUID")
+        sop_class = str(pixels.value(ds, "SOPClassUID", ""))
+        uid = pixels.value(ds, "SeriesInstanceUID")
         if not uid or sop_class in _SKIP_SOP_CLASSES:
             continue
         groups.setdefault((str(uid), sop_class), []).append((path, ds, offset))
     keepalive = keep or None
     out = []
     for members in groups.values():
-        members.sort(key=lambda m: (_int(m[1].get("InstanceNumber")), str(m[0])))
+        members.sort(key=lambda m: (_int(pixels.value(m[1], "InstanceNumber")), str(m[0])))
         out.append(
             SeriesFiles(
                 files=[m[0] for m in members],
@@ -260,10 +282,10 @@ def read_series(series: SeriesFiles) -> SourceSeries:
 
 
 def _floats(ds: Dataset, keyword: str, n: int) -> list[float]:
-    value = ds.get(keyword)
-    if value is None or len(value) != n:
+    got = pixels.value(ds, keyword)
+    if not isinstance(got, list) or len(got) != n:
         return [float("nan")] * n
-    return [float(x) for x in value]
+    return [float(x) for x in got]
 
 
 def make_source(
@@ -300,8 +322,8 @@ def read_classic(
         np.array([_floats(h, "ImagePositionPatient", 3) for h in headers]),
         np.array([_floats(h, "ImageOrientationPatient", 6) for h in headers]),
         np.array([_floats(h, "PixelSpacing", 2) for h in headers]),
-        [(int(h.get("Rows") or 0), int(h.get("Columns") or 0)) for h in headers],
-        [str(h.get("SOPInstanceUID", i)) for i, h in enumerate(headers)],
+        [(pixels.value(h, "Rows", 0), pixels.value(h, "Columns", 0)) for h in headers],
+        [str(pixels.value(h, "SOPInstanceUID", i)) for i, h in enumerate(headers)],
     )
     order = plan.order
     hs = [headers[i] for i in order]

@@ -12,10 +12,11 @@ Decisions (what a PACS administrator will read in refusals and notes):
   trilinear resampling is geometrically exact (only interpolation blur); refusing would drop
   most routine sequential head CTs. The whole tilted slab is kept (corners filled with the
   lowest pixel value, i.e. air).
-- **Uneven slice spacing** is resampled onto a regular grid at the median spacing only when the
-  stack is piecewise regular: each gap belongs to a run of equal gaps (a deliberate
-  variable-spacing protocol such as GE sequential heads with 5 mm / 7 mm blocks), apart from
-  short transition gaps smaller than both neighbours. Anything else is refused.
+- **Uneven slice spacing** is resampled onto a regular grid at the finest block spacing (no
+  detail lost) only when the stack is piecewise regular: each gap belongs to a run of equal
+  gaps (a deliberate variable-spacing protocol such as GE sequential heads with 4 mm / 7 mm
+  blocks), apart from short transition gaps smaller than both neighbours. Anything else is
+  refused: jittery positions mean the scanner's geometry cannot be trusted.
 - **Missing slices**: a gap at least 1.5 times both neighbouring gaps is refused, naming
   where it is: interpolating across a hole would invent anatomy.
 - Several images at one slice position (echoes, phases, repeated acquisitions), mixed
@@ -197,8 +198,7 @@ def plan_stack(
     tol = max(0.02, 0.02 * step)
     uneven = bool(np.abs(t - step * np.arange(len(t))).max() > tol)
     if uneven:
-        _classify_uneven(name, gaps, t, tol)
-        step = float(np.median(gaps))
+        step = _classify_uneven(name, gaps, t, tol)
         notes.append(
             f"uneven slice spacing ({gaps.min():.2f}–{gaps.max():.2f} mm) resampled onto a "
             f"regular {step:.2f} mm grid"
@@ -210,8 +210,8 @@ def plan_stack(
     return StackPlan(unique, pos[0].copy(), spacing, direction, pos, tilt, uneven, notes)
 
 
-def _classify_uneven(name: str, gaps: np.ndarray, t: np.ndarray, tol: float) -> None:
-    """Refuse missing slices and irregular spacing; return if piecewise regular."""
+def _classify_uneven(name: str, gaps: np.ndarray, t: np.ndarray, tol: float) -> float:
+    """Refuse missing slices and irregular spacing; piecewise regular: the finest block gap."""
     n = len(gaps)
     for i, g in enumerate(gaps):
         neigh = [gaps[j] for j in (i - 1, i + 1) if 0 <= j < n]
@@ -232,6 +232,14 @@ def _classify_uneven(name: str, gaps: np.ndarray, t: np.ndarray, tol: float) -> 
                 f"{gaps.max():.2f} mm, irregular around slice {i + 1}); a volume needs "
                 "regular spacing"
             )
+    # The finest spacing of a block keeps every detail; transition gaps are not blocks.
+    return float(
+        min(
+            g
+            for i, g in enumerate(gaps)
+            if any(abs(g - gaps[j]) <= tol for j in (i - 1, i + 1) if 0 <= j < n)
+        )
+    )
 
 
 def regularize_spacing(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 OPERATORS = ("eq", "in", "regex", "lt", "lte", "gt", "gte", "contains", "contains_all", "exists")
@@ -113,10 +113,20 @@ class Condition:
     key: str
     ops: tuple[tuple[str, Any], ...]
     line: int = 0
+    #: Specialised predicate of a present value (None: use the generic path).
+    fast: Callable[[Any], bool] | None = field(default=None, compare=False, repr=False)
 
     def test(self, attrs: dict) -> bool:
         """True when every operator holds; False for a missing or odd value. Never raises."""
         v = attrs.get(self.key, _MISSING)
+        fast = self.fast
+        if fast is not None:
+            if v is _MISSING or v is None or v == "" or v == []:
+                return False
+            try:
+                return fast(v)
+            except Exception:  # an odd value never crashes routing
+                return False
         for op, x in self.ops:
             if op == "exists":
                 if (v is _MISSING or _is_empty(v)) == bool(x):
@@ -191,4 +201,43 @@ def compile_condition(key: str, spec: Any, line: int = 0) -> Condition:
         elif isinstance(x, dict | list) and op != "eq":
             raise ValueError(f"{key}: {op} needs a scalar, got {x!r}")
         ops.append((op, x))
-    return Condition(key, tuple(ops), line)
+    return Condition(key, tuple(ops), line, _fast(tuple(ops)))
+
+
+def _fast_one(op: str, x: Any) -> Callable[[Any], bool] | None:
+    """A predicate equivalent to the generic path, quicker for the common value types."""
+    if op == "eq" and isinstance(x, str):
+        return lambda v: v == x or (not isinstance(v, str) and _op_eq(v, x))
+    if op == "in" and all(isinstance(i, str) for i in x):
+        fs = frozenset(x)
+        return lambda v: v in fs if isinstance(v, str) and "\\" not in v else _op_in(v, x)
+    if op in ("lt", "lte", "gt", "gte"):
+        generic = _OPS[op]
+        import operator
+
+        cmp = {"lt": operator.lt, "lte": operator.le, "gt": operator.gt, "gte": operator.ge}[op]
+        return lambda v: cmp(v, x) if type(v) in (int, float) else generic(v, x)
+    if op == "regex":
+        search = x.search
+        return lambda v: (
+            (search(v) is not None)
+            if isinstance(v, str)
+            else bool(search("\\".join(map(str, v)) if isinstance(v, list | tuple) else str(v)))
+        )
+    if op == "contains_all" and all(isinstance(i, str) for i in x):
+        need = frozenset(x)
+        return lambda v: (
+            need.issubset(v)
+            if isinstance(v, list) and all(type(i) is str for i in v)
+            else _op_contains_all(v, x)
+        )
+    return None
+
+
+def _fast(ops: tuple[tuple[str, Any], ...]) -> Callable[[Any], bool] | None:
+    preds = [_fast_one(op, x) for op, x in ops]
+    if any(p is None for p in preds):
+        return None
+    if len(preds) == 1:
+        return preds[0]
+    return lambda v: all(p(v) for p in preds)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.rules.conditions import _num
-from pipelines.rules.model import Rule, RuleSet, RunStep
+from pipelines.rules.model import CONTEXT_KEYS, Rule, RuleSet, RunStep
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,38 @@ def select(rule: Rule, views: Sequence[Mapping[str, Any]]) -> list[Mapping[str, 
     return _prefer(rule, cands)
 
 
+def _split(conds) -> tuple[tuple, tuple]:
+    ctx = tuple(c for c in conds if c.key in CONTEXT_KEYS)
+    return ctx, tuple(c for c in conds if c.key not in CONTEXT_KEYS)
+
+
+def _fast_select(rule: Rule, series: Sequence[Mapping[str, Any]], context: Mapping[str, Any]):
+    """:func:`select` without merging dicts: context conditions once per study."""
+    plan = _PLANS.get(id(rule))
+    if plan is None or plan[0] is not rule:
+        m_ctx, m_ser = _split(rule.match)
+        w_ctx, w_ser = _split(rule.where)
+        plan = _PLANS[id(rule)] = (rule, m_ctx + w_ctx, m_ser + w_ser, _split(rule.exclude))
+    _, need_ctx, need_ser, (ex_ctx, ex_ser) = plan
+    for c in need_ctx:
+        if not c.test(context):
+            return []
+    ex_all_ctx = bool(rule.exclude) and all(c.test(context) for c in ex_ctx)
+    cands = []
+    for s in series:
+        for c in need_ser:
+            if not c.test(s):
+                break
+        else:
+            if ex_all_ctx and all(c.test(s) for c in ex_ser):
+                continue
+            cands.append(s)
+    return _prefer(rule, cands)
+
+
+_PLANS: dict[int, tuple] = {}
+
+
 def route(
     ruleset: RuleSet,
     series: Sequence[Mapping[str, Any]],
@@ -96,17 +128,17 @@ def route(
     series : sequence of dict
         Series-level attributes of one study.
     context : dict, optional
-        ``calling_ae``, ``source`` (archive name), ``institution``; override series attributes.
+        ``calling_ae``, ``source`` (archive name), ``institution``.
     rules : sequence of str, optional
         Only evaluate these rule names (a late series re-triggering the rules of one quiet period).
     """
-    views = [_view(s, context) for s in series]
+    ctx = {k: v for k, v in (context or {}).items() if v is not None}
     out: list[Match] = []
     for rule in ruleset.rules:
         if rules is not None and rule.name not in rules:
             continue
-        for v in select(rule, views):
-            out.append(Match(rule, v))
+        for v in _fast_select(rule, series, ctx):
+            out.append(Match(rule, _view(v, ctx)))
     return out
 
 

@@ -176,6 +176,9 @@ def surface(
     # Back to fine (x, y, z) voxel indices: block k (after the pad) is centred on fine k*f+(f-1)/2.
     fx = np.array(f[::-1], dtype=np.float64)
     idx = (pts / block_mm[::-1] - 1.0) * fx + (fx - 1.0) / 2.0 + lo[::-1]
+    # Smoothing can push a vertex a fraction of a voxel past the volume's edge where the
+    # structure leaves the field of view: keep every vertex inside the imaged box.
+    np.clip(idx, -0.5, np.array(image.GetSize()) - 0.5, out=idx)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     lps = np.array(image.GetOrigin()) + (idx * np.array(image.GetSpacing())) @ direction.T
     if np.linalg.det(direction) < 0:

@@ -83,8 +83,11 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     for name, inside in ((params.exclude_segment, False), (params.only_segment, True)):
         if name:
             lm, segs = labelmap_for(volume, name, prior)
-            lab = sitk.GetArrayFromImage(lm.image)
-            masks.append((np.isin(lab, [s.label for s in segs]), inside))
+            lab = sitk.GetArrayViewFromImage(lm.image)
+            m = lab == segs[0].label
+            for seg in segs[1:]:
+                m |= lab == seg.label
+            masks.append((m, inside))
     if not _axial(image):
         image = _to_axial(image)
         masks = (
@@ -99,16 +102,15 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     floor = np.iinfo(np.int16).min if a.dtype == np.int16 else float(a.min())
     background = params.lower_hu if params.lower_hu is not None else float(a.min())
     if masks or params.lower_hu is not None or params.upper_hu is not None:
-        keep = np.ones(a.shape, bool)
+        a = np.array(a)  # private copy; excluded voxels become the floor (copyto: no temporaries)
         for m, inside in masks:
-            keep &= m if inside else ~m
+            np.copyto(a, floor, where=~m if inside else m)
         if params.lower_hu is not None:
-            keep &= a >= params.lower_hu
+            np.copyto(a, floor, where=a < params.lower_hu)
         if params.upper_hu is not None:
-            keep &= a <= params.upper_hu
-        if not keep.any():
+            np.copyto(a, floor, where=a > params.upper_hu)
+        if not (a > floor).any():
             raise StepError("nothing left to project inside the chosen window/segment")
-        a = np.where(keep, a, np.asarray(floor, a.dtype))
     # Pool to blocks of at least pixel_mm (max keeps small bright vessels and bone): rays
     # sampled every pixel_mm then visit every block.
     sx, sy, sz = image.GetSpacing()
@@ -120,8 +122,15 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     d = np.array(image.GetDirection()).reshape(3, 3)
     origin = np.array(image.GetOrigin())
     d2 = d[:2, :2]
-    # In-plane centre and radius of the volume (pooled voxel centres).
-    corners = np.array([[0, 0], [nx - 1, 0], [0, ny - 1], [nx - 1, ny - 1]], float)
+    # Rays only cross the in-plane box of what is not air (a 550 mm field of view often holds a
+    # 350 mm patient): centre and radius of that box. Threshold: 10% up the value range.
+    top = pooled.max(axis=0)
+    lo_v, hi_v = float(top.min()), float(np.percentile(top, 99.5))
+    jy, ix = np.nonzero(top > lo_v + 0.1 * (hi_v - lo_v))
+    if not len(ix):
+        raise StepError("the volume is uniform: nothing to project")
+    x0, x1, y0, y1 = ix.min(), ix.max(), jy.min(), jy.max()
+    corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], float)
     corner_pos = origin[:2] + (corners * fxy + (fxy - 1) / 2) * (sx, sy) @ d2.T
     centre = corner_pos.mean(axis=0)
     half = float(np.max(np.hypot(*(corner_pos - centre).T))) + params.pixel_mm

@@ -246,18 +246,23 @@ def _interp_plan(n: int, step_mm: float, target: float) -> tuple[np.ndarray, np.
 
 
 def _resample_2d(img: np.ndarray, rows: tuple | None, cols: tuple | None, out: np.ndarray) -> None:
-    """Separable linear resampling of a 2D slice into ``out`` (rounded for integer ``out``)."""
+    """Separable linear resampling of a 2D slice into ``out`` (rounded for integer ``out``).
+
+    ``img`` may be overwritten (it is the caller's scratch buffer).
+    """
     v = img
-    if rows is not None:
-        i0, t = rows
-        lo = v[i0].astype(np.float32)
-        v = lo + (v[i0 + 1] - lo) * t[:, None]
-    if cols is not None:
-        i0, t = cols
-        lo = v[:, i0].astype(np.float32)
-        v = lo + (v[:, i0 + 1] - lo) * t[None, :]
+    for axis, plan in ((0, rows), (1, cols)):
+        if plan is None:
+            continue
+        i0, t = plan
+        lo = np.take(v, i0, axis=axis).astype(np.float32, copy=False)
+        hi = np.take(v, i0 + 1, axis=axis).astype(np.float32, copy=False)
+        hi -= lo
+        hi *= t[:, None] if axis == 0 else t[None, :]
+        hi += lo
+        v = hi
     if np.issubdtype(out.dtype, np.integer) and v.dtype.kind == "f":
-        v = np.rint(v)  # rounding, not truncation: an average of -3 and -4 is not -3
+        np.rint(v, out=v)  # rounding, not truncation: an average of -3 and -4 is not -3
     out[...] = v
 
 
@@ -319,42 +324,72 @@ def _aligned(
 def _oblique(
     img: sitk.Image, frame: np.ndarray, p: Params, pixel: float
 ) -> tuple[np.ndarray, tuple[float, float, float], float]:
-    """Generic path: resample onto a fine grid in patient axes, then reduce slabs."""
+    """Generic path: resample each slab at evenly spaced depths (midpoint rule), then reduce.
+
+    A slab of thickness T is sampled at n = ceil(T / finest source spacing) planes T/n apart,
+    centred in the slab, so a thin slab is exactly the trilinear interpolation of the source at
+    its plane and a thick AVG slab is exact for intensities varying linearly across it.
+    """
     size = np.array(img.GetSize())
     grid = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).T.reshape(-1, 3)
     corners = np.array([img.TransformContinuousIndexToPhysicalPoint(list(c)) for c in grid])
     coords = corners @ frame  # corners in (row, column, normal) coordinates
     lo, hi = coords.min(0), coords.max(0)
-    fine = min(img.GetSpacing())
-    if p.thickness_mm > fine:
-        fine = p.thickness_mm / math.ceil(p.thickness_mm / fine)
-    steps = (pixel, pixel, fine)
-    n = [max(1, int(math.floor((hi[t] - lo[t]) / steps[t]))) for t in range(3)]
-    if max(n[0], n[1]) > _MAX_PIXELS:
+    n_in = [max(1, int(math.floor((hi[t] - lo[t]) / pixel))) for t in (0, 1)]
+    if max(n_in) > _MAX_PIXELS:
         raise StepError(f"pixel spacing {pixel:g} mm gives images over {_MAX_PIXELS} pixels wide")
-    firsts = [lo[t] + (hi[t] - lo[t] - (n[t] - 1) * steps[t]) / 2 for t in range(3)]
+    firsts = [lo[t] + (hi[t] - lo[t] - (n_in[t] - 1) * pixel) / 2 for t in (0, 1)]
+    finest = min(img.GetSpacing())
+    t_eff = max(p.thickness_mm, finest)
+    extent = hi[2] - lo[2]
+    if t_eff > extent + 1e-6:
+        raise StepError(
+            f"slab thickness {t_eff:g} mm exceeds the volume extent {extent:.1f} mm along the "
+            "plane normal"
+        )
+    n_out = int(math.floor((extent - t_eff) / p.spacing + 1e-6)) + 1
+    centre0 = lo[2] + (extent - t_eff - (n_out - 1) * p.spacing) / 2 + t_eff / 2
+    n_sub = max(1, math.ceil(t_eff / finest - 1e-6))
+    delta = t_eff / n_sub
     arr = sitk.GetArrayViewFromImage(img)
-    res = sitk.Resample(
-        img,
-        [int(v) for v in n],
-        sitk.Transform(),
-        sitk.sitkLinear,
-        [float(v) for v in frame @ np.array(firsts)],
-        [float(v) for v in steps],
-        [float(v) for v in frame.flatten()],
-        float(arr.min()),  # outside the source: its darkest value (air on CT)
-        sitk.sitkFloat32,
-    )
-    view = sitk.GetArrayViewFromImage(res)  # (normal, column, row), float32
-    centres, idx, w, t_eff = _slab_plan(
-        firsts[2], fine, n[2], p.thickness_mm, p.spacing, p.mode != "AVG"
-    )
-    out = np.empty((len(centres), n[1], n[0]), arr.dtype)
-    buf = np.empty((n[1], n[0]), np.float32)
-    for j in range(len(centres)):
-        _slab(view, idx[j], w[j], p.mode, buf)
+    background = float(arr.min())  # outside the source: its darkest value (air on CT)
+
+    def resample(first_depth: float, count: int) -> np.ndarray:
+        origin = frame @ np.array([firsts[0], firsts[1], first_depth])
+        res = sitk.Resample(
+            img,
+            [n_in[0], n_in[1], count],
+            sitk.Transform(),
+            sitk.sitkLinear,
+            [float(v) for v in origin],
+            [pixel, pixel, delta],
+            [float(v) for v in frame.flatten()],
+            background,
+            sitk.sitkFloat32,
+        )
+        return sitk.GetArrayFromImage(res)  # (depth, column, row)
+
+    out = np.empty((n_out, n_in[1], n_in[0]), arr.dtype)
+    buf = np.empty((n_in[1], n_in[0]), np.float32)
+    step = p.spacing / delta
+    one_grid = _is_whole(step) and round(step) <= 2 * n_sub  # few unused planes in between
+    if one_grid:
+        m = round(step)
+        planes = resample(centre0 - t_eff / 2 + delta / 2, (n_out - 1) * m + n_sub)
+    for j in range(n_out):
+        if one_grid:
+            block = planes[j * m : j * m + n_sub]
+        else:
+            block = resample(centre0 + j * p.spacing - t_eff / 2 + delta / 2, n_sub)
+        if p.mode == "MIP":
+            np.maximum.reduce(block, axis=0, out=buf)
+        elif p.mode == "MinIP":
+            np.minimum.reduce(block, axis=0, out=buf)
+        else:
+            np.add.reduce(block, axis=0, out=buf)
+            buf /= n_sub
         _resample_2d(buf, None, None, out[j])
-    return out, (firsts[0], firsts[1], float(centres[0])), t_eff
+    return out, (firsts[0], firsts[1], centre0), t_eff
 
 
 def reformat_plane(image: sitk.Image, plane: str, params: Params) -> ImageSeries:

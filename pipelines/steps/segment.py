@@ -87,17 +87,25 @@ class BoneParams(BaseModel, frozen=True, extra="forbid"):
 
 def body_coarse(a: np.ndarray, grid: Grid, image: sitk.Image, p: BodyParams) -> np.ndarray:
     """The patient on the coarse grid (bool), holes filled slice by slice; StepError if none."""
-    mask = grid.subsample(a) > p.threshold_hu
+    # Block max, not a subsample: a chest wall thinner than a block must still close the slice.
+    mask = grid.block_max(a) > p.threshold_hu
     sx, sy, _ = image.GetSpacing()
     _, fy, fx = grid.factors
     r = (0, round(p.opening_mm / (sy * fy)), round(p.opening_mm / (sx * fx)))
-    if r[1] or r[2]:
-        mask = dilate(erode(mask, r), r)  # box opening: separable, fast
-    labels, sizes = components(mask)
+    opened = dilate(erode(mask, r), r) if (r[1] or r[2]) else mask  # box opening: separable
+    labels, sizes = components(opened)
     if sizes.max(initial=0) == 0:
         raise StepError(f"no patient found above {p.threshold_hu:g} HU")
     keep = sizes >= max(1, p.keep_fraction * sizes.max())
-    return fill_holes_2d(keep[labels])
+    # The opening also cuts thin chest walls; take the unopened mask back near the kept parts
+    # (the table lies farther away) so the slice-wise fill still closes over the lungs.
+    kept = keep[labels]
+    near, _ = components(mask & dilate(kept, (0, r[1] + 1, r[2] + 1)))
+    # ...but only the parts connected to the kept patient: a table across an air gap stays out.
+    hit = np.zeros(int(near.max()) + 1, bool)
+    hit[np.unique(near[kept])] = True
+    hit[0] = False
+    return fill_holes_2d(hit[near])
 
 
 @step("segment.body", version="1.0.0", params=BodyParams, produces="labelmap")

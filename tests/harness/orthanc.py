@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +57,13 @@ class OrthancServer:
         Seconds without new instances before a series/study is stable (Orthanc's ``StableAge``).
     modalities : Mapping[str, tuple[str, str, int]]
         Peers Orthanc may send to (``DicomModalities``): name -> (AET, host, port).
+    in_memory : bool
+        Storage and index in a fresh folder under ``/dev/shm`` (removed by :meth:`close`; kept
+        across stop/start). Tests on a machine shared by several engineers are otherwise bound
+        by everyone's fsyncs; benchmarks keep the disk (``in_memory=False``).
+    sync_storage : bool
+        Orthanc's ``SyncStorageArea`` (fsync of every stored file). Off by default here: tests
+        on a shared disk run 2x faster; benchmarks turn it on (the production default).
     reject_description : str, optional
         Install a ``ReceivedInstanceFilter`` (Lua) dropping instances whose SeriesDescription is
         this: an archive that refuses (or silently drops) what it is sent.
@@ -70,6 +78,8 @@ class OrthancServer:
         aet: str = "ORTHANC",
         stable_age: int = 1,
         modalities: Mapping[str, tuple[str, str, int]] | None = None,
+        in_memory: bool = True,
+        sync_storage: bool = False,
         reject_description: str | None = None,
         extra: Mapping | None = None,
     ) -> None:
@@ -79,10 +89,14 @@ class OrthancServer:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen | None = None
+        self._shm: Path | None = None
+        data = self.root
+        if in_memory and Path("/dev/shm").is_dir():
+            self._shm = data = Path(tempfile.mkdtemp(prefix="sprim-orthanc-", dir="/dev/shm"))
         self.config = {
             "Name": f"sprim-test-{self.http_port}",
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
+            "StorageDirectory": str(data / "storage"),
+            "IndexDirectory": str(data / "index"),
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": aet,
@@ -98,6 +112,7 @@ class OrthancServer:
             "DicomCheckModalityHost": False,
             "OverwriteInstances": True,
             "StorageCompression": False,
+            "SyncStorageArea": sync_storage,
             "SaveJobs": False,
             "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
             "Plugins": [DICOMWEB_PLUGIN],
@@ -184,7 +199,11 @@ class OrthancServer:
         return bool(self.proc and self.proc.poll() is None)
 
     def close(self) -> None:
+        """Stop Orthanc and remove its in-memory storage."""
         self.stop()
+        if self._shm is not None:
+            shutil.rmtree(self._shm, ignore_errors=True)
+            self._shm = None
 
     def __enter__(self) -> OrthancServer:
         return self.start()

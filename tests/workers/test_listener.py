@@ -187,3 +187,88 @@ def test_restart_resumes_studies_not_yet_handed_on(tmp_path, ct_files, dcmtk):
         assert _wait(lambda: len(arrivals) == 1, 10)
     assert arrivals[0].calling_aets == {"MODALITY"}
     assert list(root.glob(f"*/{PENDING_MARK}")) == []
+
+
+MPR_RULES = """\
+rules:
+  - name: listen-ct-mpr
+    match:
+      Modality: {in: [CT]}
+    select_series:
+      where: {NumberOfSeriesRelatedInstances: {gte: 20}}
+    run:
+      - {use: reformat.mpr}
+"""
+
+
+def test_sprim_listen_routes_a_quiet_study_and_writes_back_into_its_store(
+    tmp_path, ct_files, dcmtk
+):
+    """`sprim listen` as a process (embedded: job store, in-process jobs): C-STORE in, quiet
+    period, routing, MPR, outputs stored into the listener's store (the study's archive)."""
+    import os
+    import signal
+    import sys
+
+    from tests.harness.orthanc import free_port
+    from workers.jobstore import JobStore
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(MPR_RULES)
+    port = free_port()
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "SPRIM_HOME": str(home),
+        "SPRIM_RULES_FILE": str(rules),
+        "TCP_NODELAY": "1",
+    }
+    for k in ("SPRIM_BROKER_URL", "SPRIM_JOB_STORE_URL", "SPRIM_ARCHIVE_URL"):
+        env.pop(k, None)
+    log = tmp_path / "listen.log"
+    exe = str(Path(sys.executable).parent / "sprim")
+    args = [
+        exe,
+        "listen",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--allow",
+        "MODALITY",
+        "--quiet",
+        "1",
+    ]
+    p = subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        assert _wait(lambda: b"event=listen_started" in log.read_bytes(), 60), log.read_text()
+        send(ct_files[:40], "127.0.0.1", port, called="SPRIM", calling="MODALITY")
+
+        def finished():
+            if not (home / "jobs.db").exists():
+                return []
+            try:
+                return [
+                    j
+                    for j in JobStore(f"sqlite:///{home / 'jobs.db'}").list()
+                    if j.state in ("done", "failed")
+                ]
+            except Exception:  # noqa: BLE001  (schema being created)
+                return []
+
+        assert _wait(finished, 180), log.read_text()[-3000:]
+        [job] = finished()
+        assert job.state == "done", job.error
+        assert job.context.get("calling_ae") == "MODALITY"
+        store = FolderArchive(home / "incoming")
+        series = store.series_of_study(job.study_uid)
+        derived = {
+            s["SeriesInstanceUID"]: s["NumberOfSeriesRelatedInstances"]
+            for s in series
+            if s["SeriesInstanceUID"] != job.series_uid
+        }
+        assert derived == {o["series_uid"]: len(o["instances"]) for o in job.outputs}
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(20)
+    assert b"event=listen_stopped" in log.read_bytes()

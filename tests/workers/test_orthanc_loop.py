@@ -15,9 +15,10 @@ from workers.archive.dicomweb import DicomWebArchive
 from workers.archive.dimse import DimseArchive
 from workers.config import settings
 
-pytestmark = pytest.mark.integration
+INTEGRATION = pytest.mark.integration
 
 
+@INTEGRATION
 def test_stow_qido_wado_roundtrip(orthanc, ct_files, tmp_path):
     study, files = copy_as_new_study(ct_files[:24], tmp_path / "src", "loop-roundtrip")
     archive = DicomWebArchive(orthanc.dicomweb_url, batch_bytes=4 * 2**20)  # several batches
@@ -42,6 +43,7 @@ def test_stow_qido_wado_roundtrip(orthanc, ct_files, tmp_path):
     assert archive.series_of_study("1.2.826.0.1.3680043.8.498.1") == []
 
 
+@INTEGRATION
 def test_refused_instance_is_a_permanent_error_with_the_reason(orthanc, ct_files, tmp_path):
     _, files = copy_as_new_study(
         ct_files[:2], tmp_path, "loop-refused",
@@ -53,6 +55,7 @@ def test_refused_instance_is_a_permanent_error_with_the_reason(orthanc, ct_files
     assert "absent after STOW-RS success" in e.value.reason
 
 
+@INTEGRATION
 def test_not_dicom_is_refused_permanently(orthanc, tmp_path):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not dicom at all")
@@ -61,6 +64,7 @@ def test_not_dicom_is_refused_permanently(orthanc, tmp_path):
     assert not e.value.transient
 
 
+@INTEGRATION
 def test_archive_down_is_transient_and_back_on_the_same_storage(orthanc, ct_files, tmp_path):
     study, files = copy_as_new_study(ct_files[:3], tmp_path, "loop-down")
     archive = DicomWebArchive(orthanc.dicomweb_url, timeout=5)
@@ -80,6 +84,7 @@ def test_archive_down_is_transient_and_back_on_the_same_storage(orthanc, ct_file
     assert archive.series_of_study(study)[0]["NumberOfSeriesRelatedInstances"] == 3
 
 
+@INTEGRATION
 def test_c_store_write_back(orthanc, ct_files, tmp_path):
     study, files = copy_as_new_study(ct_files[:5], tmp_path, "loop-cstore")
     read = DicomWebArchive(orthanc.dicomweb_url)
@@ -93,6 +98,7 @@ def test_c_store_write_back(orthanc, ct_files, tmp_path):
     assert e.value.transient
 
 
+@INTEGRATION
 def test_open_archive_names_and_destinations(monkeypatch, orthanc):
     monkeypatch.setenv(
         "SPRIM_ARCHIVES",
@@ -109,3 +115,23 @@ def test_open_archive_names_and_destinations(monkeypatch, orthanc):
     finally:
         monkeypatch.undo()
         settings.cache_clear()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+@pytest.mark.parametrize("with_length", [True, False])
+def test_multipart_stream_is_split_into_parts_whatever_the_chunking(chunk, with_length):
+    from workers.archive.dicomweb import _iter_parts
+
+    parts = [b"DICM" + bytes([i]) * (i * 37) + b"\r\n--not-the-boundary" for i in range(5)]
+    body = b""
+    for p in parts:
+        length = f"Content-Length: {len(p)}\r\n" if with_length else ""
+        body += (
+            f"--b0undary\r\nContent-Type: application/dicom\r\n{length}\r\n".encode() + p + b"\r\n"
+        )
+    body += b"--b0undary--\r\n"
+    chunks = (body[i : i + chunk] for i in range(0, len(body), chunk))
+    assert list(_iter_parts(chunks, b"b0undary")) == parts
+    with pytest.raises(ArchiveError) as e:  # cut short: transient
+        list(_iter_parts(iter([body[: len(body) // 2]]), b"b0undary"))
+    assert e.value.transient

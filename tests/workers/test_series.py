@@ -210,6 +210,71 @@ GENERIC = EDGE / "series" / "generic"
 
 
 @pytest.mark.parametrize(
+    ("reference", "others"),
+    [
+        (
+            "emri_small.dcm",
+            [
+                "emri_small_big_endian.dcm",
+                "emri_small_RLE.dcm",
+                "emri_small_jpeg_2k_lossless.dcm",
+                "emri_small_jpeg_ls_lossless.dcm",
+            ],
+        ),
+        ("693_UNCR.dcm", ["693_J2KR.dcm"]),
+    ],
+)
+def test_multiframe_and_ct_transfer_syntaxes_agree(reference: str, others: list[str]) -> None:
+    folder = EDGE / "single-images" / "pydicom-data"
+    ref = read_pixels(folder / reference)
+    assert ref.shape[0] == (10 if "emri" in reference else 1)
+    if "693" in reference:  # (693_UNCI is another image of that series)
+        assert ref.dtype == np.int16 and ref.min() < -900  # CT in HU
+    for name in others:
+        np.testing.assert_array_equal(read_pixels(folder / name), ref, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((EDGE / "single-images" / "pylibjpeg-data").glob("*.dcm")),
+    ids=lambda p: p.stem,
+)
+def test_vendor_jpeg_quirks_decode_to_rescaled_values(path: Path) -> None:
+    got = read_pixels(path)
+    ref = rescaled(path)
+    np.testing.assert_allclose(got[0], ref, rtol=1e-6, atol=1e-3)
+    integral = np.array_equal(ref, np.round(ref))
+    fits = integral and ref.min() >= -(2**15) and ref.max() < 2**15
+    assert got.dtype == (np.int16 if fits else np.float32)
+
+
+def test_files_without_preamble_are_read(tmp_path: Path) -> None:
+    """Old exports start straight with the dataset (no 128-byte preamble, no 'DICM')."""
+    src_dir = EDGE / "series" / "generic" / "anatomical" / "001"
+    for f in src_dir.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.preamble = None
+        ds.file_meta = pydicom.dataset.FileMetaDataset()  # no file meta either
+        pydicom.dcmwrite(
+            tmp_path / f.name, ds, implicit_vr=True, little_endian=True, enforce_file_format=False
+        )
+        assert (tmp_path / f.name).read_bytes()[:2] == b"\x08\x00"
+    got = read(tmp_path)
+    ref = cached(src_dir)
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(got.volume.image), sitk.GetArrayViewFromImage(ref.volume.image)
+    )
+
+
+def test_series_files_without_headers_are_read_from_the_files() -> None:
+    folder = EDGE / "series" / "generic" / "anatomical" / "001"
+    bare = SeriesFiles(files=sorted(folder.glob("*.dcm")), attributes={"SeriesNumber": 4})
+    src = read_series(bare)
+    assert src.volume.image.GetSize() == (256, 256, 4)
+    assert_classic_geometry(src)
+
+
+@pytest.mark.parametrize(
     "folder",
     [
         "anatomical/001",
@@ -417,3 +482,46 @@ def test_gantry_tilt_is_resampled_onto_an_orthogonal_grid(folder: Path, notes: l
             inside = got > -20000
             mads.append(float(np.abs(got[inside] - ref[inside]).mean()))
         assert mads[0] < 0.9 * min(mads[1:]), (k, mads)
+
+
+def test_bits_above_bits_stored_are_ignored_like_pydicom(tmp_path: Path) -> None:
+    """12-bit CT with garbage in the 4 high bits (overlays of old scanners) reads as pydicom."""
+    from bench.synthetic import write_synthetic_ct
+
+    files = write_synthetic_ct(tmp_path, n_slices=3, size=32, spacing=(14.4, 14.4, 5.0))
+    for f in files:
+        ds = pydicom.dcmread(f)
+        stored = ds.pixel_array.copy()
+        stored[::2] |= 0xF000
+        ds.PixelData = stored.tobytes()
+        ds.save_as(f)
+    src = read(tmp_path)
+    assert src.volume.image.GetPixelID() == sitk.sitkInt16
+    assert_pixels(src)
+
+
+def test_variable_spacing_blocks_are_resampled_onto_the_finest_block_spacing(
+    tmp_path: Path,
+) -> None:
+    """A 2.5 mm block then a 5 mm block (no tilt): regular grid, patient points kept."""
+    from bench.synthetic import write_synthetic_ct
+
+    files = write_synthetic_ct(tmp_path, n_slices=14, size=32, spacing=(14.4, 14.4, 5.0))
+    z = [0, 2.5, 5, 7.5, 10, 12.5, 15, 20, 25, 30, 35, 40, 45, 50]  # 6 gaps of 2.5, 7 of 5
+    for f, zk in zip(files, z, strict=True):
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient[2] = zk
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15
+        ds.RescaleIntercept = 0
+        ds.PixelData = np.rint(_ramp(ds)).astype("<i2").tobytes()
+        ds.save_as(f)
+    src = read(tmp_path)
+    img = src.volume.image
+    assert any("uneven slice spacing (2.50–5.00 mm)" in n for n in src.notes), src.notes
+    assert img.GetSpacing()[2] == pytest.approx(2.5)  # finest block: no detail lost
+    assert img.GetSize()[2] == 21
+    np.testing.assert_allclose(img.GetOrigin(), src.first.ImagePositionPatient)
+    arr = sitk.GetArrayFromImage(img)
+    for k in range(img.GetSize()[2]):
+        p = np.array(img.TransformIndexToPhysicalPoint((3, 5, k)))
+        assert abs(arr[k, 5, 3] - p @ RAMP) <= 1.0, k

@@ -20,7 +20,6 @@ from tests.harness.studies import copy_as_new_study
 from workers.archive.dicomweb import DicomWebArchive
 from workers.watch import Watcher, WatchState, state_path
 
-pytestmark = pytest.mark.integration
 SPRIM = str(Path(sys.executable).parent / "sprim")
 
 NO_MATCH_RULES = """\
@@ -44,6 +43,7 @@ def _until(pred, timeout: float, step: float = 0.2) -> bool:
     return pred()
 
 
+@pytest.mark.integration
 def test_feed_submits_stable_studies_skips_own_outputs_and_resumes(orthanc, ct_files, tmp_path):
     subs: list[tuple[str, dict]] = []
     state = tmp_path / "state.json"
@@ -104,6 +104,7 @@ def _jobs_by_study(home: Path) -> dict[str, int]:
     return dict(rows)
 
 
+@pytest.mark.integration
 def test_watch_killed_and_restarted_while_studies_arrive_loses_none_duplicates_none(
     orthanc, ct_files, tmp_path
 ):
@@ -165,3 +166,21 @@ def test_watch_killed_and_restarted_while_studies_arrive_loses_none_duplicates_n
     # through the job store, not by a second hand-on)
     assert sorted(submitted + resubmitted) == sorted(want)
     assert state_path(home, orthanc.url).exists()
+
+
+@pytest.mark.parametrize("in_store", [True, False])
+def test_pending_submission_after_a_crash_is_resolved_against_the_store(tmp_path, in_store):
+    """Killed between write-ahead and hand-on: resubmitted only if routing has no trace of it."""
+    state = tmp_path / "state.json"
+    WatchState(since=41, pending={"1.2.3": "1.2.3:abcd"}).save(state)
+    subs = []
+    w = Watcher(
+        "http://127.0.0.1:9",  # never contacted by recover()
+        state,
+        lambda s, c: subs.append((s, c)),
+        already_submitted=lambda study, key: in_store and key == "1.2.3:abcd",
+    )
+    w.recover()
+    assert subs == ([] if in_store else [("1.2.3", {"watch_key": "1.2.3:abcd", "recovered": True})])
+    saved = WatchState.load(state)
+    assert saved.pending == {} and saved.submitted == {"1.2.3": "abcd"} and saved.since == 41

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -97,6 +98,8 @@ class DicomWebArchive:
         Read timeout of one request, seconds (connect timeout is 5 s).
     batch_bytes : int
         Upper bound of one STOW-RS request body (a batch holds at least one file).
+    parallel : int
+        STOW-RS requests in flight at once (batches are independent).
     verify : bool
         After STOW-RS, check by QIDO-RS that every instance is in the archive. Orthanc answers
         success for an instance its ``ReceivedInstanceFilter`` dropped: the STOW-RS answer alone
@@ -109,13 +112,15 @@ class DicomWebArchive:
         *,
         name: str | None = None,
         timeout: float = 60.0,
-        batch_bytes: int = 32 * 2**20,
+        batch_bytes: int = 16 * 2**20,
         verify: bool = True,
+        parallel: int = 2,
     ) -> None:
         self.url = url.rstrip("/")
         self.name = name or self.url
         self.batch_bytes = batch_bytes
         self.verify = verify
+        self.parallel = parallel
         self._session = _TimeoutSession((5.0, timeout))
         self._client = DICOMwebClient(self.url, session=self._session, timeout=(5.0, timeout))
         # Retries belong to the job (backoff, state); the client must fail fast.
@@ -187,24 +192,30 @@ class DicomWebArchive:
     def fetch_series(self, study_uid: str, series_uid: str, dest: Path) -> list[Path]:
         """Stream the series by WADO-RS into ``dest``, one file per instance as it arrives.
 
-        Files are written under a temporary name and renamed, so ``dest`` never holds a partial
-        instance. The original transfer syntax is kept (no transcoding by the archive).
+        The multipart answer is split as it streams and each part's bytes are written as they
+        came (no decoding, no re-encoding, the original transfer syntax: ``transfer-syntax=*``);
+        memory holds at most one instance. Files appear under a temporary name and are renamed,
+        so ``dest`` never holds a partial instance.
         """
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         paths: list[Path] = []
         nbytes = 0
+        url = f"{self.url}/studies/{study_uid}/series/{series_uid}"
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
         try:
-            for ds in self._client.iter_series(
-                study_uid, series_uid, media_types=(("application/dicom", "*"),)
-            ):
-                path = dest / f"{ds.SOPInstanceUID}.dcm"
-                tmp = path.with_suffix(".part")
-                ds.save_as(tmp, enforce_file_format=True)
-                os.replace(tmp, path)
-                nbytes += path.stat().st_size
-                paths.append(path)
+            with self._session.get(url, headers={"Accept": accept}, stream=True) as r:
+                r.raise_for_status()
+                boundary = _boundary(r.headers.get("Content-Type", ""))
+                for i, part in enumerate(_iter_parts(r.iter_content(1 << 20), boundary)):
+                    path = dest / f"{i:05d}.dcm"
+                    tmp = dest / f".{i:05d}.part"
+                    with open(tmp, "wb") as fh:
+                        fh.write(part)
+                    os.replace(tmp, path)
+                    nbytes += len(part)
+                    paths.append(path)
         except ArchiveError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -235,8 +246,24 @@ class DicomWebArchive:
         files = [Path(f) for f in files]
         t0 = time.perf_counter()
         sent: dict[tuple[str, str], set[str]] = {}
-        for batch in _batches(files, self.batch_bytes):
-            for key, uids in self._store_batch(batch).items():
+        batches = list(_batches(files, self.batch_bytes))
+        if self.parallel > 1 and len(batches) > 1:
+            # Requests in flight side by side: the archive stores (and fsyncs) one batch while
+            # the next is uploaded. All are awaited; a permanent refusal wins over a transient.
+            with ThreadPoolExecutor(min(self.parallel, len(batches))) as pool:
+                futures = [pool.submit(self._store_batch, b) for b in batches]
+                results, errors = [], []
+                for f in futures:
+                    try:
+                        results.append(f.result())
+                    except ArchiveError as e:
+                        errors.append(e)
+            if errors:
+                raise next((e for e in errors if not e.transient), errors[0])
+        else:
+            results = [self._store_batch(b) for b in batches]
+        for keys in results:
+            for key, uids in keys.items():
                 sent.setdefault(key, set()).update(uids)
         if self.verify:
             for (study, series), uids in sent.items():
@@ -333,6 +360,70 @@ _FAILURE_TEXT = {
     0xC000: "cannot understand",
     0xC122: "referenced transfer syntax not supported",
 }
+
+
+def _boundary(content_type: str) -> bytes:
+    """The multipart boundary of a Content-Type header."""
+    for param in content_type.split(";")[1:]:
+        k, _, v = param.strip().partition("=")
+        if k.lower() == "boundary":
+            return v.strip().strip('"').encode()
+    raise ArchiveError(
+        f"WADO-RS answer is not multipart: {content_type!r}", transient=False, reason=content_type
+    )
+
+
+def _iter_parts(chunks: Iterator[bytes], boundary: bytes) -> Iterator[bytes]:
+    """The bodies of a streamed multipart message, each as soon as it is complete.
+
+    Uses a part's Content-Length when given (Orthanc does), else searches the delimiter.
+    Raises a transient :class:`ArchiveError` if the stream ends before the closing delimiter.
+    """
+    delim = b"--" + boundary
+    buf = bytearray()
+    started = False
+    scan = 0
+    for chunk in chunks:
+        buf += chunk
+        while True:
+            if not started:
+                i = buf.find(delim)
+                if i < 0:
+                    break
+                del buf[: i + len(delim)]
+                started = True
+            if len(buf) < 2:
+                break
+            if buf[:2] == b"--":
+                return
+            h = buf.find(b"\r\n\r\n")
+            if h < 0:
+                break
+            length = _content_length(bytes(buf[:h]))
+            body = h + 4
+            if length is not None:
+                end = body + length
+                if len(buf) < end + 2 + len(delim):
+                    break
+            else:
+                end = buf.find(b"\r\n" + delim, max(body, scan))
+                if end < 0:
+                    scan = max(body, len(buf) - len(delim) - 2)
+                    break
+            yield bytes(buf[body:end])
+            del buf[: end + 2 + len(delim)]
+            scan = 0
+    raise ArchiveError(
+        "WADO-RS answer ended before its closing boundary", transient=True, reason="truncated"
+    )
+
+
+def _content_length(headers: bytes) -> int | None:
+    for line in headers.split(b"\r\n"):
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            return int(v.strip())
+    return None
 
 
 def _json(r: requests.Response) -> Dataset | dict:

@@ -15,7 +15,9 @@ float volumes are scaled into int16 with a RescaleSlope/Intercept.
 
 A rotating projection (``ImageSeries.slice_geometry``) is written as an ordered series, one
 instance per view with its own ImagePositionPatient / ImageOrientationPatient; single-frame CT/MR
-IODs have no Cine module, so the play order is InstanceNumber (viewers cine through a series).
+IODs have no Cine module, so the play order is InstanceNumber (viewers cine through a series);
+``cine_rate`` is written as CineRate and RecommendedDisplayFrameRate, standard extended
+attributes there (dciodvfy: two "not present in standard IOD" warnings, no error).
 
 Speed: every attribute common to the series is encoded to bytes once; each file is then the
 File Meta, the common bytes merged in tag order with its few own elements, and the raw pixels.
@@ -264,6 +266,8 @@ def _template(
     ds.SliceThickness = ds_str(thickness)
     if out.slice_geometry is None:
         ds.SpacingBetweenSlices = ds_str(spacing[2])
+    if out.cine_rate:  # Cine module attributes: standard extended in single-frame IODs
+        ds.CineRate = ds.RecommendedDisplayFrameRate = max(1, round(out.cine_rate))
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = out.image.GetSize()[1], out.image.GetSize()[0]
@@ -372,11 +376,10 @@ def write_series(
         refs = _referenced(sl, size, spacing, thickness, src_normal, src_pos, src_step)
         seq = _sequence(_SOURCE_IMAGE_SEQ, [items[i] for i in refs])
         parts = sorted(common + own + [(_SOURCE_IMAGE_SEQ, seq)], key=lambda p: p[0])
-        data = b"".join(
-            [meta(sop_uid), *(b for _, b in parts), pixel_head, pix[k].astype("<i2").tobytes()]
-        )
         path = folder / f"IM_{k + 1:04d}.dcm"
-        path.write_bytes(data)
+        with open(path, "wb") as fp:  # header, then the pixel rows straight from the array
+            fp.write(b"".join([meta(sop_uid), *(b for _, b in parts), pixel_head]))
+            fp.write(np.ascontiguousarray(pix[k], dtype="<i2").data)
         written.append(
             WrittenObject(
                 path,

@@ -1,0 +1,286 @@
+"""Generate ``BENCHMARKS.md`` from ``bench/results/*.json`` (never edit the Markdown by hand).
+
+Each target below names where its figure comes from, in order of preference: a row id of a
+result file that has ``rows`` (see :mod:`bench.common`), or a regular expression over the dotted
+keys of a result file without rows (``read.json`` of ``bench_read.py``, for example). The first
+source that gives a number wins. A target with no figure is reported "not measured" with the
+reason (script missing, failed, or no matching figure).
+
+Run: ``.venv/bin/python -m bench.report`` (``python -m bench`` runs it after the benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, ROOT, machine
+
+OUT = ROOT / "BENCHMARKS.md"
+RUN_FILE = "_run"  # bench/results/_run.json: written by ``python -m bench``
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target of the issues and where its figure is found."""
+
+    id: str
+    issue: str
+    what: str
+    op: str  # "<=", ">=" or "" (a ratio reported without a target)
+    threshold: float | None
+    unit: str
+    sources: tuple[tuple[str, str], ...]  # (result name, "row:ID", "ratio:ID/ID" or "key:RX")
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("e2e_latency", "6", "end to end, default CT rule, 400-slice CT", "<=", 10.0, "s",
+           (("e2e", "row:e2e.latency_400"),)),
+    Target("throughput", "6", "sustained throughput, 2 worker processes", ">=", 400.0,
+           "studies/h", (("e2e", "row:e2e.throughput"),)),
+    Target("read_vs_cat", "6", "series read vs `cat` floor (400 x 512²)", "<=", 8.0, "x",
+           (("peers", "row:peers.read_vs_cat.synthetic-400"), ("read", "key:^ratio_to_cat$"))),
+    Target("reformat_vs_plastimatch", "6", "reformat + write vs plastimatch (2 mm, 400 slices)",
+           "<=", 1.0, "x", (("peers", "row:peers.reformat_vs_plastimatch.synthetic-400"),)),
+    Target("receive_vs_storescp", "6 / 5", "`sprim listen` receive vs storescp", "<=", 2.0,
+           "x", (("archive", "row:archive.recv.ratio"), ("peers", "row:peers.receive_vs_storescp"))),
+    Target("read_vs_dcm2niix", "6", "series read vs dcm2niix (400 x 512²)", "", None, "x",
+           (("peers", "row:peers.read_vs_dcm2niix.synthetic-400"),)),
+    Target("fetch_vs_zip", "6 / 5", "Orthanc archive (zip) download time / WADO-RS fetch time",
+           "", None, "x", (("archive", "ratio:archive.fetch.dicomweb/archive.fetch.zip"),
+                           ("e2e", "row:e2e.archive_vs_fetch"))),
+    Target("fetch_vs_floor", "5", "WADO-RS fetch time / raw WADO-RS stream (HTTP floor)", "",
+           None, "x", (("archive", "ratio:archive.fetch.raw/archive.fetch.dicomweb"),
+                       ("e2e", "row:e2e.fetch_vs_curl"))),
+    Target("worker_rss", "6", "peak worker RSS / int16 volume", "<=", 4.0, "x",
+           (("e2e", "row:e2e.worker_rss_ratio"), ("e2e", "row:e2e.rss_ratio.400"))),
+    Target("read_s", "2", "series read, 400 x 512²", "<=", 1.0, "s",
+           (("read", "key:^read_s$"), ("peers", "row:issue2.read_s"))),
+    Target("read_rss", "2", "series read peak RSS", "<=", 600.0, "MB",
+           (("read", "key:^read_max_rss_mb$"), ("peers", "row:issue2.read_rss_mb"))),
+    Target("mpr3", "2", "axial + coronal + sagittal 3 mm MPR computed and written", "<=", 3.0,
+           "s", (("mpr", "row:mpr.total"), ("e2e", "key:cost.points.2.stages_s.reformat.mpr$"))),
+    Target("segment", "3", "body + lungs + bone segmentation", "<=", 4.0, "s",
+           (("3d", "key:(segment|segmentation|body_lungs_bone).*(_s|median)$"),)),
+    Target("seg_write", "3", "DICOM SEG build + write", "<=", 1.5, "s",
+           (("3d", "key:seg(_write|\\.write|_build).*(_s|median)$"),)),
+    Target("mesh", "3", "bone mesh (smoothed, <= 300k triangles) + STL write", "<=", 1.0, "s",
+           (("3d", "key:mesh.*(_s|median)$"),)),
+    Target("mip", "3", "rotating MIP, 36 views", "<=", 3.0, "s",
+           (("3d", "key:(rotating_mip|mip).*(_s|median)$"),)),
+    Target("rss_3d", "3", "3D post-processing peak RSS", "<=", 1200.0, "MB",
+           (("3d", "key:(peak|max)_rss_mb$"),)),
+    Target("rules_rate", "4", "rule evaluation", ">=", 50000.0, "series/s",
+           (("platform", "key:rule_evaluation\\.series_per_s$"),)),
+    Target("enqueue_start", "4", "enqueue-to-start latency, idle worker, RabbitMQ", "<=", 50.0,
+           "ms", (("platform", "key:enqueue_to_start_ms_median$"),)),
+)  # fmt: skip
+
+
+# -- loading ---------------------------------------------------------------------------------
+def load_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """Every ``<name>.json`` of ``folder`` by name, with ``_mtime`` added."""
+    out = {}
+    for p in sorted(folder.glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            doc = {"_error": f"unreadable: {e}"}
+        if isinstance(doc, dict):
+            doc["_mtime"] = datetime.fromtimestamp(p.stat().st_mtime, UTC).strftime(
+                "%Y-%m-%d %H:%M UTC"
+            )
+            out[p.stem] = doc
+    return out
+
+
+def flatten(doc: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a JSON document by dotted key (lists by index)."""
+    out: dict[str, float] = {}
+    if isinstance(doc, dict):
+        items = doc.items()
+    elif isinstance(doc, list):
+        items = ((str(i), v) for i, v in enumerate(doc))
+    else:
+        if isinstance(doc, int | float) and not isinstance(doc, bool):
+            out[prefix] = float(doc)
+        return out
+    for k, v in items:
+        if k in ("targets", "_mtime", "machine", "load_avg") or str(k).startswith("target"):
+            continue
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+@dataclass
+class Figure:
+    value: float | None
+    detail: str
+    command: str
+    date: str
+    source: str
+
+
+def _command_of(name: str, doc: dict[str, Any], run: dict[str, Any]) -> str:
+    cmd = doc.get("command") or ""
+    script = (run.get("produced_by") or {}).get(name) or f"bench_{name}"
+    return cmd.strip() or f".venv/bin/python -m bench.{script}"
+
+
+def find(target: Target, results: dict[str, dict], run: dict[str, Any]) -> Figure:
+    """The figure of ``target``, or a "not measured" figure saying why."""
+    why = []
+    for name, sel in target.sources:
+        doc = results.get(name)
+        if doc is None:
+            why.append(f"no bench/results/{name}.json")
+            continue
+        date = doc.get("date") or doc["_mtime"]
+        kind, _, pattern = sel.partition(":")
+        rows = {r.get("id"): r for r in doc.get("rows", [])}
+        if kind == "ratio":  # MB/s rows: time ratio = b / a
+            a, _, b = pattern.partition("/")
+            if rows.get(a, {}).get("value") and rows.get(b, {}).get("value"):
+                ra, rb = rows[a], rows[b]
+                return Figure(ra["value"] / rb["value"], f"{ra['what']} {ra['value']:.0f} "
+                              f"{ra['unit']}, {rb['what']} {rb['value']:.0f} {rb['unit']}",
+                              ra.get("command") or _command_of(name, doc, run), date,
+                              f"{name}.json")  # fmt: skip
+            why.append(f"{name}.json lacks rows {a} and {b}")
+        elif kind == "row":
+            for r in doc.get("rows", []):
+                if r.get("id") == pattern:
+                    if r.get("value") is None:
+                        why.append(r.get("detail") or f"{pattern}: no value")
+                        break
+                    return Figure(r["value"], r.get("detail", ""), r.get("command") or
+                                  _command_of(name, doc, run), date, f"{name}.json")  # fmt: skip
+            else:
+                why.append(f"{name}.json has no row {pattern}")
+        else:
+            rx = re.compile(pattern)
+            hits = {k: v for k, v in flatten(doc).items() if rx.search(k)}
+            if hits:
+                key = sorted(hits, key=len)[0]
+                return Figure(hits[key], f"`{key}`", _command_of(name, doc, run), date,
+                              f"{name}.json")  # fmt: skip
+            why.append(f"no figure matching /{pattern}/ in {name}.json")
+    status = [f"{n}: {s['status']}" for n, s in (run.get("scripts") or {}).items()
+              if s.get("status") not in ("ok", None) and any(n == x for x, _ in target.sources)]  # fmt: skip
+    return Figure(None, "; ".join(status + why), "", "", "")
+
+
+def met(target: Target, value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    if target.threshold is None:
+        return "ratio"
+    ok = value <= target.threshold if target.op == "<=" else value >= target.threshold
+    return "**met**" if ok else "**MISSED**"
+
+
+# -- rendering -------------------------------------------------------------------------------
+def _num(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    s = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return f"{s} {unit}".strip()
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+#: Why a target is missed and what would close it; shown next to missed targets only.
+NOTES: dict[str, str] = {}
+
+
+def render(results: dict[str, dict], run: dict[str, Any]) -> str:
+    m = run.get("machine") or machine()
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python -m bench` (bench/report.py) from bench/results/*.json. "
+        "Do not edit by hand: re-run `make bench`. -->",
+        "_Generated by `make bench` (`python -m bench`) from `bench/results/*.json`; "
+        "never edited by hand._",
+        "",
+        f"- **Machine**: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gb')} GB RAM, "
+        f"Linux {m.get('kernel')}, Python {m.get('python')}",
+        f"- **Run**: {run.get('date', 'n/a')} ({run.get('mode', 'n/a')}), "
+        f"{run.get('seconds', 0):.0f} s; load average at start {run.get('load_start', 'n/a')}, "
+        f"at end {run.get('load_end', 'n/a')}",
+    ]
+    if (run.get("load_start") or [0])[0] > 1.0 or (run.get("load_end") or [0])[0] > 1.0:
+        lines.append(
+            "- **Under load**: other work shared these 2 cores during the run; figures are "
+            "noisier and slower than on an idle machine."
+        )
+    if run.get("mode") == "quick":
+        lines.append("- **Quick run**: small series and 1 run each; not comparable with targets.")
+    lines += ["", "## Targets", "",
+              "| issue | target | figure | limit | status | measured | reproduce |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    missed = []
+    for t in TARGETS:
+        f = find(t, results, run)
+        st = met(t, f.value)
+        if st == "**MISSED**":
+            missed.append(t)
+        fig = _num(f.value, t.unit) + (f" — {f.detail}" if f.detail else "")
+        limit = f"{t.op} {_num(t.threshold, t.unit)}" if t.threshold is not None else "—"
+        lines.append(
+            f"| {t.issue} | {_cell(t.what)} | {_cell(fig)} | {limit} "
+            f"| {st} | {_cell(f.date)} | {'`' + _cell(f.command) + '`' if f.command else ''} |"
+        )
+    lines += ["", "## All figures", ""]
+    for name, doc in results.items():
+        if name.startswith("_"):
+            continue
+        date = doc.get("date") or doc["_mtime"]
+        lines += [f"### {name}.json ({date})", ""]
+        if doc.get("what"):
+            lines += [f"{doc['what']}", ""]
+        rows = doc.get("rows")
+        if rows:
+            lines += ["| figure | value | detail |", "|---|---|---|"]
+            for r in rows:
+                v = "not measured" if r.get("value") is None else _num(r["value"], r["unit"])
+                tgt = (
+                    f" (target {r['op']} {_num(r['target'], r['unit'])})" if r.get("target") else ""
+                )
+                lines.append(f"| {_cell(r['what'])}{tgt} | {v} | {_cell(r.get('detail', ''))} |")
+        else:
+            flat = flatten(doc)
+            lines += ["| key | value |", "|---|---|"]
+            lines += [f"| `{k}` | {_num(v)} |" for k, v in list(flat.items())[:60]]
+        lines += ["", f"Reproduce: `{_cell(_command_of(name, doc, run))}`", ""]
+    scripts = run.get("scripts") or {}
+    if scripts:
+        lines += ["## Scripts of the last run", "", "| script | status | seconds | note |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for n, s in scripts.items():
+            lines.append(f"| bench_{n}.py | {s['status']} | {s.get('seconds', 0):.0f} | "
+                         f"{_cell(s.get('note', ''))[:300]} |")  # fmt: skip
+        lines.append("")
+    if missed:
+        lines += ["## Missed targets: why, and what would close it", ""]
+        for t in missed:
+            lines.append(f"- **{t.what}**: {NOTES.get(t.id, 'see the figure detail above.')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results_dir: Path = RESULTS, out: Path = OUT) -> Path:
+    results = load_results(results_dir)
+    run = results.pop(RUN_FILE, {})
+    out.write_text(render(results, run))
+    return out
+
+
+if __name__ == "__main__":
+    print(f"-> {write_report()}")

@@ -1,0 +1,112 @@
+"""segment.body / segment.lungs / segment.bone on the analytic phantom and on the real abdomen CT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipelines import StepError, Volume, get_step
+from tests.pipelines.phantom3d import chest
+
+REAL_CT = Path(__file__).resolve().parents[2].parent / "shared/data/ct-abdomen-tcia/series"
+
+
+def run(name: str, volume: Volume, **params) -> tuple[np.ndarray, list]:
+    st = get_step(name)
+    (lm,) = st(volume, st.validate(params))
+    assert lm.kind == "labelmap"
+    assert lm.image.GetPixelID() == sitk.sitkUInt8
+    assert lm.image.GetSize() == volume.image.GetSize()
+    assert lm.image.GetOrigin() == volume.image.GetOrigin()
+    assert lm.image.GetDirection() == volume.image.GetDirection()
+    return sitk.GetArrayFromImage(lm.image), list(lm.segments)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return chest()
+
+
+def test_body_is_the_patient_without_the_table(phantom) -> None:
+    labels, segs = run("segment.body", phantom.volume)
+    assert [(s.name, s.type.value, s.category.value) for s in segs] == [
+        ("Body", "38266002", "91723000")
+    ]
+    body = labels == 1
+    assert dice(body, phantom.body) > 0.99
+    assert not (body & phantom.table).any()
+    # Lungs and trachea are inside the patient: filled, not holes.
+    assert body[phantom.lungs > 0].all()
+
+
+def test_lungs_left_right_and_airways_excluded(phantom) -> None:
+    labels, segs = run("segment.lungs", phantom.volume)
+    assert [(s.label, s.name, s.type.value) for s in segs] == [
+        (1, "Right lung", "3341006"),
+        (2, "Left lung", "44029006"),
+    ]
+    for label in (1, 2):  # right lung is at LPS -x in the phantom, left at +x
+        assert dice(labels == label, phantom.lungs == label) > 0.97
+    in_lung = np.count_nonzero((labels > 0) & phantom.trachea)
+    assert in_lung < 0.05 * np.count_nonzero(phantom.trachea)
+
+
+def test_lungs_touching_first_and_last_slice_are_found() -> None:
+    ph = chest(lungs_touch_ends=True)
+    assert (ph.lungs[0] > 0).any() and (ph.lungs[-1] > 0).any()
+    labels, segs = run("segment.lungs", ph.volume)
+    assert len(segs) == 2
+    for z in (0, -1):  # DESIGN §6: 3D hole filling would leave these slices empty
+        assert dice(labels[z] > 0, ph.lungs[z] > 0) > 0.95
+    assert dice(labels > 0, ph.lungs > 0) > 0.97
+
+
+def test_bone_excludes_dense_table(phantom) -> None:
+    labels, segs = run("segment.bone", phantom.volume)
+    assert [(s.name, s.type.value, s.category.value) for s in segs] == [
+        ("Bone", "272673000", "85756007")
+    ]
+    assert dice(labels == 1, phantom.bone) > 0.97
+    assert not (labels.astype(bool) & phantom.table).any()
+
+
+@pytest.mark.parametrize("name", ["segment.body", "segment.lungs", "segment.bone"])
+def test_non_ct_is_refused(phantom, name: str) -> None:
+    mr = Volume(phantom.volume.image, "MR")
+    with pytest.raises(StepError, match="needs a CT"):
+        run(name, mr)
+
+
+def test_nothing_found_is_an_error_not_an_empty_labelmap() -> None:
+    air = sitk.Image(64, 64, 20, sitk.sitkInt16) - 1000
+    with pytest.raises(StepError, match="no patient found"):
+        run("segment.body", Volume(air, "CT"))
+    no_lungs = chest(n_slices=20, size=96, spacing=(3.0, 3.0, 3.0), with_lungs=False)
+    with pytest.raises(StepError, match="no lungs found"):
+        run("segment.lungs", no_lungs.volume)
+    no_bone = chest(n_slices=20, size=96, spacing=(3.0, 3.0, 3.0), with_bone=False)
+    with pytest.raises(StepError, match="no bone found"):
+        run("segment.bone", no_bone.volume)
+
+
+@pytest.mark.skipif(not REAL_CT.exists(), reason="shared real CT data not mounted")
+def test_real_abdomen_ct_body_and_bone_are_plausible() -> None:
+    from workers.series import read_series, scan
+
+    source = read_series(scan([REAL_CT])[0])
+    voxel_ml = float(np.prod(source.volume.image.GetSpacing())) / 1000.0
+    body, _ = run("segment.body", source.volume)
+    bone, _ = run("segment.bone", source.volume)
+    body_l = np.count_nonzero(body) * voxel_ml / 1000.0
+    bone_ml = np.count_nonzero(bone) * voxel_ml
+    # 134 x 3 mm of an adult abdomen and lower chest: tens of litres, about a litre of bone.
+    assert 20.0 < body_l < 50.0, body_l
+    assert 500.0 < bone_ml < 2000.0, bone_ml
+    assert np.count_nonzero(bone & ~body) < 0.01 * np.count_nonzero(bone)

@@ -1,0 +1,165 @@
+"""DICOM Segmentation (BINARY) of a Labelmap via highdicom, plus its volumes as a TID 1500 SR.
+
+Fast path (DESIGN §6): the labelmap goes to highdicom as one 3D label array (value = segment
+number) with empty frames omitted: 0.92 s instead of 4.2 s from a 4D stack at 400 sources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from pydicom.sr.codedict import codes
+
+from pipelines import Code, Labelmap
+from workers.source import SourceSeries
+from workers.writers import Provenance, WrittenObject, writer
+from workers.writers.common import (
+    SPRIM,
+    SPRIM_MODEL,
+    contributing_equipment,
+    derived_series_number,
+    series_description,
+    series_folder,
+    software_versions,
+)
+from workers.writers.sr import segment_volumes_ml, write_volume_report
+
+#: Thresholds, connected components and morphology: CID 7162 "Morphological Operations".
+ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    """highdicom form of a pipelines Code."""
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def segment_descriptions(
+    labelmap: Labelmap, source: SourceSeries, prov: Provenance
+) -> list[hd.seg.SegmentDescription]:
+    """One description per segment (numbers 1..n in labelmap order), algorithm = the sprim step."""
+    uids = prov.uids(source)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"{SPRIM} {prov.step.name}"[:64],
+        family=ALGORITHM_FAMILY,
+        version=prov.step.version,
+        source=SPRIM,
+        parameters={k: str(v)[:64] for k, v in prov.params.model_dump(mode="json").items()},
+    )
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=seg.name[:64],
+            segmented_property_category=coded(seg.category),
+            segmented_property_type=coded(seg.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=uids.uid(f"tracking-{i}"),
+            tracking_id=seg.name[:64],
+        )
+        for i, seg in enumerate(labelmap.segments, start=1)
+    ]
+
+
+def label_array(labelmap: Labelmap) -> np.ndarray:
+    """(slices, rows, columns) uint8 array of segment numbers 1..n (labels remapped if needed)."""
+    a = sitk.GetArrayFromImage(labelmap.image)
+    labels = [s.label for s in labelmap.segments]
+    if labels != list(range(1, len(labels) + 1)):
+        lut = np.zeros(256, np.uint8)
+        for i, lab in enumerate(labels, start=1):
+            lut[lab] = i
+        a = lut[a]
+    return a
+
+
+def _plane_geometry(
+    image: sitk.Image,
+) -> tuple[list, hd.PlaneOrientationSequence, hd.PixelMeasuresSequence]:
+    """Plane positions/orientation/pixel measures of ``image`` (when headers do not match it)."""
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    sx, sy, sz = image.GetSpacing()
+    positions = [
+        hd.PlanePositionSequence(
+            hd.CoordinateSystemNames.PATIENT,
+            [float(x) for x in image.TransformIndexToPhysicalPoint((0, 0, k))],
+        )
+        for k in range(image.GetSize()[2])
+    ]
+    orientation = hd.PlaneOrientationSequence(
+        hd.CoordinateSystemNames.PATIENT, [float(x) for x in (*d[:, 0], *d[:, 1])]
+    )
+    measures = hd.PixelMeasuresSequence(pixel_spacing=[sy, sx], slice_thickness=sz)
+    return positions, orientation, measures
+
+
+def build_seg(
+    labelmap: Labelmap, source: SourceSeries, prov: Provenance
+) -> tuple[hd.seg.Segmentation, int, str]:
+    """The highdicom Segmentation of ``labelmap`` (and its SeriesNumber, SeriesDescription)."""
+    src = source.first
+    uids = prov.uids(source)
+    number = derived_series_number(src, prov, 0)
+    description = series_description(f"SEG {labelmap.description}", src)
+    pixels = label_array(labelmap)
+    if not pixels.any():
+        raise ValueError(f"refusing to write an empty SEG for {labelmap.description!r}")
+    geometry: dict = {}
+    if len(source.headers) == pixels.shape[0]:
+        sources = source.headers  # per-frame references to the source slices
+    else:  # the reader resampled (gantry tilt, uneven spacing): describe the grid explicitly
+        sources = source.headers[:1]
+        positions, orientation, measures = _plane_geometry(labelmap.image)
+        geometry = dict(
+            plane_positions=positions, plane_orientation=orientation, pixel_measures=measures
+        )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(labelmap, source, prov),
+        series_instance_uid=uids.series_uid,
+        series_number=number,
+        sop_instance_uid=uids.instance_uid(0),
+        instance_number=1,
+        manufacturer=SPRIM,
+        manufacturer_model_name=SPRIM_MODEL,
+        software_versions=" ".join(software_versions(prov))[:64],
+        device_serial_number="SPRIM",
+        content_description=labelmap.description[:64],
+        content_creator_name="sprim^",
+        content_label="SPRIM",
+        omit_empty_frames=True,
+        **geometry,
+    )
+    seg.SeriesDescription = description
+    seg.ContributingEquipmentSequence = contributing_equipment(prov, src)
+    return seg, number, description
+
+
+@writer("labelmap")
+def write_labelmap(
+    output: Labelmap, source: SourceSeries, prov: Provenance, out_dir: Path
+) -> list[WrittenObject]:
+    """Write a Labelmap as a DICOM SEG and a TID 1500 SR of its segment volumes."""
+    seg, number, description = build_seg(output, source, prov)
+    path = series_folder(out_dir, number, description) / "SEG0001.dcm"
+    seg.save_as(path)
+    written = [
+        WrittenObject(
+            path,
+            "seg",
+            seg.SOPClassUID,
+            seg.SOPInstanceUID,
+            seg.SeriesInstanceUID,
+            number,
+            description,
+        )
+    ]
+    written.append(write_volume_report(output, seg, source, prov, out_dir))
+    return written
+
+
+__all__ = ["build_seg", "label_array", "segment_volumes_ml", "write_labelmap"]
