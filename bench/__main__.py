@@ -40,13 +40,15 @@ def available() -> list[str]:
 DEFER = {
     ("peers", "archive"): ["--skip", "receive"],  # listen vs storescp: bench_archive measures it
     ("e2e", "archive"): ["--skip", "fetch"],  # WADO-RS vs zip download: bench_archive too
+    ("e2e", "3d"): ["--skip", "stages"],  # segmentation, SEG, mesh, MIP: bench_3d measures them
 }
 
 
 def script_args(name: str, quick: bool, names: list[str] | None = None) -> list[str]:
     """Arguments for one script: quick-mode flags it understands, skips of duplicate work."""
-    args = [a for (n, other), extra in DEFER.items() if n == name and other in (names or [])
-            for a in extra]  # fmt: skip
+    skips = [a for (n, other), extra in DEFER.items() if n == name and other in (names or [])
+             for a in extra[1:]]  # fmt: skip
+    args = ["--skip", *skips] if skips else []
     if not quick:
         return args
     src = (ROOT / "bench" / f"bench_{name}.py").read_text()
@@ -141,7 +143,8 @@ def main() -> None:
     failed = [n for n in names if (json.loads(run_path.read_text())["scripts"].get(n) or {})
               .get("status") not in ("ok",)]  # fmt: skip
     if failed and not args.report_only:
-        print(f"benchmarks not ok: {', '.join(failed)}", file=sys.stderr)
+        print(f"benchmarks not ok: {', '.join(failed)} (see BENCHMARKS.md)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
 """End to end: the default CT rule through Orthanc and RabbitMQ, throughput, cost vs slices.
 
 1. **Cost vs slice count** (no services): a fresh process per run reads a synthetic 512² CT of
-   100/200/400/800 slices and runs the built-in rules' steps on it (what ``sprim run`` does),
-   writing DICOM; a least-squares line gives the cost per slice and R² (linear growth).
-2. **Platform**: a private Orthanc (DICOMweb, StableAge 2 s), a private RabbitMQ vhost,
-   ``celery -A tasks worker -c 2`` (two worker processes) and ``sprim watch`` (built-in rules). Latency: a 400-slice CT is sent with ``storescu``; the clock starts when
-   Orthanc publishes ``StableStudy`` and stops when every job of the study is ``done`` (outputs
-   confirmed stored in Orthanc). Throughput: a stream of studies is loaded while the watcher is
-   stopped, then the watcher starts and studies/hour is measured from its start to the last
-   job done. WADO-RS fetch vs ``curl`` of the same WADO-RS URL and vs Orthanc's zip archive.
+   100/200/400/800 slices and runs the built-in rules' steps on it (what ``sprim run`` does,
+   start-up excluded), writing DICOM; a least-squares line gives cost per slice and R².
+2. **Stages** (no services; skipped when ``bench_3d.py`` exists): segmentations, bone mesh and
+   rotating MIP on the 400-slice CT, each step and its DICOM write timed apart.
+3. **Platform**: a private Orthanc (DICOMweb, StableAge 2 s), a private RabbitMQ vhost,
+   ``celery -A tasks worker -c 2`` (two worker processes) and ``sprim watch`` (built-in rules).
+   Latency: after a small warm-up study, a 400-slice CT is sent with ``storescu``; the clock
+   starts when Orthanc publishes ``StableStudy`` and stops when every job of the study is
+   ``done`` (outputs confirmed stored in Orthanc). Throughput: a stream of studies is loaded
+   while the watcher is stopped; the watcher starts and studies/hour is measured from its start
+   to the last job done. WADO-RS fetch vs ``curl`` of the same URL and Orthanc's zip archive
+   (skipped when ``bench_archive.py`` measures it).
 
 Writes ``bench/results/e2e.json``.
 
-Run: ``.venv/bin/python -m bench.bench_e2e [--quick] [--runs 3] [--skip cost platform]``
+Run: ``.venv/bin/python -m bench.bench_e2e [--quick] [--runs 3] [--skip cost stages platform]``
 """
 
 from __future__ import annotations
@@ -71,6 +75,80 @@ t["total"] = time.perf_counter() - t0
 out["stages"] = t
 print(json.dumps(out))
 """
+
+
+STAGE = """
+import json, sys, tempfile, time
+from pathlib import Path
+from pipelines import get_step
+from workers.series import read_series, scan
+from workers.writers import Provenance, write_output
+import workers.writers._builtin  # noqa: F401
+try:
+    import highdicom  # noqa: F401  (SEG/SR writers import it lazily: start-up, not stage, cost)
+except ImportError:
+    pass
+steps = [get_step(n) for n in sys.argv[2].split(",")]
+t = {}
+t0 = time.perf_counter()
+src = read_series(scan(Path(sys.argv[1]))[0])
+t["read"] = time.perf_counter() - t0
+prior = []
+with tempfile.TemporaryDirectory(prefix="sprim-bench-stage-") as d:
+    for i, st in enumerate(steps):
+        params = st.validate({})
+        t0 = time.perf_counter()
+        outs = st(src.volume, params, tuple(prior))
+        t[st.name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for j, o in enumerate(outs):
+            prov = Provenance("bench", st, params, i, j, f"{j}:{o.description}")
+            write_output(o, src, prov, Path(d))
+        t[st.name + " write"] = time.perf_counter() - t0
+        prior += outs
+print(json.dumps({"stages": t}))
+"""
+#: Step chains timed on their own (step and write separately) when no bench_3d.py does it.
+STAGES = {
+    "segmentation": "segment.body,segment.lungs,segment.bone",
+    "bone_mesh": "segment.bone,mesh.surface",
+    "rotating_mip": "projection.rotating_mip",
+}
+
+
+def stages(n_slices: int, runs: int) -> dict[str, Any]:
+    """Each chain of :data:`STAGES` in fresh processes: per-step and per-write medians, RSS."""
+    folder = synthetic_series(n_slices)
+    out: dict[str, Any] = {"slices": n_slices}
+    for label, chain in STAGES.items():
+        try:
+            _, samples = repeat(lambda c=chain: run_python(STAGE, str(folder), c), runs)
+        except RuntimeError as e:
+            out[label] = {"error": str(e).strip().splitlines()[-1][:300]}
+            continue
+        keys = samples[0].inner["stages"]
+        out[label] = {
+            "stages_s": {k: statistics.median(s.inner["stages"][k] for s in samples) for k in keys},
+            "max_rss_mb": round(max(s.max_rss_mb for s in samples), 1),
+        }
+    return out
+
+
+def _stage_rows(st: dict[str, Any], cmd: str) -> list[dict]:
+    rows = []
+    for label in STAGES:
+        d = st.get(label) or {}
+        if "error" in d:
+            rows.append(row(f"e2e.stage.{label}", f"{label} ({st['slices']} slices)", None, "s",
+                            detail=f"not measured: {d['error']}", command=cmd))  # fmt: skip
+            continue
+        for k, v in d.get("stages_s", {}).items():
+            if k != "read":
+                rows.append(row(f"e2e.stage.{label}.{k}", f"stage {k} ({st['slices']} slices, chain: "
+                                f"{label})", v, "s", command=cmd))  # fmt: skip
+        rows.append(row(f"e2e.stage_rss.{label}", f"peak RSS, {label} chain (read included)",
+                        d.get("max_rss_mb"), "MB", command=cmd))  # fmt: skip
+    return rows
 
 
 def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
@@ -253,12 +331,13 @@ def _med(xs: list[float]) -> float:
 
 
 def platform_rows(pl: dict[str, Any], cmd: str) -> list[dict]:
+    """Rows of the platform figures (or "not measured" rows saying why)."""
     if "error" in pl:
         why = f"not measured: {pl['error']}"
-        return [row(i, w, None, u, target=t, op=o, detail=why, command=cmd) for i, w, u, t, o in (
-            ("e2e.latency_400", "end to end, default CT rule, 400-slice CT", "s", 10.0, "<="),
-            ("e2e.throughput", "sustained throughput, 2 worker processes", "studies/h", 400.0,
-             ">="))]  # fmt: skip
+        return [
+            row("e2e.latency_400", "end to end, default CT rule", None, "s", detail=why),
+            row("e2e.throughput", "sustained throughput", None, "studies/h", detail=why),
+        ]
     rows = []
     lat = pl["latency"]
     if lat:
@@ -266,43 +345,51 @@ def platform_rows(pl: dict[str, Any], cmd: str) -> list[dict]:
         x0 = lat[0]
         tm = ", ".join(f"{k} {v:.2f}" for k, v in x0["timings"].items())
         bad = [x for x in lat if set(x["states"]) != {"done"}]
-        rows.append(row("e2e.latency_400", f"end to end, default CT rule, {x0['slices']}-slice CT: "
-                        "StableStudy → all outputs stored in Orthanc", _med(vals), "s",
-                        target=10.0, detail=f"min {min(vals):.2f}, max {max(vals):.2f}; jobs "
-                        f"{x0['states']} rules {x0['rules']}; route {x0['route_delay_s']:.2f} s; "
-                        f"worker: {tm}; {x0['outputs']} objects"
-                        + (f"; FAILED: {bad[0]['errors']}" if bad else ""), command=cmd))  # fmt: skip
+        detail = (
+            f"min {min(vals):.2f}, max {max(vals):.2f}; rules {x0['rules']}; stable → job "
+            f"created {x0['route_delay_s']:.2f} s; in the worker (s): {tm}; "
+            f"{x0['outputs']} objects stored" + (f"; FAILED: {bad[0]['errors']}" if bad else "")
+        )
+        what = f"end to end, default CT rule, {x0['slices']}-slice CT: StableStudy → stored"
+        rows.append(row("e2e.latency_400", what, _med(vals), "s", target=10.0, detail=detail,
+                        command=cmd))  # fmt: skip
         li = [x["last_instance_to_done_s"] for x in lat]
-        rows.append(row("e2e.last_instance_to_done", f"last instance stored in Orthanc → all "
-                        f"outputs stored (StableAge {pl['stable_age_s']} s included)", _med(li),
-                        "s", detail=f"storescu of the study {x0['send_s']:.2f} s", command=cmd))  # fmt: skip
+        what = f"last instance in Orthanc → all outputs stored (StableAge {pl['stable_age_s']} s)"
+        detail = f"storescu of the study {x0['send_s']:.2f} s"
+        rows.append(row("e2e.last_instance_to_done", what, _med(li), "s", detail=detail,
+                        command=cmd))  # fmt: skip
     th = pl.get("throughput")
     if th:
         bad = [s for s in th["states"] if s != "done"]
-        rows.append(row("e2e.throughput", f"sustained throughput, 2 worker processes, stream of "
-                        f"{th['studies']} studies of {th['slices']} slices", th["studies_per_hour"],
-                        "studies/h", target=400.0, op=">=", detail=f"{th['seconds']:.1f} s from "
-                        f"watcher start to last job done; {th['jobs']} jobs"
-                        + (f", {len(bad)} not done: {th['errors']}" if bad else ""),
-                        command=cmd))  # fmt: skip
+        detail = f"{th['seconds']:.1f} s from watcher start to last job done; {th['jobs']} jobs"
+        if bad:
+            detail += f", {len(bad)} not done: {th['errors']}"
+        if lat and lat[0]["slices"] != th["slices"]:
+            job_s = sum(lat[0]["timings"].values())
+            detail += (f"; estimate for {lat[0]['slices']}-slice studies from the measured "
+                       f"{job_s:.1f} s job: {2 * 3600 / job_s:.0f} studies/h")  # fmt: skip
+        what = (f"sustained throughput, 2 worker processes, {th['studies']} studies of "
+                f"{th['slices']} slices")  # fmt: skip
+        rows.append(row("e2e.throughput", what, th["studies_per_hour"], "studies/h", target=400.0,
+                        op=">=", detail=detail, command=cmd))  # fmt: skip
     rss = pl.get("worker_peak_rss_mb") or {}
     if rss and lat:
         vol = lat[0]["slices"] * 512 * 512 * 2 / 2**20
         peak = max(rss.values())
-        rows.append(row("e2e.worker_rss_ratio", "peak worker RSS / int16 volume (Celery pool "
-                        "process, VmHWM)", peak / vol, "x", target=4.0, detail=f"{peak:.0f} MB vs "
-                        f"{vol:.0f} MB ({lat[0]['slices']} x 512² int16)", command=cmd))  # fmt: skip
+        detail = f"{peak:.0f} MB vs {vol:.0f} MB ({lat[0]['slices']} x 512² int16)"
+        rows.append(row("e2e.worker_rss_ratio", "peak worker RSS / int16 volume (pool process "
+                        "VmHWM)", peak / vol, "x", target=4.0, detail=detail, command=cmd))  # fmt: skip
     f = pl.get("fetch")
     if f:
         s, c, z = f["sprim_fetch"], f["curl_wado"], f["orthanc_archive"]
-        rows.append(row("e2e.fetch_vs_curl", "WADO-RS fetch (sprim) vs curl of the same WADO-RS "
-                        "URL", s["median"] / c["median"], "x", detail=f"sprim {s['median']:.2f} s "
-                        f"({f['mb'] / s['median']:.0f} MB/s), curl {c['median']:.2f} s",
-                        command=cmd))  # fmt: skip
-        rows.append(row("e2e.archive_vs_fetch", "Orthanc /series/{id}/archive download vs sprim "
-                        "WADO-RS fetch", z["median"] / s["median"], "x", detail=f"archive "
-                        f"{z['median']:.2f} s ({f['mb'] / z['median']:.0f} MB/s, {len(z['runs'])} "
-                        "run(s))", command=cmd))  # fmt: skip
+        detail = (f"sprim {s['median']:.2f} s ({f['mb'] / s['median']:.0f} MB/s), curl "
+                  f"{c['median']:.2f} s")  # fmt: skip
+        rows.append(row("e2e.fetch_vs_curl", "WADO-RS fetch (sprim) / curl of the same URL",
+                        s["median"] / c["median"], "x", detail=detail, command=cmd))  # fmt: skip
+        detail = (f"zip {z['median']:.2f} s ({f['mb'] / z['median']:.0f} MB/s, "
+                  f"{len(z['runs'])} run(s))")  # fmt: skip
+        rows.append(row("e2e.archive_vs_fetch", "Orthanc zip archive download / sprim WADO-RS "
+                        "fetch", z["median"] / s["median"], "x", detail=detail, command=cmd))  # fmt: skip
     return rows
 
 
@@ -314,7 +401,8 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=None, help="Studies in the throughput stream.")
     ap.add_argument("--stream-slices", type=int, default=None, help="Slices per stream study.")
     ap.add_argument("--latency-slices", type=int, default=None)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["cost", "platform", "fetch"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["cost", "stages", "platform", "fetch"])  # fmt: skip
     args = ap.parse_args()
     runs = args.runs or (1 if args.quick else 3)
     sizes = args.sizes or ([50, 100, 200] if args.quick else [100, 200, 400, 800])
@@ -324,6 +412,9 @@ def main() -> None:
     if "cost" not in args.skip:
         raw["cost"] = cost_vs_slices(sizes, runs)
         rows += _cost_rows(raw["cost"], cmd)
+    if "stages" not in args.skip:
+        raw["stages"] = stages(100 if args.quick else 400, runs)
+        rows += _stage_rows(raw["stages"], cmd)
     if "platform" not in args.skip:
         raw["platform"] = platform_bench(
             latency_slices=args.latency_slices or (100 if args.quick else 400),

@@ -13,10 +13,12 @@ from tasks.dispatch import CeleryDispatcher
 from workers import jobs
 from workers.config import settings
 from workers.jobstore import _STORES, open_store
+from workers.plugins import load_plugins
 
 log = logging.getLogger("sprim.tasks")
 DISPATCHER = CeleryDispatcher()
 jobs.set_dispatcher(DISPATCHER)
+load_plugins()  # SPRIM_PLUGINS step modules: registered in every worker process
 
 
 @app.task(name="sprim.run_job", bind=True, acks_late=True, reject_on_worker_lost=True)

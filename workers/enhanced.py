@@ -60,20 +60,20 @@ def _vec(value: Any, n: int) -> list[float]:
 def _describe(frames: list[dict[str, Any]]) -> Callable[[list[int]], str]:
     """What differs between frames at one position, in radiology words."""
     labels = (
-        ("temporal", "temporal positions (dynamic or functional series)"),
-        ("frame_type", "image types"),
-        ("echo", "echo times"),
-        ("bvalue", "diffusion b-values"),
-        ("stack", "stacks"),
-        ("file", "multi-frame objects (files) covering the same slices"),
+        ("temporal", "temporal positions", ", a dynamic or functional series"),
+        ("frame_type", "image types", ""),
+        ("echo", "echo times", ""),
+        ("bvalue", "diffusion b-values", ""),
+        ("stack", "stacks", ""),
+        ("file", "multi-frame objects (files) covering the same slices", ""),
     )
 
     def why(indices: list[int]) -> str:
-        for key, words in labels:
+        for key, words, what in labels:
             values = list(dict.fromkeys(frames[i][key] for i in indices))
             if len(values) > 1:
                 shown = ", ".join(str(v) for v in values[:4])
-                return f"{len(values)} {words} ({key}: {shown})"
+                return f"{len(values)} {words} ({shown}){what}"
         return ""
 
     return why

@@ -163,10 +163,10 @@ def plan_stack(
         if len(distinct) > 1:
             k = len(distinct)
             why = why_same_position(g) if why_same_position else ""
-            why = why or "several echoes, phases or acquisitions"
+            why = why or "several echoes, phases or acquisitions in one series"
             raise SeriesError(
                 f"{name}: {k} {unit}s at the same slice position ({d[g[0]]:.2f} mm along the "
-                f"normal) – {why} in one series, not one volume"
+                f"slice normal): {why}; a volume needs one {unit} per position"
             )
         dropped += len(g) - 1
         unique.append(g[0])

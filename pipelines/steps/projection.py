@@ -124,7 +124,7 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     d2 = d[:2, :2]
     # Rays only cross the in-plane box of what is not air (a 550 mm field of view often holds a
     # 350 mm patient): centre and radius of that box. Threshold: 10% up the value range.
-    top = pooled.max(axis=0)
+    top = pooled.max(axis=0).astype(np.float32)
     lo_v, hi_v = float(top.min()), float(np.percentile(top, 99.5))
     jy, ix = np.nonzero(top > lo_v + 0.1 * (hi_v - lo_v))
     if not len(ix):

@@ -61,8 +61,8 @@ def chest(
             for xc in (-1.0, 1.0):
                 t = np.clip((carina - z) / 20.0, 0, 1)  # 0 at carina -> 1 twenty mm lower
                 bx = xc * 40 * t
-                trachea |= ((x - bx) ** 2 + (y + 20) ** 2 <= 6**2) & (z <= carina) & (
-                    z >= carina - 20
+                trachea |= (
+                    ((x - bx) ** 2 + (y + 20) ** 2 <= 6**2) & (z <= carina) & (z >= carina - 20)
                 )
             trachea &= lungs == 0
             hu[trachea] = -1000

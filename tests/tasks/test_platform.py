@@ -186,3 +186,27 @@ def test_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(platform, wo
     assert set(_output_files(platform).values()) == {1}
     trail = [a.to_state for a in store.audit_trail(job_id=job.id) if a.event == "state"]
     assert trail == ["running", "running", "done"]
+
+
+def test_pool_child_killed_mid_job_is_redelivered(platform):
+    """SIGKILL of the pool process only: the main process rejects the task (reject_on_worker_lost)."""
+    import os
+    import signal
+
+    import psutil
+
+    store = _store()
+    live = [p for p in platform.workers if p.poll() is None]
+    main = live[-1] if live else platform.start_worker("w3", concurrency=2)
+    [st] = _studies(platform, 1, "SITE CHILD", desc="SLOW")
+    [job] = _submit(platform, st)
+    _wait(lambda: store.get(job.id).state == "running", 30, "slow job running")
+    time.sleep(0.5)
+    for child in psutil.Process(main.pid).children():
+        os.kill(child.pid, signal.SIGKILL)
+    done = _wait(
+        lambda: (j := store.get(job.id)).state in ("done", "failed") and j, 60, "redelivered job"
+    )
+    assert done.state == "done", done.error
+    assert done.attempts == 2
+    assert main.poll() is None  # the worker itself survived and replaced its pool processes

@@ -198,3 +198,23 @@ def test_late_series_retriggers_after_quiet_period(sprim_env, store_url):
     jobs_ = store.list(study_uid=st)
     assert len(jobs_) == 1 and jobs_[0].series_uid != first  # the thinner late series won
     assert any(a.detail for a in store.audit_trail(job_id=jobs_[0].id))
+
+
+def test_rules_simulate_over_known_studies(sprim_env, store_url):
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+    from workers import jobs
+    from workers.archive.folder import FolderArchive
+
+    archive = FolderArchive(sprim_env / "archive", name="local")
+    ct, _ = write_study(sprim_env / "archive" / "ct", institution="SITE A")
+    mr, _ = write_study(sprim_env / "archive" / "mr", modality="MR", institution="SITE B")
+    jobs.submit_study(ct, archive, {})
+    jobs.submit_study(mr, archive, {})
+    new = sprim_env / "new.yaml"
+    new.write_text("rules:\n  - name: mr-new\n    match: {Modality: MR}\n    run: [test.touch]\n")
+    r = CliRunner().invoke(app, ["rules", "simulate", str(new)], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert "2 studies: 1 jobs would be triggered, 1 studies match no rule" in " ".join(r.output.split())
+    assert "mr-new" in r.output and "new" in r.output

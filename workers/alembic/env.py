@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from alembic import context
 from sqlalchemy import create_engine
 
@@ -11,6 +13,11 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _url() -> str:
+    """``SPRIM_JOB_STORE_URL`` when set (command-line use), else the ini's URL."""
+    return os.environ.get("SPRIM_JOB_STORE_URL") or config.get_main_option("sqlalchemy.url")
+
+
 def run() -> None:
     conn = config.attributes.get("connection")
     if conn is not None:
@@ -18,7 +25,7 @@ def run() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url"))
+    engine = create_engine(_url())
     with engine.begin() as connection:
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=True
@@ -28,7 +35,7 @@ def run() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata)
+    context.configure(url=_url(), target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
 else:

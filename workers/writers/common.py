@@ -2,9 +2,10 @@
 
 What each helper is for
 -----------------------
-``copy_patient_study`` / ``copy_frame_of_reference`` / ``copy_attributes``
-    Copy the Patient, General Study, Patient Study (and Clinical Trial) modules, and the Frame of
-    Reference module, from a source header: a derived object lives in the source study and frame.
+``copy_patient_study`` / ``copy_frame_of_reference`` / ``copy_laterality`` / ``copy_attributes``
+    Copy the Patient, General Study, Patient Study (and Clinical Trial) modules, the Frame of
+    Reference module and BodyPartExamined/Laterality from a source header: a derived object lives
+    in the source study and frame.
 ``set_general_equipment`` / ``acquisition_equipment_item``
     The General Equipment module of a derived object names *sprim* (the equipment that produced
     it); the source scanner (Manufacturer, model, serial, software) is kept as a Contributing
@@ -35,6 +36,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from workers.config import settings
+from workers.uids import derive_uid
 from workers.writers import Provenance
 
 # Patient module (C.7.1.1); SpecificCharacterSet travels with the names it encodes.
@@ -187,13 +189,52 @@ def copy_patient_study(src: Dataset, dst: Dataset) -> None:
     ):
         if kw not in dst:
             setattr(dst, kw, "")
+    _repair_deidentification(dst)
+    _repair_age(dst)
+
+
+def _repair_age(dst: Dataset) -> None:
+    """PatientAge (AS) must be nnnD/W/M/Y: pad short forms like ``0Y``, else leave it empty."""
+    age = str(dst.get("PatientAge") or "").strip()
+    if not age or re.fullmatch(r"\d{3}[DWMY]", age):
+        return
+    m = re.fullmatch(r"(\d{1,3})\s*([DWMY])", age.upper())
+    dst.PatientAge = f"{int(m.group(1)):03d}{m.group(2)}" if m else ""
+
+
+def _repair_deidentification(dst: Dataset) -> None:
+    """DeidentificationMethod is type 1C when PatientIdentityRemoved is YES: some sources leave
+    it empty (dciodvfy error); say so rather than copy the defect."""
+    if str(dst.get("PatientIdentityRemoved", "")).upper() != "YES":
+        return
+    if not dst.get("DeidentificationMethod") and not dst.get("DeidentificationMethodCodeSequence"):
+        dst.DeidentificationMethod = "not stated in the source images"
 
 
 def copy_frame_of_reference(src: Dataset, dst: Dataset) -> None:
-    """Copy FrameOfReferenceUID and PositionReferenceIndicator (type 2: empty when absent)."""
+    """Copy FrameOfReferenceUID and PositionReferenceIndicator (type 2: empty when absent).
+
+    A source without FrameOfReferenceUID (type 1 in every image IOD) gets one derived from its
+    SeriesInstanceUID: deterministic, and shared by every object derived from that series.
+    """
     copy_attributes(src, dst, FRAME_OF_REFERENCE_KEYWORDS)
+    if not dst.get("FrameOfReferenceUID"):
+        dst.FrameOfReferenceUID = derive_uid(str(src.SeriesInstanceUID), "frame-of-reference")
     if "PositionReferenceIndicator" not in dst:
         dst.PositionReferenceIndicator = ""
+
+
+def copy_laterality(src: Dataset, dst: Dataset) -> None:
+    """BodyPartExamined and Laterality (General Series) as dciodvfy accepts them.
+
+    Laterality (2C) is copied when it has a value; left out for a known body part (empty is an
+    error for unpaired parts); written empty when the body part is unknown (it may be paired).
+    """
+    copy_attributes(src, dst, ("BodyPartExamined",))
+    if src.get("Laterality"):
+        dst.Laterality = src.Laterality
+    elif not src.get("BodyPartExamined"):
+        dst.Laterality = ""
 
 
 def set_general_equipment(dst: Dataset) -> None:

@@ -26,6 +26,7 @@ File Meta, the common bytes merged in tag order with its few own elements, and t
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from workers.writers.common import (
     contributing_equipment,
     copy_attributes,
     copy_frame_of_reference,
+    copy_laterality,
     copy_patient_study,
     derivation_description,
     derived_series_number,
@@ -93,7 +95,7 @@ MR_KEYWORDS = (
     "ReceiveCoilName",
     "TransmitCoilName",
 )
-SERIES_KEYWORDS = ("BodyPartExamined", "ProtocolName", "PatientPosition")
+SERIES_KEYWORDS = ("ProtocolName", "PatientPosition")
 CONTRAST_KEYWORDS = (
     "ContrastBolusAgent",
     "ContrastBolusAgentSequence",
@@ -122,6 +124,14 @@ def sop_class_for(source: SourceSeries) -> str:
     if uid in MR_LIKE or modality == "MR":
         return MRImageStorage
     return SecondaryCaptureImageStorage
+
+
+def orientation_letters(v: np.ndarray) -> str:
+    """PatientOrientation letters of a direction (LPS): ``L``, ``P``, ``H``... most significant
+    first, components under 0.25 ignored (``LP`` for an oblique row)."""
+    names = (("R", "L"), ("A", "P"), ("F", "H"))
+    order = np.argsort(-np.abs(v))
+    return "".join(names[i][int(v[i] > 0)] for i in order if abs(v[i]) >= 0.25) or "L"
 
 
 @dataclass(frozen=True)
@@ -221,8 +231,7 @@ def _template(
     copy_patient_study(src, ds)
     copy_frame_of_reference(src, ds)
     copy_attributes(src, ds, SERIES_KEYWORDS + CONTRAST_KEYWORDS + VOI_KEYWORDS)
-    if src.get("Laterality"):  # type 2C: only for paired body parts, never empty-by-copy
-        ds.Laterality = src.Laterality
+    copy_laterality(src, ds)
     if "PatientPosition" not in ds and sop_class != SecondaryCaptureImageStorage:
         ds.PatientPosition = ""  # type 2C for CT and MR
     set_general_equipment(ds)
@@ -277,7 +286,7 @@ def _template(
     return ds
 
 
-_SOURCE_CACHE: dict[int, tuple[SourceSeries, tuple[np.ndarray, list[bytes], bytes]]] = {}
+_SOURCE_CACHE: dict[int, tuple[weakref.ref, tuple[np.ndarray, list[bytes], bytes]]] = {}
 
 
 def _source_refs(
@@ -286,7 +295,7 @@ def _source_refs(
     """Source slice positions along the source normal, their pre-encoded SourceImageSequence
     items and the encoded ReferencedSeriesSequence; computed once per source (all planes)."""
     hit = _SOURCE_CACHE.get(id(source))
-    if hit is not None and hit[0] is source:
+    if hit is not None and hit[0]() is source:
         return hit[1]
     heads = [h for h in source.headers if "SOPInstanceUID" in h and "SOPClassUID" in h]
     d = np.array(source.volume.image.GetDirection()).reshape(3, 3)
@@ -310,7 +319,7 @@ def _source_refs(
     )
     value = (np.array(pos), items, _sequence(0x00081115, [series_item]))
     _SOURCE_CACHE.clear()  # one source at a time: no growth in long-running workers
-    _SOURCE_CACHE[id(source)] = (source, value)
+    _SOURCE_CACHE[id(source)] = (weakref.ref(source), value)  # never keeps a volume alive
     return value
 
 
@@ -370,6 +379,12 @@ def write_series(
             (0x00200032, _element(0x00200032, "DS", "\\".join(ds_str(v) for v in sl.position))),
             (0x00200037, _element(0x00200037, "DS", "\\".join(ds_str(v) for v in sl.orientation))),
         ]
+        if sop_class == SecondaryCaptureImageStorage:  # no Image Plane module: 2C there
+            letters = (
+                orientation_letters(sl.orientation[:3]),
+                orientation_letters(sl.orientation[3:]),
+            )
+            own.append((0x00200020, _element(0x00200020, "CS", "\\".join(letters))))
         if out.slice_geometry is None:
             loc = ds_str(float(sl.position @ sl.normal))
             own.append((0x00201041, _element(0x00201041, "DS", loc)))
