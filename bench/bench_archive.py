@@ -148,7 +148,9 @@ def loop_latency(series_list: list[Path], tmp: Path) -> dict:
 
     if not rabbit_ready():
         return {"skipped": "RabbitMQ not running on 127.0.0.1:5672"}
-    orthanc = OrthancServer(tmp / "orthanc-loop", stable_age=2, in_memory=False, sync_storage=True).start()
+    orthanc = OrthancServer(
+        tmp / "orthanc-loop", stable_age=2, in_memory=False, sync_storage=True
+    ).start()
     vhost = make_vhost()
     rules = tmp / "rules.yaml"
     rules.write_text(RULES)
@@ -256,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"receive: storescp {r['storescp']['median']:.2f} s, sprim listen "
                   f"{r['sprim_listen']['median']:.2f} s ({ratio:.2f}x)")  # fmt: skip
         if "fetch" not in a.skip:
-            with OrthancServer(tmp / "orthanc-fetch", stable_age=2, in_memory=False, sync_storage=True) as orthanc:
+            with OrthancServer(
+                tmp / "orthanc-fetch", stable_age=2, in_memory=False, sync_storage=True
+            ) as orthanc:
                 t0 = time.perf_counter()
                 send(series, "127.0.0.1", orthanc.dicom_port, called=orthanc.aet, calling="BENCH")
                 raw["storescu_to_orthanc_s"] = time.perf_counter() - t0

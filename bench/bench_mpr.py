@@ -4,7 +4,8 @@ The synthetic 400 x 512² int16 CT (``bench.synthetic``, 0.7 x 0.7 x 1.0 mm) is 
 timed), then ``reformat.mpr`` (3 mm AVG, three planes) runs and the derived series writer writes
 every slice; each run is a fresh process (median of ``--runs``), its peak RSS reported. A raw
 floor writes the same number of files and bytes with plain ``open().write()`` in the same
-process, so the DICOM writer's overhead is visible as a ratio.
+process, so the DICOM writer's overhead is visible as a ratio. CPU time (process_time) is
+reported beside wall time: on the shared 2-core machines wall time varies with the load.
 
 Run: ``.venv/bin/python -m bench.bench_mpr [--slices 400] [--runs 3]``; writes
 ``bench/results/mpr.json``.
@@ -30,14 +31,14 @@ step = get_step("reformat.mpr")
 params = step.validate({"thickness_mm": 3.0, "mode": "AVG"})
 out = Path(tempfile.mkdtemp(prefix="sprim-bench-mpr-"))
 try:
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     outputs = step(source.volume, params)
     t1 = time.perf_counter()
     written = []
     for j, o in enumerate(outputs):
         prov = Provenance("bench", step, params, 0, j, f"{j}:{o.description}")
         written += write_output(o, source, prov, out)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     sizes = [w.path.stat().st_size for w in written]
     # Floor: the same files and bytes written raw, no DICOM encoding, no computation.
     floor_dir = out / "floor"
@@ -50,7 +51,7 @@ try:
     planes = {o.description: list(o.image.GetSize()) for o in outputs}
 finally:
     shutil.rmtree(out, ignore_errors=True)
-print(json.dumps({"total_s": t2 - t0, "compute_s": t1 - t0, "write_s": t2 - t1,
+print(json.dumps({"total_s": t2 - t0, "cpu_s": c2 - c0, "compute_s": t1 - t0, "write_s": t2 - t1,
                   "floor_write_s": t4 - t3, "files": len(written),
                   "mb_written": sum(sizes) / 1e6, "planes": planes}))
 """
@@ -76,6 +77,8 @@ def main() -> None:
             stat.median, "s", target=TARGET_S if args.slices == 400 else None, command=cmd,
             detail=f"runs {[round(x, 3) for x in stat.runs]}; {inner[0]['files']} files, "
                    f"{inner[0]['mb_written']:.0f} MB"),
+        row("mpr.cpu", "CPU time of the same (process_time: what an idle machine's wall would be, "
+            "roughly; the machine is shared)", median("cpu_s"), "s", command=cmd),
         row("mpr.compute", "of which reformat.mpr (3 planes)", median("compute_s"), "s",
             command=cmd),
         row("mpr.write", "of which derived-series writer (3 series)", median("write_s"), "s",

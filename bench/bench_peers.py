@@ -176,7 +176,8 @@ def receive_vs_storescp(folder: Path, runs: int) -> dict[str, Any]:
                 server = ["storescp", "-aet", "STORESCP", "-od", str(store), str(port)]
             else:
                 server = [str(BIN / "sprim"), "listen", "--port", str(port), "--host",
-                          "127.0.0.1", "--aet", "SPRIM", "--store", str(store), "--quiet", "3600"]  # fmt: skip
+                          "127.0.0.1", "--aet", "SPRIM", "--store", str(store),
+                          "--quiet", "3600"]  # fmt: skip
             proc = subprocess.Popen(
                 server,
                 env=env(SPRIM_HOME=str(home)),

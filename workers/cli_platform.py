@@ -233,6 +233,11 @@ def serve_cmd(
     import uvicorn
 
     from workers.api import create_app
+    from workers.config import settings
+    from workers.jobs import InProcessDispatcher, set_dispatcher
+
+    if not settings().broker_url:  # embedded: jobs run in a background thread, not in requests
+        set_dispatcher(InProcessDispatcher(background=True))
 
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 

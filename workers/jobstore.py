@@ -13,6 +13,7 @@ queues ahead of another site's study in the broker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,12 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    Float,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
     case,
     create_engine,
     event,
@@ -35,80 +30,17 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import sessionmaker
+
+from workers.jobmodels import AuditRow, JobRow, LockRow, StudyRow
+
+__all__ = [
+    "ACTIVE", "STATES", "Audit", "AuditRow", "Job", "JobRow", "JobStore", "LockRow", "StudyRow",
+    "default_url", "open_store",
+]  # fmt: skip
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "no_match")
 ACTIVE = ("queued", "running")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class JobRow(Base):
-    __tablename__ = "jobs"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    created_at: Mapped[float] = mapped_column(Float, index=True)
-    updated_at: Mapped[float] = mapped_column(Float)
-    rule: Mapped[str | None] = mapped_column(String(128), index=True)
-    requester: Mapped[str | None] = mapped_column(String(128))
-    study_uid: Mapped[str] = mapped_column(String(64), index=True)
-    series_uid: Mapped[str | None] = mapped_column(String(64))
-    institution: Mapped[str] = mapped_column(String(128), index=True)
-    source: Mapped[str] = mapped_column(String(256), default="")
-    archive: Mapped[str] = mapped_column(String(512), default="")
-    destination: Mapped[str | None] = mapped_column(String(512))
-    priority: Mapped[int] = mapped_column(Integer, default=1)
-    steps: Mapped[list] = mapped_column(JSON, default=list)
-    job_key: Mapped[str | None] = mapped_column(String(64), index=True)
-    description_suffix: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    dispatched_at: Mapped[float | None] = mapped_column(Float)
-    started_at: Mapped[float | None] = mapped_column(Float)
-    finished_at: Mapped[float | None] = mapped_column(Float)
-    timings: Mapped[dict] = mapped_column(JSON, default=dict)
-    outputs: Mapped[list] = mapped_column(JSON, default=list)
-    error: Mapped[str | None] = mapped_column(Text)
-    context: Mapped[dict] = mapped_column(JSON, default=dict)
-
-
-class AuditRow(Base):
-    __tablename__ = "audit"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[float] = mapped_column(Float, index=True)
-    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
-    event: Mapped[str] = mapped_column(String(32))
-    from_state: Mapped[str | None] = mapped_column(String(16))
-    to_state: Mapped[str | None] = mapped_column(String(16))
-    actor: Mapped[str] = mapped_column(String(128), default="")
-    detail: Mapped[str] = mapped_column(Text, default="")
-
-
-class StudyRow(Base):
-    """A study sprim has seen: routing attributes of its series and its quiet-period state."""
-
-    __tablename__ = "studies"
-
-    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    institution: Mapped[str] = mapped_column(String(128), default="")
-    source: Mapped[str] = mapped_column(String(256), default="")
-    archive: Mapped[str] = mapped_column(String(512), default="")
-    context: Mapped[dict] = mapped_column(JSON, default=dict)
-    series: Mapped[list] = mapped_column(JSON, default=list)
-    change_seq: Mapped[int] = mapped_column(Integer, default=0)
-    last_change_at: Mapped[float] = mapped_column(Float, default=0.0)
-
-
-class LockRow(Base):
-    """One row, updated first in every release: serializes releases on SQLite and PostgreSQL."""
-
-    __tablename__ = "scheduler_lock"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    n: Mapped[int] = mapped_column(Integer, default=0)
 
 
 @dataclass(frozen=True)
@@ -187,9 +119,27 @@ class JobStore:
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "alembic"))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
-        with self.engine.begin() as conn:
+        with self._migration_lock(), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # concurrent first starts: one migrates
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7262017)")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+    @contextlib.contextmanager
+    def _migration_lock(self):
+        """A file lock next to a SQLite database (PostgreSQL uses an advisory lock)."""
+        db = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
+        if not db or db == ":memory:":
+            yield
+            return
+        import fcntl
+
+        with open(f"{db}.migrate.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def dispose(self) -> None:
         self.engine.dispose()

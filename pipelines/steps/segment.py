@@ -85,10 +85,13 @@ class BoneParams(BaseModel, frozen=True, extra="forbid"):
     coarse_mm: float = Field(3.0, gt=0.0, description="Voxel size (mm) of the working grid.")
 
 
-def body_coarse(a: np.ndarray, grid: Grid, image: sitk.Image, p: BodyParams) -> np.ndarray:
-    """The patient on the coarse grid (bool), holes filled slice by slice; StepError if none."""
-    # Block max, not a subsample: a chest wall thinner than a block must still close the slice.
-    mask = grid.block_max(a) > p.threshold_hu
+def body_coarse(top: np.ndarray, grid: Grid, image: sitk.Image, p: BodyParams) -> np.ndarray:
+    """The patient on the coarse grid (bool) from the block max ``top``; holes filled per slice.
+
+    Block max, not a subsample: a chest wall thinner than a block must still close the slice.
+    StepError when nothing is above the threshold.
+    """
+    mask = top > p.threshold_hu
     sx, sy, _ = image.GetSpacing()
     _, fy, fx = grid.factors
     r = (0, round(p.opening_mm / (sy * fy)), round(p.opening_mm / (sx * fx)))
@@ -113,8 +116,9 @@ def segment_body(volume: Volume, params: BodyParams) -> Labelmap:
     """Patient outline without table, cushions and clothing (threshold + opening + fill)."""
     a = require_ct(volume, "segment.body")
     grid = Grid.for_image(volume.image, params.coarse_mm)
-    coarse = body_coarse(a, grid, volume.image, params)
-    labels = refine(grid, coarse.astype(np.uint8), a > params.threshold_hu)
+    coarse = body_coarse(grid.block_max(a), grid, volume.image, params)
+    thr = params.threshold_hu
+    labels = refine(grid, coarse.astype(np.uint8), a, lambda sub: sub > thr)
     return Labelmap("Body", to_labelmap_image(labels, volume.image), (BODY,))
 
 
@@ -203,7 +207,7 @@ def segment_lungs(volume: Volume, params: LungParams) -> Labelmap:
     a = require_ct(volume, "segment.lungs")
     image = volume.image
     grid = Grid.for_image(image, params.coarse_mm)
-    body = body_coarse(a, grid, image, BodyParams(coarse_mm=params.coarse_mm))
+    body = body_coarse(grid.block_max(a), grid, image, BodyParams(coarse_mm=params.coarse_mm))
     air = (grid.subsample(a) < params.threshold_hu) & body
     # Keep the slice-wise enclosed air only: air touching the body outline is outside air.
     air &= erode(body, (0, 1, 1))
@@ -233,7 +237,8 @@ def segment_lungs(volume: Volume, params: LungParams) -> Labelmap:
         segments = (RIGHT_LUNG, LEFT_LUNG)
     if airway.any():
         coarse[airway & (coarse == 0)] = 3  # airway as a label: its band is not given to lung
-    labels_full = refine(grid, coarse, a < params.threshold_hu)
+    thr = params.threshold_hu
+    labels_full = refine(grid, coarse, a, lambda sub: sub < thr)
     if airway.any():
         labels_full[labels_full == 3] = 0
     return Labelmap("Lungs", to_labelmap_image(labels_full, image), segments)
@@ -245,17 +250,20 @@ def segment_bone(volume: Volume, params: BoneParams) -> Labelmap:
     a = require_ct(volume, "segment.bone")
     image = volume.image
     grid = Grid.for_image(image, params.coarse_mm)
-    body = body_coarse(a, grid, image, BodyParams(coarse_mm=params.coarse_mm))
-    body = dilate(body, (1, 1, 1))
-    # Block max keeps thin cortex and ribs that a subsample would miss.
-    bright = (grid.block_max(a) >= params.lower_hu) & body
+    top = grid.block_max(a)  # keeps thin cortex and ribs that a subsample would miss
+    body = body_coarse(top, grid, image, BodyParams(coarse_mm=params.coarse_mm))
+    bright = (top >= params.lower_hu) & dilate(body, (1, 1, 1))
     labels, sizes = components(bright)
     min_vox = params.min_component_ml / grid.voxel_ml(image)
     keep = sizes >= max(min_vox, 1)
     keep[0] = False
     if not keep.any():
         raise StepError(f"no bone found at or above {params.lower_hu:g} HU inside the patient")
-    mask = grid.upsample(keep[labels]) & (a >= params.lower_hu)
+    kept = keep[labels]
+    cs, fs = grid.box(kept)  # type: ignore[misc]  (kept is not empty)
+    mask = np.zeros(grid.shape, np.uint8)  # zero pages outside the box cost no memory
+    fine_shape = tuple(s.stop - s.start for s in fs)
+    mask[fs] = grid.upsample(kept[cs], fine_shape) & (a[fs] >= params.lower_hu)
     if not mask.any():
         raise StepError(f"no bone found at or above {params.lower_hu:g} HU inside the patient")
-    return Labelmap("Bone", to_labelmap_image(mask.view(np.uint8), image), (BONE,))
+    return Labelmap("Bone", to_labelmap_image(mask, image), (BONE,))

@@ -35,6 +35,12 @@ rules:
     run:
       - {use: test.touch, with: {sleep_s: 0.1, label: "TOUCH URGENT"}}
     priority: urgent
+  - name: touch-quiet
+    trigger: {on: study_stable, quiet_period: 1s}
+    match: {SeriesDescription: {regex: "^QUIET"}}
+    select_series: {prefer: thinnest}
+    run:
+      - {use: test.touch, with: {label: "QUIET"}}
   - name: touch-slow
     match: {SeriesDescription: {eq: SLOW}}
     run:

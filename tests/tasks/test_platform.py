@@ -210,3 +210,25 @@ def test_pool_child_killed_mid_job_is_redelivered(platform):
     assert done.state == "done", done.error
     assert done.attempts == 2
     assert main.poll() is None  # the worker itself survived and replaced its pool processes
+
+
+def test_quiet_period_and_late_series_through_rabbitmq(platform, worker):
+    """Routing waits for the rule's quiet period (a Celery countdown); a late series supersedes."""
+    from workers.jobs import notify_study
+
+    store = _store()
+    folder = platform.archive / "in" / "QUIET"
+    st, first = write_study(folder, institution="SITE Q", series_description="QUIET 2mm",
+                            slice_thickness=2.0, n_slices=2, size=4)  # fmt: skip
+    t0 = time.time()
+    notify_study(st, _archive(platform), {})
+    time.sleep(0.3)
+    assert store.list(study_uid=st) == []  # quiet period not over
+    write_study(folder, study_uid=st, institution="SITE Q", series_description="QUIET 1mm",
+                slice_thickness=1.0, n_slices=2, size=4)  # fmt: skip
+    notify_study(st, _archive(platform), {})
+    job = _wait(lambda: (js := store.list(study_uid=st, state="done")) and js[0], 30, "routed job")
+    time.sleep(1.5)  # the superseded routing must not add anything
+    jobs = store.list(study_uid=st)
+    assert len(jobs) == 1 and jobs[0].series_uid != first and jobs[0].rule == "touch-quiet"
+    assert job.created_at - t0 >= 1.3  # 1 s after the *last* change (0.3 s after the first)

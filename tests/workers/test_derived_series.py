@@ -290,3 +290,21 @@ def test_float_volumes_are_written_with_a_rescale(ct: SourceSeries, tmp_path: Pa
         slope = float(ds.RescaleSlope)
         got = ds.pixel_array * slope + float(ds.RescaleIntercept)
         np.testing.assert_allclose(got, values[k], atol=slope / 2 + 1e-3)
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed")
+def test_enhanced_mr_source_gives_valid_classic_mr_images(tmp_path: Path) -> None:
+    folder = DATA / "edge-cases" / "series" / "philips_enhanced"
+    if not folder.is_dir():
+        pytest.skip("edge-case data absent")
+    source = read_series(scan(folder)[0])
+    assert source.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    written = _run(source, {"planes": ["coronal"], "thickness_mm": 2.0}, tmp_path)
+    assert {w.sop_class_uid for w in written} == {pydicom.uid.MRImageStorage}
+    errors = [e for w in written[::10] for e in _dciodvfy_errors(w.path)]
+    assert errors == []
+    ds = pydicom.dcmread(written[0].path, stop_before_pixels=True)
+    # A multi-frame source: the one instance is the source of every derived image.
+    assert [i.ReferencedSOPInstanceUID for i in ds.SourceImageSequence] == [
+        str(source.first.SOPInstanceUID)
+    ]

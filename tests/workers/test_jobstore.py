@@ -216,5 +216,7 @@ def test_rules_simulate_over_known_studies(sprim_env, store_url):
     new.write_text("rules:\n  - name: mr-new\n    match: {Modality: MR}\n    run: [test.touch]\n")
     r = CliRunner().invoke(app, ["rules", "simulate", str(new)], env={"COLUMNS": "300"})
     assert r.exit_code == 0, r.output
-    assert "2 studies: 1 jobs would be triggered, 1 studies match no rule" in " ".join(r.output.split())
+    assert "2 studies: 1 jobs would be triggered, 1 studies match no rule" in " ".join(
+        r.output.split()
+    )
     assert "mr-new" in r.output and "new" in r.output

@@ -120,7 +120,7 @@ def test_open_archive_names_and_destinations(monkeypatch, orthanc):
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
 @pytest.mark.parametrize("with_length", [True, False])
 def test_multipart_stream_is_split_into_parts_whatever_the_chunking(chunk, with_length):
-    from workers.archive.dicomweb import _iter_parts
+    from workers.archive.multipart import iter_parts
 
     parts = [b"DICM" + bytes([i]) * (i * 37) + b"\r\n--not-the-boundary" for i in range(5)]
     body = b""
@@ -131,7 +131,7 @@ def test_multipart_stream_is_split_into_parts_whatever_the_chunking(chunk, with_
         )
     body += b"--b0undary--\r\n"
     chunks = (body[i : i + chunk] for i in range(0, len(body), chunk))
-    assert list(_iter_parts(chunks, b"b0undary")) == parts
+    assert list(iter_parts(chunks, b"b0undary")) == parts
     with pytest.raises(ArchiveError) as e:  # cut short: transient
-        list(_iter_parts(iter([body[: len(body) // 2]]), b"b0undary"))
+        list(iter_parts(iter([body[: len(body) // 2]]), b"b0undary"))
     assert e.value.transient

@@ -7,7 +7,7 @@ import os
 from alembic import context
 from sqlalchemy import create_engine
 
-from workers.jobstore import Base
+from workers.jobmodels import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -22,6 +22,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from workers.archive import ArchiveError
+from workers.archive.multipart import boundary_of, iter_parts, parts_of
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,8 @@ class DicomWebArchive:
         try:
             with self._session.get(url, headers={"Accept": accept}, stream=True) as r:
                 r.raise_for_status()
-                boundary = _boundary(r.headers.get("Content-Type", ""))
-                for i, part in enumerate(_iter_parts(r.iter_content(1 << 20), boundary)):
+                boundary = boundary_of(r.headers.get("Content-Type", ""))
+                for i, part in enumerate(iter_parts(r.iter_content(1 << 20), boundary)):
                     path = dest / f"{i:05d}.dcm"
                     tmp = dest / f".{i:05d}.part"
                     with open(tmp, "wb") as fh:
@@ -308,7 +309,7 @@ class DicomWebArchive:
                     f"{f}: not a DICOM file", transient=False, reason=str(e)[:300]
                 ) from e
         boundary = uuid.uuid4().hex
-        body = b"".join(_parts(batch, boundary))
+        body = b"".join(parts_of(batch, boundary))
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
@@ -362,70 +363,6 @@ _FAILURE_TEXT = {
 }
 
 
-def _boundary(content_type: str) -> bytes:
-    """The multipart boundary of a Content-Type header."""
-    for param in content_type.split(";")[1:]:
-        k, _, v = param.strip().partition("=")
-        if k.lower() == "boundary":
-            return v.strip().strip('"').encode()
-    raise ArchiveError(
-        f"WADO-RS answer is not multipart: {content_type!r}", transient=False, reason=content_type
-    )
-
-
-def _iter_parts(chunks: Iterator[bytes], boundary: bytes) -> Iterator[bytes]:
-    """The bodies of a streamed multipart message, each as soon as it is complete.
-
-    Uses a part's Content-Length when given (Orthanc does), else searches the delimiter.
-    Raises a transient :class:`ArchiveError` if the stream ends before the closing delimiter.
-    """
-    delim = b"--" + boundary
-    buf = bytearray()
-    started = False
-    scan = 0
-    for chunk in chunks:
-        buf += chunk
-        while True:
-            if not started:
-                i = buf.find(delim)
-                if i < 0:
-                    break
-                del buf[: i + len(delim)]
-                started = True
-            if len(buf) < 2:
-                break
-            if buf[:2] == b"--":
-                return
-            h = buf.find(b"\r\n\r\n")
-            if h < 0:
-                break
-            length = _content_length(bytes(buf[:h]))
-            body = h + 4
-            if length is not None:
-                end = body + length
-                if len(buf) < end + 2 + len(delim):
-                    break
-            else:
-                end = buf.find(b"\r\n" + delim, max(body, scan))
-                if end < 0:
-                    scan = max(body, len(buf) - len(delim) - 2)
-                    break
-            yield bytes(buf[body:end])
-            del buf[: end + 2 + len(delim)]
-            scan = 0
-    raise ArchiveError(
-        "WADO-RS answer ended before its closing boundary", transient=True, reason="truncated"
-    )
-
-
-def _content_length(headers: bytes) -> int | None:
-    for line in headers.split(b"\r\n"):
-        k, _, v = line.partition(b":")
-        if k.strip().lower() == b"content-length":
-            return int(v.strip())
-    return None
-
-
 def _json(r: requests.Response) -> Dataset | dict:
     try:
         data = r.json()
@@ -434,14 +371,6 @@ def _json(r: requests.Response) -> Dataset | dict:
     if isinstance(data, list):
         data = data[0] if data else {}
     return data if isinstance(data, dict) else {}
-
-
-def _parts(files: Sequence[Path], boundary: str) -> Iterator[bytes]:
-    for f in files:
-        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        yield f.read_bytes()
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
 
 
 def _batches(files: Sequence[Path], limit: int) -> Iterator[list[Path]]:

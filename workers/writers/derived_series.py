@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +34,6 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom import Dataset
 from pydicom.charset import convert_encodings
-from pydicom.dataelem import DataElement
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
 from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
 from pipelines import ImageSeries
@@ -54,7 +50,6 @@ from workers.writers.common import (
     derived_series_number,
     dicom_now,
     ds_str,
-    file_meta,
     referenced_series_item,
     series_description,
     series_folder,
@@ -62,6 +57,7 @@ from workers.writers.common import (
     software_versions,
     source_image_item,
 )
+from workers.writers.encode import element, encode, item, meta_encoder, sequence
 
 CT_LIKE = {
     "1.2.840.10008.5.1.4.1.1.2",
@@ -155,59 +151,6 @@ def _slices(out: ImageSeries) -> list[_Slice]:
     return [_Slice(origin + k * step * d[:, 2], iop, d[:, 2]) for k in range(img.GetSize()[2])]
 
 
-def _encode(elem: DataElement, encodings: list[str]) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_data_element(fp, elem, encodings)
-    return fp.getvalue()
-
-
-def _element(tag: int, vr: str, value: str) -> bytes:
-    """Explicit VR little endian encoding of a short-form text element (UI, IS, DS, SH, CS)."""
-    raw = value.encode("ascii")
-    if len(raw) % 2:
-        raw += b"\x00" if vr == "UI" else b" "
-    head = (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little")
-    return head + vr.encode() + len(raw).to_bytes(2, "little") + raw
-
-
-def _sequence(tag: int, items: list[bytes]) -> bytes:
-    """A defined-length SQ element from pre-encoded items (explicit VR little endian)."""
-    body = b"".join(items)
-    head = (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little") + b"SQ\x00\x00"
-    return head + len(body).to_bytes(4, "little") + body
-
-
-def _item(body: bytes) -> bytes:
-    return b"\xfe\xff\x00\xe0" + len(body).to_bytes(4, "little") + body
-
-
-def _source_item_bytes(sop_class: str, sop_uid: str, purpose: bytes) -> bytes:
-    """SourceImageSequence item: referenced SOP class/instance and the purpose of reference."""
-    return _item(
-        _element(0x00081150, "UI", sop_class) + _element(0x00081155, "UI", sop_uid) + purpose
-    )
-
-
-def _meta_encoder(sop_class: str) -> Callable[[str], bytes]:
-    """Preamble, DICM prefix and File Meta Information for one SOP instance UID at a time."""
-    meta = file_meta(sop_class, "1.2")  # the constant part; the instance UID varies
-    sop_class_el = _element(0x00020002, "UI", sop_class)
-    tail = (
-        _element(0x00020010, "UI", meta.TransferSyntaxUID)
-        + _element(0x00020012, "UI", meta.ImplementationClassUID)
-        + _element(0x00020013, "SH", meta.ImplementationVersionName)
-    )
-    version = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
-
-    def encode(sop_uid: str) -> bytes:
-        body = version + sop_class_el + _element(0x00020003, "UI", sop_uid) + tail
-        length = b"\x02\x00\x00\x00UL\x04\x00" + len(body).to_bytes(4, "little")
-        return b"\x00" * 128 + b"DICM" + length + body
-
-    return encode
-
-
 def _pixels(image: sitk.Image) -> tuple[np.ndarray, float, float]:
     """int16 pixels (slice, row, column) and the rescale (slope, intercept) mapping them back."""
     arr = sitk.GetArrayViewFromImage(image)
@@ -220,6 +163,30 @@ def _pixels(image: sitk.Image) -> tuple[np.ndarray, float, float]:
     intercept = lo + 32500.0 * slope  # stored -32500 maps to lo
     stored = np.rint((arr - intercept) / slope).astype(np.int16)
     return stored, slope, intercept
+
+
+def _mr_from_enhanced(src: Dataset, ds: Dataset) -> None:
+    """MR Image attributes of an enhanced source live in functional groups: fetch them there."""
+    groups = []
+    for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if src.get(seq_kw):
+            for elem in src[seq_kw].value[0]:
+                if elem.VR == "SQ" and elem.value:
+                    groups.append(elem.value[0])
+    for kw in MR_KEYWORDS:
+        if ds.get(kw) is None or ds.get(kw) == "":
+            found = next((g.data_element(kw) for g in groups if g.get(kw) not in (None, "")), None)
+            if found is not None:
+                ds[found.tag] = copy.deepcopy(found)
+    if not ds.get("ScanningSequence") and src.get("EchoPulseSequence"):
+        pulse = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}
+        ds.ScanningSequence = pulse.get(str(src.EchoPulseSequence), ["RM"])
+    if not ds.get("EchoTime"):
+        echo = next(
+            (g.get("EffectiveEchoTime") for g in groups if g.get("EffectiveEchoTime")), None
+        )
+        if echo is not None:
+            ds.EchoTime = echo
 
 
 def _template(
@@ -261,12 +228,24 @@ def _template(
             ds.KVP = ""
     elif sop_class == MRImageStorage:
         copy_attributes(src, ds, MR_KEYWORDS)
+        _mr_from_enhanced(src, ds)
         for kw in ("ScanningSequence", "SequenceVariant"):  # type 1: unknown is not allowed
-            if not ds.get(kw):
+            if not ds.get(kw):  # RM (research mode) is the only defined term for "other"
                 setattr(ds, kw, "RM" if kw == "ScanningSequence" else "NONE")
         for kw in ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"):
             if kw not in ds:
                 setattr(ds, kw, "")
+        scanning = (
+            [str(v) for v in ds.data_element("ScanningSequence").value]
+            if ds["ScanningSequence"].VM > 1
+            else [str(ds.ScanningSequence)]
+        )
+        if "IR" not in scanning:  # 2C: InversionTime only for inversion recovery
+            ds.pop("InversionTime", None)
+        elif "InversionTime" not in ds:
+            ds.InversionTime = ""
+        if "RepetitionTime" not in ds and not ("EP" in scanning and ds.SequenceVariant == "SK"):
+            ds.RepetitionTime = ""
     else:
         ds.ConversionType = "WSD"  # workstation
     spacing = out.image.GetSpacing()
@@ -303,21 +282,18 @@ def _source_refs(
     for h in heads:
         ipp = h.get("ImagePositionPatient")
         pos.append(float(np.dot(np.asarray(ipp, float), d[:, 2])) if ipp else np.nan)
-    purpose = _encode(source_image_item(heads[0])["PurposeOfReferenceCodeSequence"], encodings)
+    purpose = encode(source_image_item(heads[0])["PurposeOfReferenceCodeSequence"], encodings)
     uids = [(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in heads]
     items = [
-        _item(_element(0x00081150, "UI", c) + _element(0x00081155, "UI", i) + purpose)
-        for c, i in uids
+        item(element(0x00081150, "UI", c) + element(0x00081155, "UI", i) + purpose) for c, i in uids
     ]
     # ReferencedSeriesSequence: one item, the series and all its instances (hand-encoded: pydicom
     # takes ~0.2 s for a few hundred nested items, per plane).
-    instances = [
-        _item(_element(0x00081150, "UI", c) + _element(0x00081155, "UI", i)) for c, i in uids
-    ]
-    series_item = _item(  # tag order: (0008,114A) before (0020,000E)
-        _sequence(0x0008114A, instances) + _element(0x0020000E, "UI", source.series_uid)
+    instances = [item(element(0x00081150, "UI", c) + element(0x00081155, "UI", i)) for c, i in uids]
+    series_item = item(  # tag order: (0008,114A) before (0020,000E)
+        sequence(0x0008114A, instances) + element(0x0020000E, "UI", source.series_uid)
     )
-    value = (np.array(pos), items, _sequence(0x00081115, [series_item]))
+    value = (np.array(pos), items, sequence(0x00081115, [series_item]))
     _SOURCE_CACHE.clear()  # one source at a time: no growth in long-running workers
     _SOURCE_CACHE[id(source)] = (weakref.ref(source), value)  # never keeps a volume alive
     return value
@@ -340,7 +316,7 @@ def _referenced(
     )
     lo, hi = proj.min() - src_step / 2, proj.max() + src_step / 2
     sel = np.nonzero((src_pos >= lo) & (src_pos <= hi))[0]
-    return sel if len(sel) else np.nonzero(np.isfinite(src_pos))[0]
+    return sel if len(sel) else np.arange(len(src_pos))  # e.g. enhanced: one multi-frame source
 
 
 @writer("series")
@@ -358,7 +334,7 @@ def write_series(
     encodings = convert_encodings(ds.get("SpecificCharacterSet", "ISO_IR 100"))
     src_pos, items, ref_series = _source_refs(source, encodings)
     common = [
-        (int(e.tag), _encode(e, encodings)) for e in ds if e.keyword != "ReferencedSeriesSequence"
+        (int(e.tag), encode(e, encodings)) for e in ds if e.keyword != "ReferencedSeriesSequence"
     ]
     common.append((0x00081115, ref_series))
     folder = series_folder(out_dir, number, out.description)
@@ -369,27 +345,27 @@ def write_series(
     thickness = out.slab_thickness_mm or out.image.GetSpacing()[2]
     size, spacing = out.image.GetSize(), out.image.GetSpacing()
     pixel_head = b"\xe0\x7f\x10\x00OW\x00\x00" + (size[0] * size[1] * 2).to_bytes(4, "little")
-    meta = _meta_encoder(sop_class)
+    meta = meta_encoder(sop_class)
     written = []
     for k, sl in enumerate(slices):
         sop_uid = uids.instance_uid(k)
         own = [
-            (0x00080018, _element(0x00080018, "UI", sop_uid)),
-            (0x00200013, _element(0x00200013, "IS", str(k + 1))),
-            (0x00200032, _element(0x00200032, "DS", "\\".join(ds_str(v) for v in sl.position))),
-            (0x00200037, _element(0x00200037, "DS", "\\".join(ds_str(v) for v in sl.orientation))),
+            (0x00080018, element(0x00080018, "UI", sop_uid)),
+            (0x00200013, element(0x00200013, "IS", str(k + 1))),
+            (0x00200032, element(0x00200032, "DS", "\\".join(ds_str(v) for v in sl.position))),
+            (0x00200037, element(0x00200037, "DS", "\\".join(ds_str(v) for v in sl.orientation))),
         ]
         if sop_class == SecondaryCaptureImageStorage:  # no Image Plane module: 2C there
             letters = (
                 orientation_letters(sl.orientation[:3]),
                 orientation_letters(sl.orientation[3:]),
             )
-            own.append((0x00200020, _element(0x00200020, "CS", "\\".join(letters))))
+            own.append((0x00200020, element(0x00200020, "CS", "\\".join(letters))))
         if out.slice_geometry is None:
             loc = ds_str(float(sl.position @ sl.normal))
-            own.append((0x00201041, _element(0x00201041, "DS", loc)))
+            own.append((0x00201041, element(0x00201041, "DS", loc)))
         refs = _referenced(sl, size, spacing, thickness, src_normal, src_pos, src_step)
-        seq = _sequence(_SOURCE_IMAGE_SEQ, [items[i] for i in refs])
+        seq = sequence(_SOURCE_IMAGE_SEQ, [items[i] for i in refs])
         parts = sorted(common + own + [(_SOURCE_IMAGE_SEQ, seq)], key=lambda p: p[0])
         path = folder / f"IM_{k + 1:04d}.dcm"
         with open(path, "wb") as fp:  # header, then the pixel rows straight from the array
@@ -407,13 +383,3 @@ def write_series(
             )
         )
     return written
-
-
-def template_dataset(
-    out: ImageSeries, source: SourceSeries, prov: Provenance
-) -> Dataset:  # pragma: no cover - convenience for notebooks and debugging
-    """The shared attributes of the series ``write_series`` would write (a copy)."""
-    sop_class = sop_class_for(source)
-    return copy.deepcopy(
-        _template(out, source, prov, sop_class, derived_series_number(source.first, prov))
-    )

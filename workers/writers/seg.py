@@ -6,10 +6,13 @@ number) with empty frames omitted: 0.92 s instead of 4.2 s from a 4D stack at 40
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom.config
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
@@ -29,6 +32,19 @@ from workers.writers.sr import segment_volumes_ml, write_volume_report
 
 #: Thresholds, connected components and morphology: CID 7162 "Morphological Operations".
 ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
+
+
+@contextmanager
+def unvalidated() -> Iterator[None]:
+    """pydicom's per-value validation off: 25-45% of a 400-frame SEG build is re-checking the
+    values highdicom already validated. The written objects are checked by dciodvfy in tests."""
+    settings = pydicom.config.settings
+    old = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = old
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
@@ -65,7 +81,7 @@ def segment_descriptions(
 
 def label_array(labelmap: Labelmap) -> np.ndarray:
     """(slices, rows, columns) uint8 array of segment numbers 1..n (labels remapped if needed)."""
-    a = sitk.GetArrayFromImage(labelmap.image)
+    a = sitk.GetArrayViewFromImage(labelmap.image)  # read-only view: no 100 MB copy
     labels = [s.label for s in labelmap.segments]
     if labels != list(range(1, len(labels) + 1)):
         lut = np.zeros(256, np.uint8)
@@ -144,9 +160,10 @@ def write_labelmap(
     output: Labelmap, source: SourceSeries, prov: Provenance, out_dir: Path
 ) -> list[WrittenObject]:
     """Write a Labelmap as a DICOM SEG and a TID 1500 SR of its segment volumes."""
-    seg, number, description = build_seg(output, source, prov)
-    path = series_folder(out_dir, number, description) / "SEG0001.dcm"
-    seg.save_as(path)
+    with unvalidated():
+        seg, number, description = build_seg(output, source, prov)
+        path = series_folder(out_dir, number, description) / "SEG0001.dcm"
+        seg.save_as(path)
     written = [
         WrittenObject(
             path,
