@@ -43,6 +43,7 @@ def call(name, **params):
 
 lm, _, prov = call("segment.lungs")
 build_seg(lm, source, prov)  # warm highdicom's standard tables (once per process)
+del lm
 for _ in range(runs):
     total = 0.0
     for name in ("body", "lungs", "bone"):
@@ -72,14 +73,15 @@ for _ in range(runs):
     mip, dt, _ = call("projection.rotating_mip")
     t["mip36"].append(dt)
     extra["mip_shape"] = list(mip.image.GetSize())
-    keep = (lungs, bone)  # the last run's outputs, for the volumes below
-    del o, seg, mesh, mip  # a job drops nothing, but runs must not pile up
-import SimpleITK as sitk, numpy as np
-vox = float(np.prod(source.volume.image.GetSpacing())) / 1e3
-for o in keep:
-    a = sitk.GetArrayViewFromImage(o.image)
-    extra[o.description + "_ml"] = {s.name: round(np.count_nonzero(a == s.label) * vox, 1)
-                                    for s in o.segments}
+    import SimpleITK as sitk, numpy as np
+    vox = float(np.prod(source.volume.image.GetSpacing())) / 1e3
+    for lm in (lungs, bone):
+        a = sitk.GetArrayViewFromImage(lm.image)
+        extra[lm.description + "_ml"] = {
+            s.name: round(np.count_nonzero(a == s.label) * vox, 1) for s in lm.segments}
+        del a
+    # A job keeps its outputs, but successive runs must not pile up.
+    del o, seg, mesh, mip, lungs, bone, lm
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"times": t, "max_rss_mb": rss, "extra": extra}))
 """

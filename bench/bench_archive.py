@@ -11,6 +11,10 @@ For a synthetic 400 x 512² CT (``bench.synthetic``), in one run:
    worker on a private RabbitMQ vhost, rule = MPR; clock from the last instance stored in
    Orthanc (``storescu`` returned: every C-STORE acknowledged) to every output of the MPR job
    present in Orthanc; the job's own timings (fetch, read, steps, store) break it down.
+4. **Store**: the MPR outputs (``sprim run``) into a fresh Orthanc by STOW-RS, by sprim's
+   C-STORE and by dcmtk ``storescu`` (the peer).
+
+Sections skipped with ``--skip`` keep their previous rows in the result file.
 
 Writes ``bench/results/archive.json``. Run:
 ``.venv/bin/python -m bench.bench_archive [--runs 3] [--slices 400] [--skip loop]``
@@ -19,6 +23,7 @@ Writes ``bench/results/archive.json``. Run:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -234,11 +239,41 @@ def loop_latency(series_list: list[Path], tmp: Path) -> dict:
     return {"runs": runs, "latency": _med(ok) if ok else None, "stable_age_s": 2}
 
 
+# -- 4. store peers ------------------------------------------------------------------------------
+def store_peers(series: Path, tmp: Path) -> dict:
+    """The MPR rule's outputs (written by ``sprim run``) into a fresh Orthanc three ways."""
+    from workers.archive.dicomweb import DicomWebArchive
+    from workers.archive.dimse import DimseArchive
+
+    rules = tmp / "rules-store.yaml"
+    rules.write_text(RULES)
+    out = tmp / "mpr-out"
+    r = subprocess.run(
+        [str(BIN / "sprim"), "run", str(series), "--out", str(out), "--rules", str(rules)],
+        env=env(SPRIM_HOME=str(tmp / "home-store")), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    files = sorted(out.rglob("*.dcm"))
+    if r.returncode != 0 or not files:
+        return {"skipped": f"sprim run failed: {r.stdout[-500:]} {r.stderr[-500:]}"}
+    res: dict = {"files": len(files), "mb": sum(f.stat().st_size for f in files) / 1e6}
+    for name in ("stow_rs", "c_store_sprim", "storescu"):
+        with OrthancServer(tmp / f"orthanc-store-{name}", in_memory=False, sync_storage=True) as o:
+            t0 = time.perf_counter()
+            if name == "stow_rs":
+                DicomWebArchive(o.dicomweb_url).store(files)
+            elif name == "c_store_sprim":
+                DimseArchive(o.aet, "127.0.0.1", o.dicom_port).store(files)
+            else:
+                send(files, "127.0.0.1", o.dicom_port, called=o.aet, calling="BENCH")
+            res[name] = time.perf_counter() - t0
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--slices", type=int, default=400)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["receive", "fetch", "loop"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["receive", "fetch", "loop", "store"])
     a = ap.parse_args(argv)
     cmd = command_line("bench.bench_archive") + (f" --runs {a.runs}" if a.runs != 3 else "")
     series = synthetic_series(a.slices, seed=0)
@@ -284,8 +319,33 @@ def main(argv: list[str] | None = None) -> None:
             lat = (lo.get("latency") or {}).get("median")
             rows.append(row("archive.loop.latency", f"last instance in Orthanc -> all MPR outputs in Orthanc ({a.slices} slices, StableAge 2 s)", lat, "s", detail=lo.get("skipped", ""), command=cmd))  # fmt: skip
             print(f"loop: {lo.get('latency')} {lo.get('skipped', '')}")
-    path = write_result("archive", rows, raw, cmd)
+        if "store" not in a.skip:
+            st = raw["store"] = store_peers(series, tmp)
+            if "skipped" not in st:
+                what = f"{st['files']} MPR outputs ({st['mb']:.0f} MB) into Orthanc"
+                rows += [
+                    row("archive.store.stow", f"{what}: STOW-RS (DicomWebArchive)", st["stow_rs"], "s", command=cmd),
+                    row("archive.store.cstore", f"{what}: C-STORE (DimseArchive)", st["c_store_sprim"], "s", command=cmd),
+                    row("archive.store.storescu", f"{what}: dcmtk storescu (peer)", st["storescu"], "s", command=cmd),
+                ]  # fmt: skip
+            print(f"store: {st}")
+    path = write_result("archive", _merge(rows), {**_previous().get("raw", {}), **raw}, cmd)
     print(f"wrote {path}")
+
+
+def _previous() -> dict:
+    from bench.common import RESULTS
+
+    try:
+        return json.loads((RESULTS / "archive.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _merge(rows: list[dict]) -> list[dict]:
+    """Rows of this run, plus the previous run's rows for sections skipped now."""
+    new = {r["id"] for r in rows}
+    return [r for r in _previous().get("rows", []) if r["id"] not in new] + rows
 
 
 if __name__ == "__main__":

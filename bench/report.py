@@ -62,6 +62,10 @@ TARGETS: tuple[Target, ...] = (
                                                      ("e2e", "row:e2e.last_instance_to_done"))),
     Target("worker_rss", "6", "peak worker RSS / int16 volume", "<=", 4.0, "x",
            (("e2e", "row:e2e.worker_rss_ratio"), ("e2e", "row:e2e.rss_ratio.400"))),
+    Target("cost_linear", "6", "cost grows linearly with slices, 100 → 800 (R² of a line; the "
+           "0.98 bar is ours)", ">=", 0.98, "", (("e2e", "row:e2e.cost_r2"),)),
+    Target("cost_slope", "6", "cost per slice: read + default rule + write", "", None,
+           "ms/slice", (("e2e", "row:e2e.cost_slope"),)),
     Target("read_s", "2", "series read, 400 x 512²", "<=", 1.0, "s",
            (("read", "key:^read_s$"), ("peers", "row:issue2.read_s"))),
     Target("read_rss", "2", "series read peak RSS", "<=", 600.0, "MB",

@@ -110,3 +110,28 @@ def test_real_abdomen_ct_body_and_bone_are_plausible() -> None:
     assert 20.0 < body_l < 50.0, body_l
     assert 500.0 < bone_ml < 2000.0, bone_ml
     assert np.count_nonzero(bone & ~body) < 0.01 * np.count_nonzero(bone)
+
+
+def test_grid_block_max_and_refine_against_brute_force() -> None:
+    from pipelines.steps._masks import Grid, refine
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(-1000, 1000, (13, 17, 22)).astype(np.int16)
+    grid = Grid(a.shape, (3, 4, 5))  # no axis divides evenly: short last blocks
+    top = grid.block_max(a)
+    ref = np.full(grid.coarse_shape, np.iinfo(np.int16).min, np.int16)
+    for (z, y, x), v in np.ndenumerate(a):
+        ref[z // 3, y // 4, x // 5] = max(ref[z // 3, y // 4, x // 5], v)
+    assert np.array_equal(top, ref)
+    coarse = np.zeros(grid.coarse_shape, np.uint8)
+    coarse[1:4, 1:4, 1:4] = 1  # coarse voxel (2, 2, 2) is the only interior one
+    out = refine(grid, coarse, a, lambda sub: sub > 0).astype(bool)
+    interior = np.zeros_like(coarse)
+    interior[2, 2, 2] = 1
+    interior = grid.upsample(interior).astype(bool)
+    band = np.zeros_like(coarse)
+    band[0:5, 0:5, 0:5] = 1  # within one coarse voxel of the label
+    band = grid.upsample(band).astype(bool) & ~interior
+    assert out[interior].all()  # interior kept whatever the threshold says
+    assert np.array_equal(out[band], a[band] > 0)  # boundary band follows the threshold
+    assert not out[~interior & ~band].any()
