@@ -84,7 +84,7 @@ def _stop(p: subprocess.Popen) -> None:
 # -- 1. receive ----------------------------------------------------------------------------------
 def receive(series: Path, runs: int, tmp: Path) -> dict:
     files = sorted(series.glob("*.dcm"))
-    out: dict[str, list[float]] = {"storescp": [], "sprim_listen": []}
+    out: dict[str, list[float]] = {"storescp": [], "sprim_listen": [], "sprim_listen_nofsync": []}
     for i in range(runs):
         for name in out:
             port = free_port()
@@ -95,6 +95,8 @@ def receive(series: Path, runs: int, tmp: Path) -> dict:
             else:
                 cmd = [str(BIN / "sprim"), "listen", "--port", str(port), "--host", "127.0.0.1",
                        "--store", str(store), "--quiet", "3600", "--allow", "BENCH"]  # fmt: skip
+                if name.endswith("nofsync"):
+                    cmd.append("--no-fsync")
             e = env(SPRIM_HOME=str(tmp / "home-recv"))
             p = subprocess.Popen(
                 cmd,
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                 row("archive.recv.storescp", f"storescu -> dcmtk storescp, {a.slices} files", r["storescp"]["median"], "s", command=cmd),
                 row("archive.recv.listen", f"storescu -> sprim listen (fsync per instance), {a.slices} files", r["sprim_listen"]["median"], "s", command=cmd),
                 row("archive.recv.ratio", "sprim listen / storescp", ratio, "x", target=2.0, command=cmd),
+                row("archive.recv.listen_nofsync", f"storescu -> sprim listen --no-fsync (not durable; what pynetdicom costs), {a.slices} files", r["sprim_listen_nofsync"]["median"], "s", command=cmd),
             ]  # fmt: skip
             print(f"receive: storescp {r['storescp']['median']:.2f} s, sprim listen "
                   f"{r['sprim_listen']['median']:.2f} s ({ratio:.2f}x)")  # fmt: skip

@@ -313,6 +313,11 @@ def render(results: dict[str, dict], run: dict[str, Any]) -> str:
             continue
         date = doc.get("date") or doc["_mtime"]
         lines += [f"### {name}.json ({date})", ""]
+        fm = doc.get("machine") or {}
+        if fm.get("cpu") and (fm.get("cpu"), fm.get("cores")) != (m.get("cpu"), m.get("cores")):
+            lines += [f"Measured on {fm['cpu']}, {fm.get('cores')} cores.", ""]
+        if fm.get("load_avg"):
+            lines += [f"Load average when written: {fm['load_avg']}.", ""]
         if doc.get("what"):
             lines += [f"{doc['what']}", ""]
         rows = doc.get("rows")

@@ -19,7 +19,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -243,17 +242,6 @@ def _backoff(attempt: int) -> float:
     return min(300.0, settings().retry_backoff_s * 2 ** max(0, attempt - 1))
 
 
-def _suffix_descriptions(paths: Sequence[Path], suffix: str) -> None:
-    """Append ``suffix`` to SeriesDescription (LO, 64 chars) of written files, deterministically."""
-    import pydicom
-
-    for p in paths:
-        ds = pydicom.dcmread(p)
-        base = str(ds.get("SeriesDescription", ""))
-        ds.SeriesDescription = (base[: max(0, 63 - len(suffix))] + " " + suffix).strip()[:64]
-        ds.save_as(p, enforce_file_format=True)
-
-
 def execute_job(
     job_id: int, store: JobStore | None = None, disp: Dispatcher | None = None
 ) -> Job | None:
@@ -319,12 +307,13 @@ def execute_job(
         for s in job.steps:
             st = get_step(s["use"])
             calls.append(StepCall(st, st.validate(s.get("with") or {})))
-        report = run_steps(source, calls, job.rule or "reprocess", work / "out")
+        report = run_steps(
+            source, calls, job.rule or "reprocess", work / "out",
+            description_suffix=job.description_suffix or "",
+        )  # fmt: skip
         for sr in report.steps:
             timings[sr.name] = timings.get(sr.name, 0.0) + sr.seconds
         written = report.written
-        if job.description_suffix:
-            _suffix_descriptions([w.path for w in written], job.description_suffix)
         t0 = time.perf_counter()
         dest = archive_for(job.destination) if job.destination else archive
         dest.store([w.path for w in written])
@@ -362,7 +351,7 @@ def execute_job(
     for w in written:
         o = outputs.setdefault(w.series_uid, {
             "series_uid": w.series_uid, "kind": w.kind, "series_number": w.series_number,
-            "series_description": w.series_description + (f" {job.description_suffix}" if job.description_suffix else ""),
+            "series_description": w.series_description,
             "sop_class_uid": w.sop_class_uid, "instances": [],
         })  # fmt: skip
         o["instances"].append(w.sop_instance_uid)

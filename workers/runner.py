@@ -53,6 +53,7 @@ def run_steps(
     rule: str,
     out_dir: Path,
     progress: Progress | None = None,
+    description_suffix: str = "",
 ) -> RunReport:
     """Run ``calls`` in order on ``source``; outputs go to ``out_dir``.
 
@@ -73,7 +74,9 @@ def run_steps(
             raise StepError(f"{call.step.name}: {e}") from e
         written: list[WrittenObject] = []
         for j, out in enumerate(outputs):
-            prov = Provenance(rule, call.step, call.params, i, j, f"{j}:{out.description}")
+            prov = Provenance(
+                rule, call.step, call.params, i, j, f"{j}:{out.description}", description_suffix
+            )
             written += write_output(out, source, prov, out_dir)
         prior += outputs
         report.steps.append(

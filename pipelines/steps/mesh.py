@@ -58,7 +58,10 @@ class MeshParams(BaseModel, frozen=True, extra="forbid"):
         0.1, gt=0.0, le=2.0, description="Windowed-sinc pass band (lower = smoother, 0.01-0.1)."
     )
     max_triangles: int = Field(
-        300_000, ge=100, description="Decimate to at most this many triangles."
+        300_000,
+        ge=100,
+        description="At most this many triangles: contour on larger blocks first, then "
+        "quadric decimation if still above.",
     )
     target_reduction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Remove at least this fraction of triangles (0-1)."

@@ -69,6 +69,7 @@ def test_reprocess_same_params_replace_other_params_add(client, study):
     other = client.get(f"/jobs/{r.json()['id']}", headers=A).json()
     assert other["outputs"][0]["series_uid"] != first["series_uid"]
     assert other["description_suffix"] == "[label=THICK]"
+    assert "THICK [label=THICK]" in other["outputs"][0]["series_description"]
     bad = client.post(f"/studies/{st}/reprocess", headers=A, json={"steps": [{"use": "no.such"}]})
     assert bad.status_code == 422 and "unknown step" in bad.text
     bad = client.post(f"/studies/{st}/reprocess", headers=A,

@@ -135,3 +135,21 @@ def test_multipart_stream_is_split_into_parts_whatever_the_chunking(chunk, with_
     with pytest.raises(ArchiveError) as e:  # cut short: transient
         list(iter_parts(iter([body[: len(body) // 2]]), b"b0undary"))
     assert e.value.transient
+
+
+@INTEGRATION
+def test_c_store_refusal_status_is_a_permanent_error_with_its_meaning(ct_files, tmp_path):
+    """sprim's own listener as the C-STORE peer: it answers 0xA900 to a data set without UIDs."""
+    from workers.listener import Listener, ListenerStore
+
+    ds = pydicom.dcmread(ct_files[0])
+    del ds.StudyInstanceUID
+    ds.save_as(tmp_path / "no-study.dcm")
+    with Listener(ListenerStore(tmp_path / "store"), port=0, allowed_aets=["SPRIM"]) as lst:
+        with pytest.raises(ArchiveError) as e:
+            DimseArchive("SPRIM", "127.0.0.1", lst.port).store([tmp_path / "no-study.dcm"])
+        assert not e.value.transient
+        assert e.value.reason.startswith("0xA900")
+        with pytest.raises(ArchiveError) as e:  # calling AE not allowed: association rejected
+            DimseArchive("SPRIM", "127.0.0.1", lst.port, calling_aet="OTHER").store(ct_files[:1])
+        assert e.value.transient and "rejected" in e.value.reason

@@ -30,6 +30,8 @@ class Provenance:
     step_index: int = 0
     output_index: int = 0
     output_key: str = ""
+    #: What a reprocessing request changed ("thickness_mm=5"), appended to SeriesDescription.
+    description_suffix: str = ""
 
     @property
     def params_canonical(self) -> str:

@@ -327,13 +327,18 @@ def derived_series_number(source_header: Dataset, prov: Provenance, sub_index: i
     return number if number < 2**31 else 99900 + offset  # IS is a signed 32-bit integer
 
 
-def series_description(description: str, source_header: Dataset | None = None) -> str:
+def series_description(
+    description: str, source_header: Dataset | None = None, suffix: str = ""
+) -> str:
     """SeriesDescription (LO, ≤ 64): the output's label, e.g. ``COR 3mm AVG``.
 
+    ``suffix`` says what a reprocessing request changed (``thickness_mm=5``) and is always kept.
     With ``source_header`` the source SeriesDescription is appended in brackets when it fits, so a
     radiologist sees which series it was made from: ``COR 3mm AVG [Thorax 1mm B70f]``.
     """
     text = description.strip() or "DERIVED"
+    if suffix:
+        text = f"{text[: 63 - len(suffix)]} {suffix}"
     src = str(source_header.get("SeriesDescription", "")).strip() if source_header else ""
     if src and len(text) + len(src) + 3 <= 64:
         text = f"{text} [{src}]"

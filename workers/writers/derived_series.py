@@ -207,7 +207,7 @@ def _template(
     ds.Modality = source.modality or "OT"
     ds.SeriesInstanceUID = prov.uids(source).series_uid
     ds.SeriesNumber = number
-    ds.SeriesDescription = series_description(out.description, src)
+    ds.SeriesDescription = series_description(out.description, src, prov.description_suffix)
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = today
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now
     ds.AcquisitionNumber = src.get("AcquisitionNumber", "")  # type 2 in CT/MR Image

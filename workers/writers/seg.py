@@ -118,7 +118,7 @@ def build_seg(
     src = source.first
     uids = prov.uids(source)
     number = derived_series_number(src, prov, 0)
-    description = series_description(f"SEG {labelmap.description}", src)
+    description = series_description(f"SEG {labelmap.description}", src, prov.description_suffix)
     pixels = label_array(labelmap)
     if not pixels.any():
         raise ValueError(f"refusing to write an empty SEG for {labelmap.description!r}")

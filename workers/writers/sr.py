@@ -45,7 +45,9 @@ def build_volume_report(
     src = source.first
     uids = prov.uids(source)
     number = derived_series_number(src, prov, 1)
-    description = series_description(f"SR volumes {labelmap.description}", src)
+    description = series_description(
+        f"SR volumes {labelmap.description}", src, prov.description_suffix
+    )
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=uids.uid("observer-device"),
         name=SPRIM,

@@ -75,7 +75,7 @@ def encapsulated_stl(
     uids = prov.uids(source)
     sop_uid = uids.instance_uid(0)
     number = derived_series_number(src, prov)
-    description = series_description(f"STL {mesh.description}", src)
+    description = series_description(f"STL {mesh.description}", src, prov.description_suffix)
     ds = Dataset()
     ds.file_meta = file_meta(ENCAPSULATED_STL_STORAGE, sop_uid)
     ds.SOPClassUID = ENCAPSULATED_STL_STORAGE
