@@ -117,7 +117,9 @@ def get_step(name: str) -> Step:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown step {name!r}; known steps: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(
+            f"unknown step {name!r}; known steps: {', '.join(sorted(_REGISTRY))}"
+        ) from None
 
 
 def all_steps() -> list[Step]:
