@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -125,3 +126,22 @@ def _print_summary(summary) -> None:
 from workers.cli_platform import register as _register_platform  # noqa: E402
 
 _register_platform(app)
+
+
+@app.command("config")
+def config_cmd() -> None:
+    """Print every SPRIM_* setting: the value in effect and what it means."""
+    from workers.config import Settings, settings
+
+    current = settings()
+    table = Table(title="sprim configuration (environment SPRIM_*)", title_justify="left")
+    for col in ("variable", "value", "meaning"):
+        table.add_column(col)
+    for name, f in Settings.model_fields.items():
+        value = getattr(current, name)
+        if name == "api_tokens" and value:
+            value = "<set: tokens hidden>"
+        elif isinstance(value, str) and "://" in value:
+            value = re.sub(r"(//[^:/@]+):[^@]+@", r"\1:***@", value)  # no passwords on screens
+        table.add_row(f"SPRIM_{name.upper()}", str(value), f.description or "")
+    console.print(table)

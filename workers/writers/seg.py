@@ -6,6 +6,7 @@ number) with empty frames omitted: 0.92 s instead of 4.2 s from a 4D stack at 40
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ import highdicom as hd
 import numpy as np
 import pydicom.config
 import SimpleITK as sitk
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines import Code, Labelmap
@@ -111,6 +113,34 @@ def _plane_geometry(
     return positions, orientation, measures
 
 
+#: Type 2 attributes highdicom copies from the source (it fails when a scanner omitted them).
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _with_type2(headers: list[Dataset]) -> list[Dataset]:
+    """``headers``, as copies with empty values added when some type 2 attribute is missing."""
+    missing = [kw for kw in _TYPE2 if kw not in headers[0]]
+    if not missing:
+        return headers
+    out = []
+    for h in headers:
+        c = copy.deepcopy(h)
+        for kw in missing:
+            setattr(c, kw, "")
+        out.append(c)
+    return out
+
+
 def build_seg(
     labelmap: Labelmap, source: SourceSeries, prov: Provenance
 ) -> tuple[hd.seg.Segmentation, int, str]:
@@ -132,7 +162,7 @@ def build_seg(
             plane_positions=positions, plane_orientation=orientation, pixel_measures=measures
         )
     seg = hd.seg.Segmentation(
-        source_images=sources,
+        source_images=_with_type2(sources),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(labelmap, source, prov),
