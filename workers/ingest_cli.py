@@ -120,6 +120,9 @@ def listen_cmd(
     store: Path | None = typer.Option(
         None, "--store", help="Store folder (default SPRIM_LISTEN_STORE)."
     ),
+    no_fsync: bool = typer.Option(
+        False, "--no-fsync", hidden=True, help="Benchmarks only: success before data is on disk."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """C-STORE SCP: store instances durably, route each study after its quiet period."""
@@ -146,6 +149,7 @@ def listen_cmd(
         root,
         quiet_period=quiet if quiet is not None else cfg.listen_quiet_period_s,
         on_complete=on_complete,
+        fsync=not no_fsync,
     )
     Listener(
         ls,

@@ -141,13 +141,6 @@ def components(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, np.nd
     return labels, sizes
 
 
-def ball(radius_vox: tuple[int, int, int]) -> np.ndarray:
-    """An ellipsoidal structuring element with per-axis radii (z, y, x) in voxels."""
-    rz, ry, rx = (max(0, int(r)) for r in radius_vox)
-    z, y, x = np.ogrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
-    return (z / max(rz, 1)) ** 2 + (y / max(ry, 1)) ** 2 + (x / max(rx, 1)) ** 2 <= 1.0
-
-
 def erode(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
     """Binary erosion by a box of half-widths (z, y, x): separable, fast on coarse grids."""
     size = tuple(2 * r + 1 for r in radius)

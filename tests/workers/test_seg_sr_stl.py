@@ -200,3 +200,11 @@ def test_rotating_mip_series_is_valid_dicom(source, tmp_path) -> None:
     ipp, iop = series.slice_geometry[5]
     assert np.allclose([float(x) for x in ds.ImagePositionPatient], ipp, atol=1e-3)
     assert np.allclose([float(x) for x in ds.ImageOrientationPatient], iop, atol=1e-5)
+
+
+def test_uids_are_deterministic_and_follow_params(lungs, source, tmp_path) -> None:
+    _, first = lungs
+    _, again = run_and_write(source, tmp_path / "again", "segment.lungs")
+    assert [w.sop_instance_uid for w in again] == [w.sop_instance_uid for w in first]
+    _, other = run_and_write(source, tmp_path / "other", "segment.lungs", threshold_hu=-450)
+    assert not {w.sop_instance_uid for w in other} & {w.sop_instance_uid for w in first}

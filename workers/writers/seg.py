@@ -25,6 +25,7 @@ from workers.writers.common import (
     SPRIM,
     SPRIM_MODEL,
     contributing_equipment,
+    copy_patient_study,
     derived_series_number,
     series_description,
     series_folder,
@@ -181,6 +182,9 @@ def build_seg(
         **geometry,
     )
     seg.SeriesDescription = description
+    # highdicom copies the patient/study modules as they are; re-copy them through the shared
+    # helper, which also repairs source defects (empty DeidentificationMethod, bad PatientAge).
+    copy_patient_study(src, seg)
     seg.ContributingEquipmentSequence = contributing_equipment(prov, src)
     return seg, number, description
 

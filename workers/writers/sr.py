@@ -20,6 +20,7 @@ from workers.writers.common import (
     SPRIM,
     SPRIM_MODEL,
     contributing_equipment,
+    copy_patient_study,
     derived_series_number,
     series_description,
     series_folder,
@@ -105,6 +106,9 @@ def build_volume_report(
         is_complete=True,
     )
     sr.SeriesDescription = description
+    # highdicom copies the patient/study modules as they are; re-copy them through the shared
+    # helper, which also repairs source defects (empty DeidentificationMethod, bad PatientAge).
+    copy_patient_study(src, sr)
     sr.ContributingEquipmentSequence = contributing_equipment(prov, src)
     return sr, number, description
 
