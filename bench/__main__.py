@@ -24,7 +24,7 @@ from bench.common import RESULTS, ROOT, machine, now, run_cmd
 from bench.report import RUN_FILE, write_report
 
 #: Run order: cheap, service-free first; the platform (Orthanc + RabbitMQ) last.
-ORDER = ("read", "mpr", "3d", "peers", "platform", "archive", "e2e")
+ORDER = ("read", "mpr", "3d", "platform", "archive", "peers", "e2e")
 #: Wall-clock limit per script (full run; the whole of ``make bench`` must stay <= 15 min).
 LIMIT_S = {"e2e": 900.0, "peers": 400.0, "archive": 400.0}
 DEFAULT_LIMIT_S = 240.0
@@ -36,7 +36,8 @@ def available() -> list[str]:
     return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
 
 
-#: What a script leaves to another one of the same run: (script, other) -> arguments.
+#: What a script leaves to another one of the same run: (script, other) -> arguments. Applied
+#: when the other runs later in this run, or ran earlier and succeeded.
 DEFER = {
     ("peers", "archive"): ["--skip", "receive"],  # listen vs storescp: bench_archive measures it
     ("e2e", "archive"): ["--skip", "fetch"],  # WADO-RS vs zip download: bench_archive too
@@ -45,9 +46,16 @@ DEFER = {
 }
 
 
-def script_args(name: str, quick: bool, names: list[str] | None = None) -> list[str]:
+def script_args(
+    name: str, quick: bool, names: list[str] | None = None, ran: dict[str, dict] | None = None
+) -> list[str]:
     """Arguments for one script: quick-mode flags it understands, skips of duplicate work."""
-    skips = [a for (n, other), extra in DEFER.items() if n == name and other in (names or [])
+    ran = ran or {}
+
+    def covered(other: str) -> bool:
+        return ran[other]["status"] == "ok" if other in ran else other in (names or [])
+
+    skips = [a for (n, other), extra in DEFER.items() if n == name and covered(other)
              for a in extra[1:]]  # fmt: skip
     args = ["--skip", *skips] if skips else []
     if not quick:
@@ -72,10 +80,10 @@ def _written_by(path: Path, name: str) -> bool:
         return False
 
 
-def run_one(name: str, quick: bool, names: list[str]) -> dict:
+def run_one(name: str, quick: bool, names: list[str], ran: dict[str, dict]) -> dict:
     """Run ``bench_<name>``; status, seconds, the result files it wrote, a note on failure."""
     before = {p.name: p.stat().st_mtime for p in RESULTS.glob("*.json")}
-    cmd = [sys.executable, "-m", f"bench.bench_{name}", *script_args(name, quick, names)]
+    cmd = [sys.executable, "-m", f"bench.bench_{name}", *script_args(name, quick, names, ran)]
     limit = LIMIT_S.get(name, DEFAULT_LIMIT_S) * (2 if quick else 1)
     t0 = time.perf_counter()
     print(f"== bench_{name}: {' '.join(cmd[1:])}", flush=True)
@@ -131,8 +139,9 @@ def main() -> None:
         }
         for n in [x for x in ORDER if x not in names and x not in available()]:
             run["scripts"].setdefault(n, {"status": "missing", "note": f"no bench/bench_{n}.py"})
+        this_run: dict[str, dict] = {}
         for name in names:
-            res = run_one(name, args.quick, names)
+            res = this_run[name] = run_one(name, args.quick, names, this_run)
             run["scripts"][name] = res
             for r in res["results"]:
                 run["produced_by"][r] = f"bench_{name}"

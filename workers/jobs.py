@@ -242,6 +242,12 @@ def _backoff(attempt: int) -> float:
     return min(300.0, settings().retry_backoff_s * 2 ** max(0, attempt - 1))
 
 
+def _rule_index(rule: str | None, store: JobStore) -> int:
+    """Position of ``rule`` in the current rule set (SeriesNumber scheme); 9 if not there."""
+    names = [r.name for r in current_rules(store).rules]
+    return names.index(rule) if rule in names else 9
+
+
 def execute_job(
     job_id: int, store: JobStore | None = None, disp: Dispatcher | None = None
 ) -> Job | None:
@@ -309,7 +315,7 @@ def execute_job(
             calls.append(StepCall(st, st.validate(s.get("with") or {})))
         report = run_steps(
             source, calls, job.rule or "reprocess", work / "out",
-            description_suffix=job.description_suffix or "",
+            description_suffix=job.description_suffix or "", rule_index=_rule_index(job.rule, store),
         )  # fmt: skip
         for sr in report.steps:
             timings[sr.name] = timings.get(sr.name, 0.0) + sr.seconds

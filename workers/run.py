@@ -33,6 +33,7 @@ class PlannedJob:
     rule: str
     series: SeriesFiles
     calls: list[StepCall]
+    rule_index: int = 0
 
 
 @dataclass
@@ -136,7 +137,9 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
             progress(f"reading {res.series_description}")
         source = read_series(job.series)
         res.notes = list(source.notes)
-        report = run_steps(source, job.calls, job.rule, out_dir, progress=progress)
+        report = run_steps(
+            source, job.calls, job.rule, out_dir, progress=progress, rule_index=job.rule_index
+        )
         res.state = "done"
         res.steps = [
             {
@@ -167,17 +170,11 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
     return res
 
 
-DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
-
-
 def load_ruleset(path: Path | None = None):
-    """The rules in ``path``, or the built-in rules. Raises RulesError with file:line."""
-    import pydicom.datadict
+    """The rules in ``path``, else ``SPRIM_RULES_FILE``, else the built-in rules (RulesError if bad)."""
+    from workers.rulesource import load_rules_file, rules_path
 
-    from pipelines.rules import load_rules
-
-    keywords = set(pydicom.datadict.keyword_dict)
-    return load_rules(Path(path) if path else DEFAULT_RULES, keywords=keywords)
+    return load_rules_file(path or rules_path())
 
 
 def _is_image_series(s: SeriesFiles) -> bool:
@@ -223,7 +220,7 @@ def plan_rules(path: Path | None):
                 )
                 picked.add(id(src.attributes))
                 calls = [StepCall(rs.step, rs.params) for rs in m.steps]
-                jobs.append(PlannedJob(m.rule.name, src, calls))
+                jobs.append(PlannedJob(m.rule.name, src, calls, ruleset.rules.index(m.rule)))
             verdicts = explain(ruleset, attrs)
             for key, s in by_uid.items():
                 if key in picked:

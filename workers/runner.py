@@ -54,6 +54,7 @@ def run_steps(
     out_dir: Path,
     progress: Progress | None = None,
     description_suffix: str = "",
+    rule_index: int = 0,
 ) -> RunReport:
     """Run ``calls`` in order on ``source``; outputs go to ``out_dir``.
 
@@ -75,7 +76,14 @@ def run_steps(
         written: list[WrittenObject] = []
         for j, out in enumerate(outputs):
             prov = Provenance(
-                rule, call.step, call.params, i, j, f"{j}:{out.description}", description_suffix
+                rule,
+                call.step,
+                call.params,
+                step_index=i,
+                output_index=j,
+                output_key=f"{j}:{out.description}",
+                rule_index=rule_index,
+                description_suffix=description_suffix,
             )
             written += write_output(out, source, prov, out_dir)
         prior += outputs

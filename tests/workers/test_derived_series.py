@@ -263,7 +263,7 @@ def test_projection_views_keep_their_own_plane_and_validate(
     prov = Provenance("test", step, params, 1, 0, "0:rot")
     written = write_output(out, ct, prov, tmp_path)
     assert [w.path.name for w in written] == ["IM_0001.dcm", "IM_0002.dcm", "IM_0003.dcm"]
-    assert written[0].series_number == int(ct.first.SeriesNumber) * 100 + 11
+    assert written[0].series_number == int(ct.first.SeriesNumber) * 1000 + 11
     for k, w in enumerate(written):
         ds = pydicom.dcmread(w.path)
         np.testing.assert_allclose(

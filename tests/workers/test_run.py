@@ -46,7 +46,8 @@ def test_default_rules_on_demo_ct_write_mpr_set_and_summary(tmp_path: Path) -> N
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         assert ds.StudyInstanceUID == src.StudyInstanceUID
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID
-        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        if ds.Modality != "SR":  # SR references the SEG, it has no frame of reference
+            assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
 
     # Deterministic: the same run again gives the same UIDs, instance for instance.
     assert sprim_run(DEMO, "--out", tmp_path / "b").returncode == 0
@@ -87,3 +88,14 @@ def test_usage_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     assert r.returncode == 2 and "unknown step" in r.stdout
     r = sprim_run(DEMO, "--out", tmp_path, "--step", "reformat.mpr", "--set", "thickness_mm=-1")
     assert r.returncode == 2 and "thickness_mm" in r.stdout
+
+
+def test_default_rules_give_each_output_its_own_series_number(tmp_path: Path) -> None:
+    assert sprim_run(DEMO, "--out", tmp_path).returncode == 0
+    numbers: dict[int, set[str]] = {}
+    for f in tmp_path.rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        numbers.setdefault(int(ds.SeriesNumber), set()).add(ds.SeriesInstanceUID)
+    assert len(numbers) >= 10  # MPR x3, lungs/body SEG+SR, lung STL, bone SEG+SR+STL, MIP
+    assert all(len(uids) == 1 for uids in numbers.values()), numbers
+    assert all(n // 1000 == 201 for n in numbers)  # sorted right after source series 201

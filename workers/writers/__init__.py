@@ -20,8 +20,9 @@ from workers.uids import OutputUIDs
 class Provenance:
     """What produced an output: the rule (or requester), the step, its params, its place in the job.
 
-    ``step_index`` (0-based position of the step in the job) and ``output_index`` (position of the
-    output among the step's outputs) feed the SeriesNumber scheme.
+    ``rule_index`` (position of the rule in its rule set), ``step_index`` (position of the step in
+    the job) and ``output_index`` (position of the output among the step's outputs) feed the
+    SeriesNumber scheme, so outputs of different rules on one source never share a number.
     """
 
     rule: str
@@ -30,6 +31,7 @@ class Provenance:
     step_index: int = 0
     output_index: int = 0
     output_key: str = ""
+    rule_index: int = 0
     #: What a reprocessing request changed ("thickness_mm=5"), appended to SeriesDescription.
     description_suffix: str = ""
 

@@ -310,21 +310,26 @@ def contributing_equipment(prov: Provenance, source_header: Dataset | None = Non
 
 
 def derived_series_number(source_header: Dataset, prov: Provenance, sub_index: int = 0) -> int:
-    """SeriesNumber of a derived series: ``source * 100 + 10 * step + output + sub + 1``.
+    """SeriesNumber of a derived series: ``source * 1000 + 100 * rule + 10 * step + output + 1``.
 
-    The derived numbers of source series N are N01..N99, so they sort right after their source in
-    a viewer and never equal a source series number below 100 * N; distinct steps (up to 10) and
-    outputs (up to 9 per step) of one job get distinct numbers. ``sub_index`` separates several
-    objects written from one output (e.g. SEG = 0, SR = 1). A source without SeriesNumber uses
-    999 (99901...), a range scanners rarely use.
+    The derived numbers of source series N are N001..N999, so they sort right after their source
+    in a viewer and never equal a source series number below 1000 * N; distinct rules (up to 10),
+    steps (up to 10) and outputs (up to 9 per step) get distinct numbers: source 201 gives 201001
+    (rule 0, step 0, first output) ... 201121 (rule 1, step 2). ``sub_index`` separates several
+    objects written from one output (SEG = 0, SR = 1). A source without SeriesNumber uses 999.
     """
     try:
         base = int(source_header.get("SeriesNumber") or 999)
     except (TypeError, ValueError):
         base = 999
-    offset = 10 * min(prov.step_index, 9) + min(prov.output_index + sub_index, 8) + 1
-    number = abs(base) * 100 + offset
-    return number if number < 2**31 else 99900 + offset  # IS is a signed 32-bit integer
+    offset = (
+        100 * min(prov.rule_index, 9)
+        + 10 * min(prov.step_index, 9)
+        + min(prov.output_index + sub_index, 8)
+        + 1
+    )
+    number = abs(base) * 1000 + offset
+    return number if number < 2**31 else 999000 + offset  # IS is a signed 32-bit integer
 
 
 def series_description(
