@@ -100,7 +100,7 @@ def run_cmd(
         proc = subprocess.Popen(
             list(map(str, cmd)), cwd=cwd or ROOT, env=environ or env(), stdout=fo, stderr=fe
         )
-        timer = threading.Timer(timeout, proc.kill)
+        timer = threading.Timer(timeout, _stop, (proc,))
         timer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
@@ -114,6 +114,20 @@ def run_cmd(
     if check and proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {shlex.join(map(str, cmd))}\n{err[-1500:]}")
     return Sample(seconds, usage.ru_maxrss / 1024.0, out)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 90.0) -> None:
+    """Time limit: SIGTERM first (a bench script then stops the services it started), then kill."""
+    proc.terminate()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.2)
+    proc.kill()
 
 
 def run_python(code: str, *args: str, timeout: float = 900.0) -> Sample:
@@ -352,7 +366,7 @@ class Platform:
         if self.worker and self.worker.poll() is None:
             self.worker.terminate()
             try:
-                self.worker.wait(60)
+                self.worker.wait(30)  # warm shutdown: running jobs may finish
             except subprocess.TimeoutExpired:
                 os.killpg(self.worker.pid, 9)  # the worker's own group: main + pool processes
                 self.worker.wait()
