@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export TCP_NODELAY := 1
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test lint bench sysdeps services venv clean
+.PHONY: demo test lint bench sysdeps services benchdeps venv clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -27,10 +27,19 @@ sysdeps:
 	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-# RabbitMQ on 127.0.0.1:5672 (started if not running).
+# RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 (started if not running).
 services: sysdeps
 	@if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then echo "starting rabbitmq"; \
 	  rabbitmq-server -detached; for i in $$(seq 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done; fi
+	@if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && command -v pg_ctlcluster >/dev/null; then \
+	  echo "starting postgresql"; pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -1) main start || true; fi
+
+# Peers the benchmarks compare against.
+benchdeps:
+	@missing=""; for pair in plastimatch:plastimatch dcm2niix:dcm2niix; do bin=$${pair%%:*}; \
+	  command -v $$bin >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 demo: venv
 	$(BIN)/sprim run demo/ct-abdomen --out $(DEMO_OUT)
@@ -43,7 +52,7 @@ lint: venv
 test: venv services lint
 	$(BIN)/pytest -q
 
-bench: venv services
+bench: venv services benchdeps
 	$(BIN)/python -m bench
 
 clean:

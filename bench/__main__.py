@@ -132,6 +132,7 @@ def main() -> None:
         run = {
             "date": now(),
             "mode": "quick" if args.quick else "full",
+            "only": args.only or [],
             "machine": machine(),
             "load_start": [round(x, 2) for x in os.getloadavg()],
             "scripts": dict(previous.get("scripts") or {}) if args.only else {},

@@ -1,8 +1,8 @@
 """End to end: the default CT rule through Orthanc and RabbitMQ, throughput, cost vs slices.
 
 1. **Cost vs slice count** (no services): a fresh process per run reads a synthetic 512² CT of
-   100/200/400/800 slices and runs the built-in rules' steps on it (what ``sprim run`` does,
-   start-up excluded), writing DICOM; a least-squares line gives cost per slice and R².
+   100/200/400/800 slices and runs the built-in MPR rule on it (what ``sprim run`` does for that
+   rule, start-up excluded), writing DICOM; a least-squares line gives cost per slice and R².
 2. **Stages** (no services; skipped when ``bench_3d.py`` exists): segmentations, bone mesh and
    rotating MIP on the 400-slice CT, each step and its DICOM write timed apart.
 3. **Platform**: a private Orthanc (DICOMweb, StableAge 2 s), a private RabbitMQ vhost,
@@ -62,6 +62,8 @@ found = scan(Path(sys.argv[1]))
 t["scan"] = time.perf_counter() - t0
 jobs, _ = plan(found)
 t["route"] = time.perf_counter() - t0 - t["scan"]
+if sys.argv[2] != "*":  # one rule (the MPR rule by default): a steady unit of work per slice
+    jobs = [j for j in jobs if j.rule == sys.argv[2]] or jobs
 out = {"startup_s": startup, "jobs": len(jobs), "rules": sorted({j.rule for j in jobs})}
 with tempfile.TemporaryDirectory(prefix="sprim-bench-cost-") as tmp:
     for j in jobs:
@@ -152,6 +154,10 @@ def _stage_rows(st: dict[str, Any], cmd: str) -> list[dict]:
     return rows
 
 
+#: The built-in rule timed by the cost-vs-slices part ("*": every rule that matches).
+COST_RULE = "ct-volume-mpr"
+
+
 def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
     """Least-squares line ``y = slope * x + intercept`` and its R²."""
     n = len(xs)
@@ -165,12 +171,12 @@ def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
     return {"slope": slope, "intercept": icpt, "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
 
 
-def cost_vs_slices(sizes: list[int], runs: int) -> dict[str, Any]:
-    """Read + default-rule steps + DICOM write per slice count, each run a fresh process."""
+def cost_vs_slices(sizes: list[int], runs: int, rule: str = COST_RULE) -> dict[str, Any]:
+    """Read + the rule's steps + DICOM write per slice count, each run a fresh process."""
     points = []
     for n in sizes:
         folder = synthetic_series(n)
-        _, samples = repeat(lambda f=folder: run_python(COST, str(f)), runs)
+        _, samples = repeat(lambda f=folder: run_python(COST, str(f), rule), runs)
         totals = [s.inner["stages"]["total"] for s in samples]
         med = samples[totals.index(statistics.median_low(totals))].inner
         volume_mb = n * 512 * 512 * 2 / 2**20
@@ -215,14 +221,15 @@ def _cost_rows(cost: dict[str, Any], cmd: str) -> list[dict]:
             f"R² {line['r2']:.3f}; fit of the minimums {low['slope'] * 1000:.2f} ms/slice, R² "
             f"{low['r2']:.3f}; over {sizes} slices ({medians})"
         )
-        what = "cost vs slice count: read + default rule + write (slope)"
+        rules = ", ".join(sorted({r for p in pts for r in p["rules"]}))
+        what = f"cost vs slice count: read + rule {rules} + write (slope)"
         rows.append(row("e2e.cost_slope", what, line["slope"] * 1000, "ms/slice", detail=detail,
                         command=cmd))  # fmt: skip
         what = "cost vs slice count: linearity (R² of the fit of the medians)"
         rows.append(row("e2e.cost_r2", what, line["r2"], "", target=0.98, op=">=", command=cmd))
     for p in pts:
         st = ", ".join(f"{k} {v:.2f}" for k, v in p["stages_s"].items() if k != "total")
-        rows.append(row(f"e2e.cost.{p['slices']}", f"read + default rule + write, {p['slices']} "
+        rows.append(row(f"e2e.cost.{p['slices']}", f"read + rule + write, {p['slices']} "
                         f"slices (rules: {', '.join(p['rules']) or 'none'})",
                         p["total_s"]["median"], "s", detail=f"min {p['total_s']['min']:.2f}, "
                         f"max {p['total_s']['max']:.2f}; {st}", command=cmd))  # fmt: skip
@@ -436,6 +443,7 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=None, help="Studies in the throughput stream.")
     ap.add_argument("--stream-slices", type=int, default=None, help="Slices per stream study.")
     ap.add_argument("--latency-slices", type=int, default=None)
+    ap.add_argument("--cost-rule", default=COST_RULE, help='Rule timed vs slices ("*": all).')
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["cost", "stages", "platform", "fetch"])  # fmt: skip
     args = ap.parse_args()
@@ -445,7 +453,7 @@ def main() -> None:
     raw: dict[str, Any] = {"runs": runs}
     rows: list[dict] = []
     parts = {
-        "cost": lambda: cost_vs_slices(sizes, runs),
+        "cost": lambda: cost_vs_slices(sizes, runs, args.cost_rule),
         "stages": lambda: stages(100 if args.quick else 400, runs),
         "platform": lambda: platform_bench(
             latency_slices=args.latency_slices or (100 if args.quick else 400),

@@ -64,7 +64,7 @@ TARGETS: tuple[Target, ...] = (
            (("e2e", "row:e2e.worker_rss_ratio"), ("e2e", "row:e2e.rss_ratio.400"))),
     Target("cost_linear", "6", "cost grows linearly with slices, 100 → 800 (R² of a line; the "
            "0.98 bar is ours)", ">=", 0.98, "", (("e2e", "row:e2e.cost_r2"),)),
-    Target("cost_slope", "6", "cost per slice: read + default rule + write", "", None,
+    Target("cost_slope", "6", "cost per slice: read + MPR rule + write", "", None,
            "ms/slice", (("e2e", "row:e2e.cost_slope"),)),
     Target("read_s", "2", "series read, 400 x 512²", "<=", 1.0, "s",
            (("read", "key:^read_s$"), ("peers", "row:issue2.read_s"))),
@@ -285,6 +285,10 @@ def render(results: dict[str, dict], run: dict[str, Any]) -> str:
         f"{run.get('seconds', 0):.0f} s; load average at start {run.get('load_start', 'n/a')}, "
         f"at end {run.get('load_end', 'n/a')}",
     ]
+    if run.get("seconds") and run.get("mode") == "full" and not run.get("only"):
+        ok = "within" if run["seconds"] <= 900 else "**over**"
+        lines.append(f"- **Duration** of `make bench`: {run['seconds'] / 60:.1f} min ({ok} the "
+                     "15 min budget)")  # fmt: skip
     if (run.get("load_start") or [0])[0] > 1.0 or (run.get("load_end") or [0])[0] > 1.0:
         lines.append(
             "- **Under load**: other work shared these 2 cores during the run; figures are "

@@ -165,7 +165,14 @@ def test_default_rules_file_is_valid():
     from workers.rulesource import DEFAULT_RULES, load_rules_file
 
     rs = load_rules_file(DEFAULT_RULES)
-    assert {"reformat.mpr"} == {s.use for r in rs.rules for s in r.run}
+    assert {s.use for r in rs.rules for s in r.run} == {
+        "reformat.mpr",
+        "segment.lungs",
+        "segment.body",
+        "segment.bone",
+        "mesh.surface",
+        "projection.rotating_mip",
+    }
 
 
 def test_hot_reload_keeps_good_rules_on_a_bad_edit(tmp_path):
