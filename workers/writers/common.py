@@ -166,6 +166,20 @@ def copy_attributes(src: Dataset, dst: Dataset, keywords: tuple[str, ...]) -> No
             dst[elem.tag] = copy.deepcopy(elem)
 
 
+#: Type 2 Patient / General Study attributes: present (maybe empty) in every object we write.
+PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
 def copy_patient_study(src: Dataset, dst: Dataset) -> None:
     """Copy Patient, General Study, Patient Study and Clinical Trial modules; type 2 kept present.
 
@@ -176,17 +190,7 @@ def copy_patient_study(src: Dataset, dst: Dataset) -> None:
         dst,
         PATIENT_KEYWORDS + STUDY_KEYWORDS + PATIENT_STUDY_KEYWORDS + CLINICAL_TRIAL_KEYWORDS,
     )
-    for kw in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
-    ):
+    for kw in PATIENT_STUDY_TYPE2:
         if kw not in dst:
             setattr(dst, kw, "")
     _repair_deidentification(dst)

@@ -22,6 +22,7 @@ from pipelines import Code, Labelmap
 from workers.source import SourceSeries
 from workers.writers import Provenance, WrittenObject, writer
 from workers.writers.common import (
+    PATIENT_STUDY_TYPE2,
     SPRIM,
     SPRIM_MODEL,
     contributing_equipment,
@@ -114,23 +115,9 @@ def _plane_geometry(
     return positions, orientation, measures
 
 
-#: Type 2 attributes highdicom copies from the source (it fails when a scanner omitted them).
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
-
 def _with_type2(headers: list[Dataset]) -> list[Dataset]:
     """``headers``, as copies with empty values added when some type 2 attribute is missing."""
-    missing = [kw for kw in _TYPE2 if kw not in headers[0]]
+    missing = [kw for kw in PATIENT_STUDY_TYPE2 if kw not in headers[0]]  # highdicom needs them
     if not missing:
         return headers
     out = []
