@@ -50,7 +50,7 @@ lint: venv
 	$(BIN)/lint-imports
 
 test: venv services lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 bench: venv services benchdeps
 	$(BIN)/python -m bench
