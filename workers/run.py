@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines import StepError, get_step
-from pipelines.rules import RulesError  # noqa: E402,F401  (re-exported for the CLI)
+from pipelines.rules import RulesError  # noqa: F401  (the CLI catches it from here)
 from workers.runner import StepCall, run_steps
 from workers.series import SeriesFiles, read_series, scan
 from workers.source import SeriesError
@@ -208,7 +208,7 @@ def plan_rules(path: Path | None):
             by_study.setdefault(str(s.attributes.get("StudyInstanceUID", "")), []).append(s)
         jobs, unmatched = [], []
         for series in by_study.values():
-            by_uid = {id(s.attributes): s for s in series}
+            by_key = {id(s.attributes): s for s in series}
             attrs = [s.attributes for s in series]
             picked: set[int] = set()
             for m in route(ruleset, attrs):
@@ -222,7 +222,7 @@ def plan_rules(path: Path | None):
                 calls = [StepCall(rs.step, rs.params) for rs in m.steps]
                 jobs.append(PlannedJob(m.rule.name, src, calls, ruleset.rules.index(m.rule)))
             verdicts = explain(ruleset, attrs)
-            for key, s in by_uid.items():
+            for key, s in by_key.items():
                 if key in picked:
                     continue
                 uid = s.attributes.get("SeriesInstanceUID")
