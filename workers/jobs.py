@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from pipelines import StepError, canonical_params, get_step
 from pipelines.rules import Match, explain, route
-from workers.archive import Archive, ArchiveError, open_archive
+from workers.archive import Archive, ArchiveError, destination_for, open_archive
 from workers.config import settings
 from workers.dispatch import Dispatcher, InProcessDispatcher, RetryLater, dispatcher, set_dispatcher
 from workers.jobstore import Job, JobStore, open_store
@@ -163,7 +163,10 @@ def submit_study(
     for m in matches:
         steps = _steps_of(m)
         n = m.series.get("NumberOfSeriesRelatedInstances")
-        key = job_key(m.rule.name, m.series_uid, steps, n, m.rule.destination)
+        # The rule's destination, else SPRIM_DESTINATIONS by source archive or institution,
+        # else (None) the archive the study came from.
+        dest = m.rule.destination or destination_for(ctx["source"], inst)
+        key = job_key(m.rule.name, m.series_uid, steps, n, dest)
         if store.list(job_key=key, state=("queued", "running", "done"), limit=1):
             log.info(
                 "event=skip_duplicate rule=%s study=%s series=%s",
@@ -174,7 +177,7 @@ def submit_study(
             continue
         j = store.create_job(
             rule=m.rule.name, study_uid=study_uid, series_uid=m.series_uid, institution=inst,
-            source=ctx["source"], archive=spec, destination=m.rule.destination,
+            source=ctx["source"], archive=spec, destination=dest,
             priority=m.rule.priority_level, steps=steps, job_key=key, context=ctx,
             actor="rules:" + ruleset.digest,
         )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -220,3 +221,24 @@ def test_rules_simulate_over_known_studies(sprim_env, store_url):
         r.output.split()
     )
     assert "mr-new" in r.output and "new" in r.output
+
+
+def test_destinations_send_outputs_of_an_institution_to_its_archive(
+    sprim_env, store_url, monkeypatch
+):
+    from workers import jobs
+    from workers.archive.folder import FolderArchive
+    from workers.config import settings
+    from workers.jobstore import open_store
+
+    regional = sprim_env / "regional"
+    monkeypatch.setenv("SPRIM_DESTINATIONS", json.dumps({"SITE B": str(regional)}))
+    settings.cache_clear()
+    archive = FolderArchive(sprim_env / "archive", name="local")
+    st, _ = write_study(sprim_env / "archive" / "in", institution="SITE B")
+    [j] = jobs.submit_study(st, archive, {})
+    done = open_store(store_url).get(j.id)
+    assert done.state == "done", done.error
+    out_uid = done.outputs[0]["series_uid"]
+    assert len(list((regional / st / out_uid).glob("*.dcm"))) == 3
+    assert not (sprim_env / "archive" / st / out_uid).exists()
