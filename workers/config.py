@@ -43,7 +43,9 @@ class Settings(BaseSettings):
         description="Jobs handed to the broker at once: set to the total worker slots (fairness bound).",
     )
     max_attempts: int = Field(
-        5, description="Attempts of a job on transient archive errors / lost workers."
+        8,
+        description="Attempts of a job on transient archive errors / lost workers "
+        "(8 with 2 s doubling backoff: about 4 min of archive outage survived).",
     )
     retry_backoff_s: float = Field(
         2.0, description="First retry delay; doubles per attempt (max 300 s)."
