@@ -154,6 +154,7 @@ def test_step_error_fails_without_retry(sprim_env, store_url):
 def test_transient_archive_errors_retry_with_backoff_then_fail(sprim_env, store_url, monkeypatch):
     from workers import jobs
     from workers.archive import ArchiveError
+    from workers.config import settings
     from workers.jobstore import open_store
 
     class Down:
@@ -163,6 +164,8 @@ def test_transient_archive_errors_retry_with_backoff_then_fail(sprim_env, store_
             raise ArchiveError("connection refused", transient=True)
 
     monkeypatch.setitem(jobs._ARCHIVES, "down://", Down())
+    monkeypatch.setenv("SPRIM_MAX_ATTEMPTS", "5")
+    settings.cache_clear()
     store = open_store(store_url)
     j = store.create_job(rule="t", study_uid="1", series_uid="2", institution="A", archive="down://",
                          steps=[{"use": "test.touch"}])  # fmt: skip
