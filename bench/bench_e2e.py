@@ -22,7 +22,6 @@ Run: ``.venv/bin/python -m bench.bench_e2e [--quick] [--runs 3] [--skip cost sta
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ import requests
 from bench.common import (
     Platform,
     command_line,
+    print_result,
     repeat,
     row,
     run_cmd,
@@ -475,11 +475,7 @@ def main() -> None:
                 rows.append(row(f"e2e.{name}", name, None, "", detail=raw[name]["error"]))
                 continue
         rows += to_rows[name](raw[name], cmd)
-    path = write_result("e2e", rows, raw, cmd)
-    for r in json.loads(path.read_text())["rows"]:
-        v = "n/a" if r["value"] is None else f"{r['value']:.3g} {r['unit']}"
-        print(f"  {r['what']:<72} {v:>12}  {r['detail'][:120]}")
-    print(f"-> {path}")
+    print_result(write_result("e2e", rows, raw, cmd))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Run: ``.venv/bin/python -m bench.bench_peers [--quick] [--slices 400] [--runs 3]
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import socket
@@ -31,6 +30,7 @@ from bench.common import (
     cat_floor,
     command_line,
     env,
+    print_result,
     repeat,
     row,
     run_cmd,
@@ -315,11 +315,7 @@ def main() -> None:
     if "receive" not in args.skip:
         raw["receive"] = receive_vs_storescp(synth, runs)
     cmd = command_line("bench.bench_peers")
-    path = write_result("peers", _rows(raw, cmd), raw, cmd)
-    for r in json.loads(path.read_text())["rows"]:
-        v = "n/a" if r["value"] is None else f"{r['value']:.2f} {r['unit']}"
-        print(f"  {r['what']:<70} {v:>10}  {r['detail']}")
-    print(f"-> {path}")
+    print_result(write_result("peers", _rows(raw, cmd), raw, cmd))
 
 
 if __name__ == "__main__":

@@ -238,6 +238,14 @@ def write_result(name: str, rows: list[dict], raw: dict[str, Any], command: str)
     return path
 
 
+def print_result(path: Path) -> None:
+    """One console line per row of a written result file, then its path."""
+    for r in json.loads(path.read_text())["rows"]:
+        v = "n/a" if r["value"] is None else f"{r['value']:.3g} {r['unit']}"
+        print(f"  {r['what']:<72} {v:>12}  {r['detail'][:120]}")
+    print(f"-> {path}")
+
+
 def synthetic_series(n_slices: int, seed: int = 0, size: int = 512) -> Path:
     """A cached synthetic CT folder of ``n_slices`` x ``size``² (bench.synthetic, seeded)."""
     folder = DATA / f"ct-{n_slices}x{size}-seed{seed}"

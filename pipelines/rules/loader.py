@@ -120,6 +120,11 @@ class _Ctx:
     def fail(self, msg: str, line: int) -> RulesError:
         return RulesError(msg, self.file, line)
 
+    def one_of(self, value: Any, known: Collection[str], what: str, line: int) -> None:
+        """Refuse ``value`` unless it is one of ``known``: ``what 'x'; known: a, b``."""
+        if value not in known:
+            raise self.fail(f"{what} {value!r}; known: {', '.join(known)}", line)
+
     def conditions(self, spec: Any, where: str, line: int) -> tuple[Condition, ...]:
         if spec is None:
             return ()
@@ -201,11 +206,7 @@ class _Ctx:
         if not isinstance(trig, dict) or set(trig) - {"on", "quiet_period"}:
             raise self.fail(f"rule {name}: trigger takes 'on' and 'quiet_period'", tline)
         on = trig.get("on", "study_stable")
-        if on not in TRIGGERS:
-            raise self.fail(
-                f"rule {name}: trigger on {on!r}; known: {', '.join(TRIGGERS)}",
-                _line(trig, "on", tline),
-            )
+        self.one_of(on, TRIGGERS, f"rule {name}: trigger on", _line(trig, "on", tline))
         try:
             quiet = parse_duration(trig.get("quiet_period", 0))
         except ValueError as e:
@@ -217,17 +218,9 @@ class _Ctx:
         if not isinstance(sel, dict) or (extra := set(sel) - {"where", "exclude", "prefer"}):
             raise self.fail(f"rule {name}: select_series takes where, exclude, prefer", sline)
         prefer = sel.get("prefer", "first")
-        if prefer not in PREFER:
-            raise self.fail(
-                f"rule {name}: prefer {prefer!r}; known: {', '.join(PREFER)}",
-                _line(sel, "prefer", sline),
-            )
+        self.one_of(prefer, PREFER, f"rule {name}: prefer", _line(sel, "prefer", sline))
         prio = r.get("priority", "normal")
-        if prio not in PRIORITIES:
-            raise self.fail(
-                f"rule {name}: priority {prio!r}; known: {', '.join(PRIORITIES)}",
-                _line(r, "priority", line),
-            )
+        self.one_of(prio, PRIORITIES, f"rule {name}: priority", _line(r, "priority", line))
         run = r.get("run")
         rline = _line(r, "run", line)
         if not isinstance(run, list) or not run:
