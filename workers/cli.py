@@ -10,10 +10,27 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from typer.core import TyperGroup
+
 from pipelines import all_steps
+
+
+class _Sprim(TyperGroup):
+    """Every command: a job store that cannot answer is one line and exit 3, not a traceback."""
+
+    def invoke(self, ctx):
+        from workers.jobstore import UNREACHABLE, unreachable
+
+        try:
+            return super().invoke(ctx)
+        except UNREACHABLE as e:
+            Console(stderr=True).print(f"[red]error:[/] {unreachable(e)}", highlight=False)
+            raise typer.Exit(3) from None
+
 
 app = typer.Typer(
     name="sprim",
+    cls=_Sprim,
     help="Shared post-processing for medical imaging: DICOM in, derived DICOM out.",
     no_args_is_help=True,
     add_completion=False,
@@ -24,8 +41,10 @@ console = Console()
 @app.callback()
 def _root() -> None:
     """Shared post-processing for medical imaging: DICOM in, derived DICOM out."""
+    from workers.phi import quiet_phi_warnings
     from workers.plugins import load_plugins
 
+    quiet_phi_warnings()  # before any writer runs: some library warnings print patient names
     load_plugins()  # SPRIM_PLUGINS site step modules, before any command lists or runs steps
 
 
@@ -101,6 +120,21 @@ def run_cmd(
         raise typer.Exit(1)
 
 
+_STATE_SHOWN = {
+    "done": "[green]done[/]",
+    "partial": "[yellow]partial[/]",
+    "failed": "[red]failed[/]",
+}
+
+
+def _failure(f: dict) -> str:
+    return (
+        f"{f['step']} ({f['output']}): {f['reason']}"
+        if f["output"]
+        else f"{f['step']}: {f['reason']}"
+    )
+
+
 def _print_summary(summary) -> None:
     table = Table(title=f"sprim run — {summary.series_found} series found, {summary.seconds:.1f} s")
     for col in ("series", "rule", "state", "outputs", "seconds", "detail"):
@@ -112,10 +146,12 @@ def _print_summary(summary) -> None:
         table.add_row(
             f"{j.modality} {j.series_description}",
             j.rule,
-            "[green]done[/]" if j.state == "done" else "[red]failed[/]",
+            _STATE_SHOWN.get(j.state, j.state),
             "\n".join(f"{n} {d}" for n, d in outs),
             f"{j.seconds:.2f}",
-            j.error or "; ".join(j.notes),
+            "\n".join(f"failed: {_failure(f)}" for f in j.failures)
+            or j.error
+            or "; ".join(j.notes),
         )
     for u in summary.unmatched:
         table.add_row(u.get("series", ""), "—", "not selected", "", "", u.get("reason", ""))

@@ -42,11 +42,13 @@ class JobResult:
     series_uid: str
     series_description: str
     modality: str
-    state: str  # done | failed
+    state: str  # done | partial (some outputs failed) | failed
     seconds: float
     error: str = ""
     notes: list[str] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
+    #: Each output (or whole step, output "") that could not be made: step, output, reason.
+    failures: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -140,7 +142,9 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
         report = run_steps(
             source, job.calls, job.rule, out_dir, progress=progress, rule_index=job.rule_index
         )
-        res.state = "done"
+        res.failures = [asdict(f) for f in report.failures]
+        res.error = "; ".join(str(f) for f in report.failures)
+        res.state = "done" if report.complete else "partial" if report.written else "failed"
         res.steps = [
             {
                 "step": s.name,

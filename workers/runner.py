@@ -1,10 +1,16 @@
 """Run a job's steps on one source series and write every output as DICOM.
 
 The same code runs in ``sprim run``, in the embedded job executor and in Celery workers.
+
+Outputs fail one by one: a step that refuses the volume, or a writer that cannot write one
+output, is recorded in :attr:`RunReport.failures` and the run goes on with the other steps and
+outputs. A step that needs the output of a failed step (a mesh of the lungs after
+``segment.lungs`` failed) is not run and is reported as failed for that reason.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,8 +19,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines import Output, Step, StepError
-from workers.source import SourceSeries
+from workers.source import SeriesError, SourceSeries
 from workers.writers import Provenance, WrittenObject, write_output
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,17 +42,57 @@ class StepReport:
     outputs: list[WrittenObject] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class OutputFailure:
+    """One output (or a whole step, ``output == ""``) that could not be made."""
+
+    step: str
+    output: str
+    reason: str
+
+    def __str__(self) -> str:
+        what = f"{self.step} ({self.output})" if self.output else self.step
+        return f"{what}: {self.reason}"
+
+
 @dataclass
 class RunReport:
     source_series_uid: str
     steps: list[StepReport] = field(default_factory=list)
+    failures: list[OutputFailure] = field(default_factory=list)
 
     @property
     def written(self) -> list[WrittenObject]:
         return [w for s in self.steps for w in s.outputs]
 
+    @property
+    def complete(self) -> bool:
+        """Every step ran and every output was written."""
+        return not self.failures
+
 
 Progress = Callable[[str], None]
+
+
+def _reason(e: Exception, what: str) -> str:
+    """An input defect in its own words; anything else as an internal error (traceback logged)."""
+    if isinstance(e, SeriesError | StepError):
+        return str(e)
+    log.exception("internal error in %s", what)
+    return f"internal error ({type(e).__name__})"
+
+
+def _needs(call: StepCall, earlier: Sequence[StepCall]) -> list[str]:
+    """Earlier steps of this job whose output ``call`` builds on (a segment named in its params)."""
+    from pipelines.steps.mesh import SEGMENT_STEPS
+
+    names = {c.step.name for c in earlier}
+    makers = [
+        SEGMENT_STEPS.get(v.strip().lower())
+        for k, v in call.params.model_dump().items()
+        if k.endswith("segment") and isinstance(v, str)
+    ]
+    return [m for m in dict.fromkeys(makers) if m in names]
 
 
 def run_steps(
@@ -58,21 +106,30 @@ def run_steps(
 ) -> RunReport:
     """Run ``calls`` in order on ``source``; outputs go to ``out_dir``.
 
-    Raises
-    ------
-    StepError
-        A step refused the input (deterministic: do not retry). The message names the step.
+    Never raises for a step or an output: each failure is in ``report.failures`` (see module
+    docstring) and what could be made is in ``report.written``.
     """
     report = RunReport(source.series_uid)
     prior: list[Output] = []
+    failed_steps: set[str] = set()
     for i, call in enumerate(calls):
+        name = call.step.name
         if progress:
-            progress(f"{call.step.name}")
+            progress(name)
+        lost = [n for n in _needs(call, calls[:i]) if n in failed_steps]
+        if lost:
+            failed_steps.add(name)
+            report.failures.append(
+                OutputFailure(name, "", f"needs the output of {lost[0]}, which failed")
+            )
+            continue
         t0 = time.perf_counter()
         try:
             outputs = call.step(source.volume, call.params, tuple(prior))
-        except StepError as e:
-            raise StepError(f"{call.step.name}: {e}") from e
+        except Exception as e:  # noqa: BLE001  (one step never takes the others down)
+            failed_steps.add(name)
+            report.failures.append(OutputFailure(name, "", _reason(e, name)))
+            continue
         written: list[WrittenObject] = []
         for j, out in enumerate(outputs):
             prov = Provenance(
@@ -85,11 +142,20 @@ def run_steps(
                 rule_index=rule_index,
                 description_suffix=description_suffix,
             )
-            written += write_output(out, source, prov, out_dir)
+            before = _files(out_dir)
+            try:
+                written += write_output(out, source, prov, out_dir)
+            except Exception as e:  # noqa: BLE001
+                for f in _files(out_dir) - before:  # no half-written output left behind
+                    f.unlink(missing_ok=True)
+                report.failures.append(
+                    OutputFailure(name, out.description, _reason(e, f"{name} {out.description}"))
+                )
+        # The step's outputs exist even when one could not be written: later steps use them.
         prior += outputs
         report.steps.append(
             StepReport(
-                call.step.name,
+                name,
                 call.step.version,
                 call.params.model_dump(mode="json"),
                 time.perf_counter() - t0,
@@ -97,3 +163,7 @@ def run_steps(
             )
         )
     return report
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
