@@ -94,6 +94,20 @@ class Settings(BaseSettings):
         1.0, description="Seconds between change-feed polls of `sprim watch`."
     )
 
+    # -- zip inputs (issue 9): an archive over a limit is refused whole --
+    zip_max_mb: int = Field(
+        4096, gt=0, description="Largest total uncompressed size (MB) of a zip input."
+    )
+    zip_max_ratio: int = Field(
+        200,
+        gt=1,
+        description="Largest compression ratio of a zip member over 1 MB (zip bombs expand ~1000x).",
+    )
+    zip_max_members: int = Field(100_000, gt=0, description="Most members in one zip input.")
+    zip_max_depth: int = Field(
+        1, ge=0, description="Zips inside zips opened: 1 = one level, 0 = none (deeper: skipped)."
+    )
+
     @property
     def work_dir(self) -> Path:
         return self.home / "work"

@@ -14,9 +14,6 @@ pixels are then read straight into the image buffer (no per-slice arrays, no flo
 from __future__ import annotations
 
 import logging
-import tempfile
-import zipfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 
 from pipelines.types import Volume
 from workers import pixels
+from workers.inputs import InputWalk, Skipped, why_unreadable
 from workers.source import SeriesError, SourceSeries
 from workers.stack import apply_plan, plan_stack
 
@@ -157,29 +155,14 @@ def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
     return ds, (offset if tag == pixel_tag else None)
 
 
-def _walk(inputs: Iterable[Path], keep: list[tempfile.TemporaryDirectory]) -> Iterable[Path]:
-    for p in inputs:
-        p = Path(p)
-        if p.is_dir():
-            yield from _walk(sorted(x for x in p.rglob("*") if x.is_file()), keep)
-        elif p.suffix.lower() == ".zip" and p.is_file() and zipfile.is_zipfile(p):
-            tmp = tempfile.TemporaryDirectory(prefix="sprim-zip-")
-            keep.append(tmp)
-            with zipfile.ZipFile(p) as zf:
-                for member in zf.infolist():
-                    # extract() sanitises absolute paths and '..' components.
-                    if not member.is_dir():
-                        zf.extract(member, tmp.name)
-            yield from _walk([Path(tmp.name)], keep)
-        elif p.is_file():
-            yield p
-
-
-def scan(inputs: Path | list[Path]) -> list[SeriesFiles]:
+def scan(inputs: Path | list[Path], skipped: list[Skipped] | None = None) -> list[SeriesFiles]:
     """Find the DICOM series in folders, files and ``.zip`` archives (headers only).
 
-    Non-DICOM files (text, LICENSE, DICOMDIR, NIfTI...) are skipped quietly. Zip archives are
-    extracted into a temporary folder that lives as long as the returned series do.
+    Files that are not DICOM images (text, LICENSE, DICOMDIR, NIfTI, unreadable headers) and
+    zip members or archives refused by :mod:`workers.inputs` are left out; each is appended to
+    ``skipped`` (name and reason) when given. One bad header never stops the scan of the
+    others. Zip archives are extracted into a temporary folder that lives as long as the
+    returned series do.
 
     Returns
     -------
@@ -187,31 +170,47 @@ def scan(inputs: Path | list[Path]) -> list[SeriesFiles]:
         One per (SeriesInstanceUID, SOPClassUID), sorted by study, SeriesNumber, UID.
     """
     paths = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    keep: list[tempfile.TemporaryDirectory] = []
+    walk = InputWalk()
     groups: dict[tuple[str, str], list[tuple[Path, Dataset, int | None]]] = {}
-    for path in _walk(paths, keep):
-        got = _read_header(path)
-        if got is None:
+    for path in walk.files(paths):
+        try:
+            got = _read_header(path)
+            if got is None:
+                walk.skip(path, why_unreadable(path))
+                continue
+            ds, offset = got
+            sop_class = str(pixels.value(ds, "SOPClassUID", ""))
+            uid = pixels.value(ds, "SeriesInstanceUID")
+        except Exception as e:  # noqa: BLE001  one malformed header must not stop the scan
+            walk.skip(path, f"unreadable DICOM header ({type(e).__name__}: {e})"[:240])
             continue
-        ds, offset = got
-        sop_class = str(pixels.value(ds, "SOPClassUID", ""))
-        uid = pixels.value(ds, "SeriesInstanceUID")
-        if not uid or sop_class in _SKIP_SOP_CLASSES:
-            continue
-        groups.setdefault((str(uid), sop_class), []).append((path, ds, offset))
-    keepalive = keep or None
+        if sop_class in _SKIP_SOP_CLASSES:
+            walk.skip(path, "DICOMDIR (an index, not an image)")
+        elif not uid or not isinstance(uid, str):
+            walk.skip(path, "DICOM file without a SeriesInstanceUID")
+        else:
+            groups.setdefault((str(uid), sop_class), []).append((path, ds, offset))
+    keepalive = walk.keep or None
     out = []
     for members in groups.values():
-        members.sort(key=lambda m: (_int(pixels.value(m[1], "InstanceNumber")), str(m[0])))
+        members.sort(key=lambda m: (_instance_number(m[1]), str(m[0])))
+        try:
+            attributes = series_attributes([m[1] for m in members])
+        except Exception as e:  # noqa: BLE001  a malformed series header costs that series only
+            for m in members:
+                walk.skip(m[0], f"unreadable series attributes ({type(e).__name__}: {e})"[:240])
+            continue
         out.append(
             SeriesFiles(
                 files=[m[0] for m in members],
-                attributes=series_attributes([m[1] for m in members]),
+                attributes=attributes,
                 headers=[m[1] for m in members],
                 pixel_offsets=[m[2] for m in members],
                 _keepalive=keepalive,
             )
         )
+    if skipped is not None:
+        skipped += walk.skipped
     out.sort(
         key=lambda s: (
             s.attributes.get("StudyInstanceUID", ""),
@@ -221,6 +220,13 @@ def scan(inputs: Path | list[Path]) -> list[SeriesFiles]:
         )
     )
     return out
+
+
+def _instance_number(ds: Dataset) -> int:
+    try:
+        return _int(pixels.value(ds, "InstanceNumber"))
+    except (TypeError, ValueError, OverflowError):  # non-numeric InstanceNumber: sorts last
+        return 2**31
 
 
 def _int(v: Any) -> int:
