@@ -91,11 +91,18 @@ def value(ds: Dataset, keyword: str, default: Any = None) -> Any:
     return nums[0] if len(nums) == 1 else nums
 
 
+def is_image_sop_class(sop_class_uid: str) -> bool:
+    """False for SOP classes that are not images to build a volume from (SR, SEG, PR, RT...)."""
+    sop = UID(str(sop_class_uid))
+    sop_name = sop.name if sop.is_valid else str(sop)
+    return not any(word in f" {sop_name} " for word in _NON_IMAGE)
+
+
 def check_image_series(name: str, headers: list[Dataset], offsets: list[int | None]) -> None:
     """Refuse non-image objects, colour images and series without pixel data."""
     sop = UID(str(headers[0].get("SOPClassUID", "")))
     sop_name = sop.name if sop.is_valid else str(sop)
-    if any(word in f" {sop_name} " for word in _NON_IMAGE):
+    if not is_image_sop_class(sop):
         raise SeriesError(
             f"{name}: not an image series ({sop_name}); only CT, MR and PET images make volumes"
         )
