@@ -62,6 +62,31 @@ class Settings(BaseSettings):
         "",
         description='API tokens -> institution, JSON {"token": "institution"}; "*" = all institutions.',
     )
+    # -- failure semantics (issue 11): leases, store outages, poison jobs --
+    lease_s: float = Field(
+        60.0,
+        gt=1,
+        description="Lease of a running job, renewed by its worker every quarter of it; a job "
+        "whose lease expired (worker lost, completion not recorded) is requeued.",
+    )
+    store_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long a worker retries an unreachable job store (backoff) before it "
+        "hands the job back to the broker.",
+    )
+    max_worker_losses: int = Field(
+        3,
+        ge=1,
+        description="A job whose worker died (killed, out of memory) this many times fails "
+        "as a poison job.",
+    )
+    job_memory_mb: int = Field(
+        0,
+        ge=0,
+        description="Address-space limit (MB) of each job process (RLIMIT_AS of Celery pool "
+        "processes); a job over it fails with its own reason. 0: no limit.",
+    )
     # -- archive loop (issue 5) --
     archives: dict[str, str] = Field(
         {},
@@ -93,7 +118,13 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(
         1.0, description="Seconds between change-feed polls of `sprim watch`."
     )
-
+    # -- input gate (issue 9) --
+    max_volume_mb: int = Field(
+        2048,
+        gt=0,
+        description="Largest volume or step output buffer (MB) sprim allocates for one series; "
+        "larger series are refused before their pixels are read.",
+    )
     # -- zip inputs (issue 9): an archive over a limit is refused whole --
     zip_max_mb: int = Field(
         4096, gt=0, description="Largest total uncompressed size (MB) of a zip input."

@@ -26,7 +26,12 @@ class SourceSeries:
     files : list[Path]
         The files the series was read from.
     notes : list[str]
-        What the reader corrected (e.g. "gantry tilt 18.5° resampled"), for the run summary.
+        What the reader corrected or accepted with a remark (e.g. "gantry tilt 18.5°
+        resampled"), for the run summary and the provenance.
+    frame_of_reference_uid : str
+        The one frame of reference every output uses: the source's; when the slices carried
+        different FrameOfReferenceUIDs but one consistent geometry, the first slice's in
+        volume order (with a note).
     """
 
     series_uid: str
@@ -37,6 +42,7 @@ class SourceSeries:
     volume: Volume
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    frame_of_reference_uid: str = ""
 
     @property
     def first(self) -> Dataset:
@@ -44,4 +50,13 @@ class SourceSeries:
 
 
 class SeriesError(Exception):
-    """A series cannot be made into a volume; the message names the series and the defect."""
+    """A series cannot be made into a volume; the message names the series and the defect.
+
+    ``code`` is the defect family, for reports and tests: "pixel-format", "geometry",
+    "identity", "size", "values", "unreadable", "not-image" or "series" (anything else about
+    the stack: missing slices, several images at one position...).
+    """
+
+    def __init__(self, message: str, code: str = "series") -> None:
+        super().__init__(message)
+        self.code = code

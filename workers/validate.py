@@ -1,0 +1,608 @@
+"""The input gate: every header value a volume is built from is checked here before use.
+
+Every series (folder, zip, listener store, DICOMweb fetch: all end in ``scan`` + ``read_series``)
+passes :func:`check_series` before any pixel buffer is allocated; slice geometry passes
+:func:`check_geometry` (called by :func:`workers.stack.plan_stack`) and the size of the
+volume to build :func:`check_volume_size`. A defect refuses the series with a
+:class:`~workers.source.SeriesError` whose ``code`` names the family and whose message names the
+series and the defect; tolerable quirks are accepted with a *note* (run summary, provenance).
+The policy table in ``docs/dicom.md`` ("Reading a series") lists every check; the constants
+below are its numbers.
+
+:func:`check_instance` is the same per-image check for one dataset (the C-STORE listener).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.charset import python_encoding
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from workers.config import settings
+from workers.source import SeriesError
+
+#: Rows and Columns of one image (a 2D slice larger than this is not a CT/MR/PET slice).
+MAX_MATRIX = 8192
+#: Plausible PixelSpacing and slice spacing, mm.
+MIN_SPACING_MM = 0.01
+MAX_SPACING_MM = 30.0
+#: Plausible |coordinate| of ImagePositionPatient, mm (10 m).
+MAX_POSITION_MM = 10_000.0
+#: |length - 1| of each ImageOrientationPatient vector accepted (then normalised).
+UNIT_TOLERANCE = 1e-2
+#: |cos(angle)| between the row and column vectors accepted (0.057°; then made exact).
+ORTHOGONAL_TOLERANCE = 1e-3
+#: float32 keeps every stored step when |intercept| <= this x |slope|.
+MAX_INTERCEPT_STEPS = 2.0**24
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Character set used when SpecificCharacterSet names one pydicom does not know.
+FALLBACK_CHARSET = "ISO_IR 100"
+
+NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
+_NON_IMAGE = (
+    "Segmentation",
+    " SR ",
+    "SR Storage",
+    "Report",
+    "Presentation State",
+    "RT Structure",
+    "RT Plan",
+    "RT Beams",
+    "RT Dose",
+    "Treatment",
+    "Key Object",
+    "Encapsulated",
+    "Registration",
+    "Raw Data",
+    "Waveform",
+    "Surface",
+    "Spectroscopy",
+    "Directory",
+)
+
+
+@dataclass
+class Accepted:
+    """What the gate hands the reader: checked values and notes.
+
+    Attributes
+    ----------
+    files, headers, offsets : list
+        The usable files of the series (unreadable ones removed, with a note).
+    notes : list[str]
+        Quirks accepted, for the run summary and the provenance.
+    """
+
+    files: list[Path]
+    headers: list[Dataset]
+    offsets: list[int | None]
+    notes: list[str] = field(default_factory=list)
+
+
+# --- reading raw header values safely ---------------------------------------------------------
+
+
+def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    from workers.pixels import value
+
+    return value(ds, keyword, default)
+
+
+def _numbers(ds: Dataset, keyword: str, n: int) -> list[float] | str:
+    """``n`` numbers of ``keyword``, or the words saying what is wrong with them."""
+    try:
+        got = _value(ds, keyword)
+    except (ValueError, TypeError):
+        return f"{keyword} is not a number"
+    if got is None:
+        return f"{keyword} is missing"
+    vals = got if isinstance(got, list) else [got]
+    if len(vals) != n:
+        return f"{keyword} has {len(vals)} values instead of {n}"
+    try:
+        out = [float(v) for v in vals]
+    except (ValueError, TypeError):
+        return f"{keyword} is not a number"
+    if not all(math.isfinite(v) for v in out):
+        return f"{keyword} is not finite ({', '.join(str(v) for v in out)})"
+    return out
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    try:
+        got = _value(ds, keyword, default)
+        return None if got is None else int(got)
+    except (ValueError, TypeError):
+        return None
+
+
+def is_multiframe(ds: Dataset) -> bool:
+    n = _int(ds, "NumberOfFrames", 1)
+    return "PerFrameFunctionalGroupsSequence" in ds or (n is not None and n > 1)
+
+
+# --- one instance -----------------------------------------------------------------------------
+
+
+def sop_class_defect(ds: Dataset) -> tuple[str, str] | None:
+    """(code, words) when the SOP class is not an image class sprim builds volumes from."""
+    raw = str(_value(ds, "SOPClassUID", "") or "")
+    if not raw:
+        return "identity", "SOPClassUID is missing"
+    uid = UID(raw)
+    name = uid.name if uid.is_valid else raw
+    if any(word in f" {name} " for word in _NON_IMAGE):
+        return "not-image", f"not an image series ({name}); only CT, MR and PET images make volumes"
+    if not uid.is_valid or uid.type != "SOP Class" or "Image Storage" not in name:
+        return "not-image", f"SOPClassUID {raw} is not a known image storage class"
+    return None
+
+
+def _uid_defects(ds: Dataset) -> list[tuple[str, str]]:
+    out = []
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        raw = str(_value(ds, kw, "") or "")
+        if not raw:
+            out.append(("identity", f"{kw} is missing"))
+        elif not UID(raw).is_valid:
+            out.append(("identity", f"{kw} {raw[:70]!r} is not a valid UID"))
+    return out
+
+
+def expected_pixel_bytes(ds: Dataset) -> int:
+    """Bytes of native PixelData the header describes."""
+    rows, cols = _int(ds, "Rows", 0) or 0, _int(ds, "Columns", 0) or 0
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    samples = _int(ds, "SamplesPerPixel", 1) or 1
+    bits = _int(ds, "BitsAllocated", 0) or 0
+    return rows * cols * frames * samples * bits // 8
+
+
+def _pixel_format_defects(ds: Dataset, pixel_bytes: int | None) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+
+    def bad(words: str) -> None:
+        out.append(("pixel-format", words))
+
+    samples = _int(ds, "SamplesPerPixel", 1)
+    photometric = str(_value(ds, "PhotometricInterpretation", "") or "")
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        bad(
+            f"colour images ({photometric or f'{samples} samples per pixel'}); "
+            "sprim builds greyscale volumes only"
+        )
+        return out
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    for kw, v in (("Rows", rows), ("Columns", cols)):
+        if v is None or not 1 <= v <= MAX_MATRIX:
+            bad(f"{kw} {v if v is not None else 'missing'} (1 to {MAX_MATRIX} expected)")
+    bits = _int(ds, "BitsAllocated")
+    stored = _int(ds, "BitsStored", bits)
+    high = _int(ds, "HighBit", None if stored is None else stored - 1)
+    rep = _int(ds, "PixelRepresentation", 0)
+    if bits not in (8, 16, 32):
+        bad(f"BitsAllocated {bits} (8, 16 or 32 expected)")
+    elif stored is None or not 1 <= stored <= bits:
+        bad(f"BitsStored {stored} does not fit BitsAllocated {bits}")
+    elif high != stored - 1:
+        bad(f"HighBit {high} is not BitsStored - 1 ({stored - 1})")
+    if rep not in (0, 1):
+        bad(f"PixelRepresentation {rep} (0 or 1 expected)")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames is None or frames < 1:
+        bad(f"NumberOfFrames {_value(ds, 'NumberOfFrames')!r} is not a positive number")
+    if not out and pixel_bytes is not None:
+        want = expected_pixel_bytes(ds)
+        if pixel_bytes not in (want, want + want % 2):
+            bad(
+                f"PixelData holds {pixel_bytes} bytes but {rows} x {cols} x {frames} frame(s) of "
+                f"{bits} bits need {want}"
+            )
+    return out
+
+
+def rescale_defect(slope: float, intercept: float, lo: int, hi: int) -> str | None:
+    """Why (slope, intercept) cannot be applied to stored values lo..hi in float32/int16."""
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        return f"RescaleSlope {slope} / RescaleIntercept {intercept} are not finite"
+    if slope == 0:
+        return "RescaleSlope is 0 (every pixel would have the same value)"
+    if abs(slope) * max(abs(lo), abs(hi)) + abs(intercept) > FLOAT32_MAX:
+        return f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} overflow 32-bit floats"
+    if abs(intercept) > MAX_INTERCEPT_STEPS * abs(slope):
+        return (
+            f"RescaleIntercept {intercept:g} is too large for RescaleSlope {slope:g}: the values "
+            "would lose their precision"
+        )
+    return None
+
+
+def _value_defects(ds: Dataset) -> list[tuple[str, str]]:
+    from workers.pixels import stored_range
+
+    got = []
+    for kw, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        try:
+            raw = _value(ds, kw)
+        except (ValueError, TypeError):
+            return [("values", f"{kw} is not a number")]
+        if raw is None:
+            got.append(default)
+            continue
+        v = _numbers(ds, kw, 1)
+        if isinstance(v, str):
+            return [("values", v)]
+        got.append(v[0])
+    why = rescale_defect(got[0], got[1], *stored_range(ds))
+    return [("values", why)] if why else []
+
+
+def _classic_geometry(ds: Dataset) -> tuple[list[float], list[float], list[float]] | str:
+    got = []
+    for kw, n in (
+        ("ImagePositionPatient", 3),
+        ("ImageOrientationPatient", 6),
+        ("PixelSpacing", 2),
+    ):
+        v = _numbers(ds, kw, n)
+        if isinstance(v, str):
+            return v
+        got.append(v)
+    return got[0], got[1], got[2]
+
+
+def _instance_defects(ds: Dataset, pixel_bytes: int | None) -> list[tuple[str, str]]:
+    sop = sop_class_defect(ds)
+    if sop is not None:
+        return [sop]
+    fmt = _pixel_format_defects(ds, pixel_bytes)
+    out = _uid_defects(ds) + fmt + ([] if fmt else _value_defects(ds))
+    if not is_multiframe(ds):
+        geo = _classic_geometry(ds)
+        if isinstance(geo, str):
+            out.append(("geometry", geo))
+        else:
+            out += [
+                ("geometry", w)
+                for _, w in geometry_defects(
+                    np.array([geo[0]]), np.array([geo[1]]), np.array([geo[2]])
+                )
+            ]
+        if "SliceThickness" in ds:
+            try:
+                t = _value(ds, "SliceThickness")
+                if t is not None and not (math.isfinite(float(t)) and float(t) >= 0):
+                    out.append(("geometry", f"SliceThickness {t} is not a length"))
+            except (ValueError, TypeError):
+                out.append(("geometry", "SliceThickness is not a number"))
+    return out
+
+
+def check_instance(ds: Dataset, pixel_bytes: int | None = None) -> list[str]:
+    """Defects of one image instance in plain words; [] if sprim can use it.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The header (pixel data may be present or not).
+    pixel_bytes : int, optional
+        Length of the native PixelData element, when known: must match the header.
+    """
+    if pixel_bytes is None and "PixelData" in ds:
+        ts = getattr(getattr(ds, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID")
+        if ts in NATIVE_SYNTAXES:
+            pixel_bytes = len(ds.PixelData)
+    return [words for _, words in _instance_defects(ds, pixel_bytes)]
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+
+def geometry_defects(
+    positions: np.ndarray, orientations: np.ndarray, spacings: np.ndarray
+) -> list[tuple[int, str]]:
+    """(index, words) of slices whose position, orientation or pixel spacing is not usable."""
+    out: list[tuple[int, str]] = []
+    finite_pos = np.isfinite(positions).all(axis=1)
+    finite_iop = np.isfinite(orientations).all(axis=1)
+    finite_sp = np.isfinite(spacings).all(axis=1)
+    for i in np.flatnonzero(~finite_pos):
+        out.append((int(i), "ImagePositionPatient is missing or not finite"))
+    for i in np.flatnonzero(~finite_iop):
+        out.append((int(i), "ImageOrientationPatient is missing or not finite"))
+    for i in np.flatnonzero(~finite_sp):
+        out.append((int(i), "PixelSpacing is missing or not finite"))
+    far = finite_pos & (
+        np.abs(np.where(finite_pos[:, None], positions, 0)).max(axis=1) > MAX_POSITION_MM
+    )
+    for i in np.flatnonzero(far):
+        out.append(
+            (
+                int(i),
+                f"ImagePositionPatient {positions[i].tolist()} is more than "
+                f"{MAX_POSITION_MM / 1000:g} m from the origin",
+            )
+        )
+    sp = np.where(finite_sp[:, None], spacings, 1.0)
+    odd = finite_sp & ((sp < MIN_SPACING_MM) | (sp > MAX_SPACING_MM)).any(axis=1)
+    for i in np.flatnonzero(odd):
+        out.append(
+            (
+                int(i),
+                f"PixelSpacing {spacings[i].tolist()} mm is outside "
+                f"{MIN_SPACING_MM:g}–{MAX_SPACING_MM:g} mm",
+            )
+        )
+    iop = np.where(finite_iop[:, None], orientations, 0.0)
+    r, c = iop[:, :3], iop[:, 3:]
+    nr, nc = np.linalg.norm(r, axis=1), np.linalg.norm(c, axis=1)
+    not_unit = finite_iop & ((np.abs(nr - 1) > UNIT_TOLERANCE) | (np.abs(nc - 1) > UNIT_TOLERANCE))
+    for i in np.flatnonzero(not_unit):
+        out.append(
+            (int(i), f"ImageOrientationPatient {orientations[i].tolist()} is not two unit vectors")
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.abs((r * c).sum(axis=1)) / (nr * nc)
+    skew = finite_iop & ~not_unit & (cos > ORTHOGONAL_TOLERANCE)
+    for i in np.flatnonzero(skew):
+        angle = math.degrees(math.acos(min(1.0, float(cos[i]))))
+        out.append(
+            (
+                int(i),
+                f"ImageOrientationPatient row and column directions are "
+                f"{angle:.2f}° apart, not perpendicular",
+            )
+        )
+    return out
+
+
+def check_geometry(
+    name: str,
+    positions: np.ndarray,
+    orientations: np.ndarray,
+    spacings: np.ndarray,
+    labels: Sequence[str] | None = None,
+) -> None:
+    """Refuse a stack whose slice positions, orientations or pixel spacings are unusable."""
+    bad = geometry_defects(positions, orientations, spacings)
+    if bad:
+        i, words = bad[0]
+        where = labels[i] if labels else f"image {i + 1}"
+        more = len({j for j, _ in bad}) - 1
+        also = f" (and {more} more)" if more > 0 else ""
+        raise SeriesError(f"{name}: {where}: {words}{also}", code="geometry")
+
+
+def check_slice_spacing(name: str, step: float) -> None:
+    if not MIN_SPACING_MM <= step <= MAX_SPACING_MM:
+        raise SeriesError(
+            f"{name}: slices {step:.2f} mm apart (plausible: {MIN_SPACING_MM:g}–"
+            f"{MAX_SPACING_MM:g} mm); this is not one volume",
+            code="geometry",
+        )
+
+
+# --- series -----------------------------------------------------------------------------------
+
+
+def pixel_data_length(path: Path, offset: int, ds: Dataset) -> tuple[int, int]:
+    """(value length, element header length) of PixelData at ``offset`` (cheap: 12 bytes)."""
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    big = ts == ExplicitVRBigEndian
+    with open(path, "rb") as fp:
+        fp.seek(offset)
+        head = fp.read(12)
+    if len(head) < 8:
+        return 0, len(head)
+    if ts != ImplicitVRLittleEndian and head[4:6] in (b"OB", b"OW", b"UN", b"OF", b"OD", b"OL"):
+        return int.from_bytes(head[8:12], "big" if big else "little"), 12
+    return int.from_bytes(head[4:8], "big" if big else "little"), 8
+
+
+def _pixel_bytes(path: Path, offset: int | None, ds: Dataset) -> tuple[int | None, str | None]:
+    """(native PixelData length, why the file is unreadable)."""
+    if offset is None:
+        return None, "it has no pixel data"
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        length, head = pixel_data_length(path, offset, ds)
+        size = os.path.getsize(path)
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    if length == 0xFFFFFFFF:
+        if ts in NATIVE_SYNTAXES:
+            return None, "its pixel data is compressed but the transfer syntax says uncompressed"
+        return None, None
+    if ts not in NATIVE_SYNTAXES:
+        return None, "its pixel data is uncompressed but the transfer syntax says compressed"
+    if offset + head + length > size:
+        return None, (
+            f"it is truncated (pixel data of {length} bytes, {size - offset - head} in the file)"
+        )
+    return length, None
+
+
+def _charset_note(headers: list[Dataset]) -> str | None:
+    """Unknown SpecificCharacterSet -> FALLBACK_CHARSET in every header, and a note."""
+    unknown: set[str] = set()
+    for h in headers:
+        cs = h.get("SpecificCharacterSet")
+        if cs is None:
+            continue
+        terms = [str(t) for t in (cs if not isinstance(cs, str) else [cs])]
+        bad = [t for t in terms if t.strip() and t.strip() not in python_encoding]
+        if bad:
+            unknown.update(bad)
+            h.SpecificCharacterSet = FALLBACK_CHARSET
+    if not unknown:
+        return None
+    return (
+        f"unknown character set {', '.join(sorted(unknown))}: text read as {FALLBACK_CHARSET} "
+        "(Latin-1)"
+    )
+
+
+def _first_defect(
+    name: str, files: list[Path], defects: list[list[tuple[str, str]]]
+) -> SeriesError | None:
+    hit = [(i, d) for i, d in enumerate(defects) if d]
+    if not hit:
+        return None
+    i, d = hit[0]
+    code, words = d[0]
+    more = len(hit) - 1
+    also = f" (and {more} more image{'s' if more > 1 else ''})" if more else ""
+    where = f"image {files[i].name}" if len(files) > 1 else f"{files[i].name}"
+    return SeriesError(f"{name}: {where}: {words}{also}", code=code)
+
+
+def check_series(
+    name: str,
+    files: list[Path],
+    headers: list[Dataset],
+    offsets: list[int | None],
+    unreadable: Sequence[tuple[Path, str]] = (),
+) -> Accepted:
+    """The series gate: pixel format, identity, values and sizes, before any pixel is read.
+
+    Raises
+    ------
+    SeriesError
+        With ``code`` "not-image", "pixel-format", "identity", "values", "geometry", "size" or
+        "unreadable" and a message naming the series, the file and the defect.
+    """
+    notes: list[str] = []
+    sop = sop_class_defect(headers[0])
+    if sop is not None:
+        raise SeriesError(f"{name}: {sop[1]}", code=sop[0])
+    lost = list(unreadable)
+    keep: list[int] = []
+    lengths: list[int | None] = []
+    for i, (f, h, o) in enumerate(zip(files, headers, offsets, strict=True)):
+        length, why = _pixel_bytes(f, o, h)
+        if why is not None:
+            lost.append((f, why))
+        else:
+            keep.append(i)
+            lengths.append(length)
+    if not keep:
+        f, why = lost[0]
+        if all(w == "it has no pixel data" for _, w in lost):
+            raise SeriesError(
+                f"{name}: no pixel data (header-only or float pixel data objects)",
+                code="pixel-format",
+            )
+        raise SeriesError(f"{name}: no readable image: {f.name}: {why}", code="unreadable")
+    files = [files[i] for i in keep]
+    headers = [headers[i] for i in keep]
+    offsets = [offsets[i] for i in keep]
+    if lost:
+        shown = "; ".join(f"{f.name}: {w}" for f, w in lost[:3])
+        more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        notes.append(f"{len(lost)} unreadable file(s) left out ({shown}{more})")
+
+    err = _first_defect(
+        name, files, [_instance_defects(h, n) for h, n in zip(headers, lengths, strict=True)]
+    )
+    if err is not None:
+        raise err
+    _check_consistent(name, files, headers)
+    charset = _charset_note(headers)
+    if charset:
+        notes.append(charset)
+    if (0x2005, 0x100E) in headers[0]:
+        notes.append(
+            "Philips private scale slope (2005,100E) present and not applied: values are "
+            "RescaleSlope/Intercept-scaled as displayed"
+        )
+    return Accepted(files, headers, offsets, notes)
+
+
+#: Values one volume's images must share (pixel format and identity).
+_SAME = (
+    ("pixel-format", ("Rows", "Columns"), "image sizes"),
+    ("pixel-format", ("BitsAllocated", "BitsStored", "PixelRepresentation"), "pixel formats"),
+    ("pixel-format", ("PhotometricInterpretation",), "photometric interpretations"),
+    ("identity", ("PatientID",), "patients (PatientID)"),
+    ("identity", ("StudyInstanceUID",), "studies (StudyInstanceUID)"),
+    ("identity", ("SeriesInstanceUID",), "series (SeriesInstanceUID)"),
+)
+
+
+def _check_consistent(name: str, files: list[Path], headers: list[Dataset]) -> None:
+    for code, keywords, what in _SAME:
+        seen: dict[tuple, list[int]] = {}
+        for i, h in enumerate(headers):
+            key = tuple(str(_value(h, kw, "") or "") for kw in keywords)
+            seen.setdefault(key, []).append(i)
+        if len(seen) > 1:
+            groups = sorted(seen.items(), key=lambda kv: -len(kv[1]))
+            if keywords == ("Rows", "Columns"):
+                shown = ", ".join(f"{c}x{r}" for r, c in sorted(seen)[:4])
+                raise SeriesError(
+                    f"{name}: mixed image sizes ({shown}); a volume needs one size", code=code
+                )
+            odd = groups[-1]
+            odd_files = ", ".join(files[i].name for i in odd[1][:3])
+            raise SeriesError(
+                f"{name}: images of {len(seen)} different {what}: "
+                f"{'/'.join(odd[0]) or 'none'} in {len(odd[1])} image(s) ({odd_files}), "
+                f"{'/'.join(groups[0][0]) or 'none'} in {len(groups[0][1])}; "
+                "one volume must come from one acquisition",
+                code=code,
+            )
+    seen_sop: dict[str, Any] = {}
+    for i, h in enumerate(headers):
+        uid = str(_value(h, "SOPInstanceUID", ""))
+        pos = _value(h, "ImagePositionPatient")
+        if uid in seen_sop and seen_sop[uid][1] != pos:
+            raise SeriesError(
+                f"{name}: two different images share SOPInstanceUID {uid} "
+                f"({files[seen_sop[uid][0]].name}, {files[i].name})",
+                code="identity",
+            )
+        seen_sop.setdefault(uid, (i, pos))
+
+
+def frame_of_reference(name: str, headers: list[Dataset]) -> tuple[str, list[str]]:
+    """The one FrameOfReferenceUID of a volume (headers in volume order) and any note.
+
+    Called after the stack geometry was checked (one orientation, positions on one line with
+    regular spacing): different UIDs per slice then are an anonymiser artifact, not different
+    coordinate systems.
+    """
+    uids = [str(_value(h, "FrameOfReferenceUID", "") or "") for h in headers]
+    valid = [u for u in uids if u and UID(u).is_valid]
+    if not valid:
+        raise SeriesError(
+            f"{name}: no valid FrameOfReferenceUID; derived objects (SEG, meshes) could not be "
+            "placed in the patient's coordinate system",
+            code="identity",
+        )
+    distinct = list(dict.fromkeys(uids))
+    if len(distinct) == 1:
+        return valid[0], []
+    return valid[0], [
+        f"the images carry {len(distinct)} different FrameOfReferenceUIDs (or none) but form "
+        f"one consistent geometry; outputs use {valid[0]} (first image)"
+    ]
+
+
+def check_volume_size(name: str, voxels: int, itemsize: int) -> None:
+    """Refuse a volume larger than ``SPRIM_MAX_VOLUME_MB`` before it is allocated."""
+    limit = settings().max_volume_mb
+    mb = voxels * itemsize / 2**20
+    if mb > limit:
+        raise SeriesError(
+            f"{name}: the volume would need {mb:,.0f} MB, more than the {limit} MB allowed "
+            "(SPRIM_MAX_VOLUME_MB)",
+            code="size",
+        )
