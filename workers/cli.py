@@ -7,9 +7,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
+from rich.text import Text
 from typer.core import TyperGroup
 
 from pipelines import all_steps
@@ -24,7 +25,9 @@ class _Sprim(TyperGroup):
         try:
             return super().invoke(ctx)
         except UNREACHABLE as e:
-            Console(stderr=True).print(f"[red]error:[/] {unreachable(e)}", highlight=False)
+            Console(stderr=True).print(
+                f"[red]error:[/] {unreachable(e)}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(3) from None
 
 
@@ -113,11 +116,31 @@ def run_cmd(
     ) as bar:
         task = bar.add_task("scanning", total=None)
         summary = runmod.run(
-            inputs, out, plan_fn=plan, progress=lambda msg: bar.update(task, description=msg)
+            inputs,
+            out,
+            plan_fn=plan,
+            progress=lambda msg: bar.update(task, description=escape(shown(msg))),
         )
     _print_summary(summary)
-    if summary.failed:
+    if summary.failed or summary.error:
         raise typer.Exit(1)
+
+
+#: Control and format characters (ESC, BEL, bidi overrides...) never reach the terminal.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def shown(text: object, limit: int = 300) -> str:
+    """A string from DICOM (or a message holding one) safe to print: no control characters.
+
+    Rich markup is not escaped here: print it as ``Text`` or through ``escape``.
+    """
+    s = _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _cell(text: object) -> Text:
+    return Text(shown(text))
 
 
 _STATE_SHOWN = {
@@ -135,6 +158,9 @@ def _failure(f: dict) -> str:
     )
 
 
+_SKIPPED_SHOWN = 20
+
+
 def _print_summary(summary) -> None:
     table = Table(title=f"sprim run — {summary.series_found} series found, {summary.seconds:.1f} s")
     for col in ("series", "rule", "state", "outputs", "seconds", "detail"):
@@ -144,19 +170,31 @@ def _print_summary(summary) -> None:
             {(o["series_number"], o["series_description"]) for s in j.steps for o in s["outputs"]}
         )
         table.add_row(
-            f"{j.modality} {j.series_description}",
-            j.rule,
-            _STATE_SHOWN.get(j.state, j.state),
-            "\n".join(f"{n} {d}" for n, d in outs),
+            _cell(f"{j.modality} {j.series_description}"),
+            _cell(j.rule),
+            _STATE_SHOWN.get(j.state, escape(j.state)),
+            Text("\n".join(shown(f"{n} {d}") for n, d in outs)),
             f"{j.seconds:.2f}",
-            "\n".join(f"failed: {_failure(f)}" for f in j.failures)
-            or j.error
-            or "; ".join(j.notes),
+            Text(
+                "\n".join(shown(f"failed: {_failure(f)}", 1000) for f in j.failures)
+                or shown(j.error or "; ".join(j.notes), 1000)
+            ),
         )
     for u in summary.unmatched:
-        table.add_row(u.get("series", ""), "—", "not selected", "", "", u.get("reason", ""))
-    console.print(table)
-    console.print(f"results in [bold]{summary.out_dir}[/] (summary.json)")
+        table.add_row(
+            _cell(u.get("series", "")), "—", "not selected", "", "", _cell(u.get("reason", ""))
+        )
+    if summary.jobs or summary.unmatched:
+        console.print(table)
+    if summary.skipped:
+        console.print(f"skipped {len(summary.skipped)} file(s):")
+        for sk in summary.skipped[:_SKIPPED_SHOWN]:
+            console.print(Text(f"  {shown(sk['path'])}: {shown(sk['reason'])}"))
+        if len(summary.skipped) > _SKIPPED_SHOWN:
+            console.print(f"  ... and {len(summary.skipped) - _SKIPPED_SHOWN} more (summary.json)")
+    if summary.error:
+        console.print(Text.assemble(("error: ", "red"), shown(summary.error, 1000)))
+    console.print(Text.assemble("results in ", (shown(summary.out_dir), "bold"), " (summary.json)"))
 
 
 from workers.cli_platform import register as _register_platform  # noqa: E402

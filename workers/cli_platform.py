@@ -235,7 +235,9 @@ def serve_cmd(
     from workers.api import create_app
     from workers.config import settings
     from workers.jobs import InProcessDispatcher, set_dispatcher
+    from workers.jobstore import open_store
 
+    open_store()  # an unreachable job store stops the start-up in one line (workers.cli)
     if not settings().broker_url:  # embedded: jobs run in a background thread, not in requests
         set_dispatcher(InProcessDispatcher(background=True))
 

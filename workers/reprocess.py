@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
 
-from pipelines import canonical_params, get_step
+from pipelines import StepError, canonical_params, get_step
+from workers.config import settings
 from workers.dispatch import Dispatcher
 from workers.jobstore import Job, JobStore
 
@@ -83,13 +85,18 @@ def reprocess(
 
     prior = [j for j in store.list(study_uid=study_uid, limit=1000) if visible(j, institution)]
     row = store.study(study_uid)
-    if not prior and (row is None or not visible_row(row, institution)):
+    # The study's owner is the institution it was recorded for; without a record, its jobs'.
+    owned = visible_row(row, institution) if row is not None and row.institution else bool(prior)
+    if not owned:
         raise NotFound(f"study {study_uid} not found")
-    ran = [j for j in prior if j.series_uid and j.state != "no_match"]
+    known = _series_of_study(row, prior)
+    ran = [j for j in prior if j.series_uid in known and j.state != "no_match"]
     if series_uid is None:
         if not ran:
             raise NotFound(f"study {study_uid}: no processed series; name one (series_uid)")
         series_uid = ran[0].series_uid
+    elif series_uid not in known:
+        raise NotFound(f"study {study_uid} has no series {series_uid}")
     base_job = next((j for j in ran if j.series_uid == series_uid), ran[0] if ran else None)
     wanted = [{"use": s} if isinstance(s, str) else dict(s) for s in steps]
     if not wanted:
@@ -110,6 +117,7 @@ def reprocess(
             params = st.validate({**base, **(w.get("with") or {})})
         except Exception as e:
             raise BadRequest(f"{st.name}: {e}") from None
+        _check_size(st, params, known[series_uid])
         canon = json.loads(canonical_params(params))
         ref = json.loads(canonical_params(st.validate(base)))
         suffixes.append(_changed(ref, canon))
@@ -139,6 +147,50 @@ def visible_row(row: Any, institution: str | None) -> bool:
     return institution in (None, "*") or row.institution == institution
 
 
+def _series_of_study(row: Any, prior: Sequence[Job]) -> dict[str, dict]:
+    """Series a reprocess may name: those recorded for the study, and those its rules ran on.
+
+    Never a UID taken from the request or from an earlier reprocess alone: a series of another
+    study (another institution's) is not this study's.
+    """
+    known: dict[str, dict] = {}
+    for s in (row.series or []) if row is not None else []:
+        if s.get("SeriesInstanceUID"):
+            known[str(s["SeriesInstanceUID"])] = s
+    for j in prior:
+        if j.series_uid and j.requester is None:  # created by the rules from the study's series
+            known.setdefault(j.series_uid, {})
+    return known
+
+
+def _geometry(attrs: Mapping[str, Any]) -> tuple[tuple[int, int, int], tuple[float, ...]] | None:
+    """(shape z,y,x; spacing x,y,z in mm) of a series from its routing attributes, if known."""
+    try:
+        rows, cols = int(attrs["Rows"]), int(attrs["Columns"])
+        n = int(attrs.get("NumberOfFrames") or attrs["NumberOfSeriesRelatedInstances"])
+        ps = attrs["PixelSpacing"]
+        dy, dx = (float(ps[0]), float(ps[1])) if isinstance(ps, list) else (float(ps),) * 2
+        dz = float(attrs.get("SpacingBetweenSlices") or attrs["SliceThickness"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if min(rows, cols, n) < 1 or min(dx, dy, dz) <= 0:
+        return None
+    return (n, rows, cols), (dx, dy, dz)
+
+
+def _check_size(st: Any, params: Any, attrs: Mapping[str, Any]) -> None:
+    """Refuse params whose output would exceed ``SPRIM_MAX_VOLUME_MB`` on this series."""
+    check = getattr(st, "check_output_size", None)
+    geom = _geometry(attrs)
+    if check is None or geom is None:
+        return
+    max_mb = getattr(settings(), "max_volume_mb", 2048)
+    try:
+        check(params, geom[0], geom[1], max_mb * 2**20)
+    except StepError as e:
+        raise BadRequest(f"{st.name}: {e}") from None
+
+
 def cancel(store: JobStore, job_id: int, *, actor: str, institution: str | None = None) -> Job:
     job = store.get(job_id)
     if job is None or not visible(job, institution):
@@ -161,13 +213,19 @@ def retry(
     job = store.get(job_id)
     if job is None or not visible(job, institution):
         raise NotFound(f"job {job_id} not found")
+    # a running job whose lease expired (its worker is gone) can be retried too
+    expired = job.state == "running" and (job.lease_expires_at or 0) < time.time()
     out = store.transition(
-        job_id, "queued", expect=("failed", "cancelled"), actor=actor, detail="retry requested",
-        attempts=0, dispatched_at=None, error=None, finished_at=None,
+        job_id, "queued", expect=("failed", "partial", "cancelled", *(("running",) if expired else ())),
+        where={"lease_owner": job.lease_owner} if expired else None, actor=actor,
+        detail="manual retry" + (" (lease expired)" if expired else ""), attempts=0,
+        worker_losses=0, not_before=None, dispatched_at=None, dispatched_to=None,
+        lease_owner=None, lease_expires_at=None, error=None, finished_at=None,
     )  # fmt: skip
     if out is None:
         raise BadRequest(
-            f"job {job_id} is {job.state}: only failed or cancelled jobs can be retried"
+            f"job {job_id} is {job.state}: only failed, partial, cancelled or lease-expired "
+            "running jobs can be retried"
         )
     release(store, disp)
     return out
