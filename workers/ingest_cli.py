@@ -75,6 +75,7 @@ def watch_cmd(
     from workers.archive import open_archive
     from workers.config import settings
     from workers.jobs import submit_study
+    from workers.jobstore import open_store
     from workers.watch import Watcher, state_path
 
     _logging(verbose)
@@ -84,6 +85,7 @@ def watch_cmd(
         raise typer.Exit(2)
     rest = (url or cfg.watch_url or cfg.archive_url or "").rstrip("/")
     rest = rest.removesuffix("/dicom-web")
+    open_store()  # unreachable job store: one line at start-up (workers.cli), not a late trace
     archive = open_archive(cfg.archive_url or f"{rest}/dicom-web")
     disp = _dispatcher()
 
@@ -129,6 +131,7 @@ def listen_cmd(
     from workers.archive.folder import FolderArchive
     from workers.config import settings
     from workers.jobs import submit_study
+    from workers.jobstore import open_store
     from workers.listener import Listener, ListenerStore, StudyArrival
 
     _logging(verbose)
@@ -136,6 +139,7 @@ def listen_cmd(
     root = store or cfg.listen_store or cfg.home / "incoming"
     our_aet = aet or cfg.ae_title
     allowed = allow or [a for a in cfg.listen_allowed_aets.split(",") if a.strip()]
+    open_store()  # unreachable job store: one line at start-up (workers.cli), not a late trace
     if not allowed:
         log.warning("event=listen_open_to_any_ae hint=set SPRIM_LISTEN_ALLOWED_AETS or --allow")
     archive = FolderArchive(root, name=f"listen:{our_aet}")

@@ -30,9 +30,13 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import sessionmaker
 
 from workers.jobmodels import AuditRow, JobRow, LockRow, StudyRow
+from workers.phi import stored_series
 
 __all__ = [
     "ACTIVE", "STATES", "Audit", "AuditRow", "Job", "JobRow", "JobStore", "LockRow", "StudyRow",
@@ -259,7 +263,7 @@ class JobStore:
                 row.change_seq = (row.change_seq or 0) + 1
                 row.last_change_at = now
             if series is not None:
-                row.series = _jsonable(series)
+                row.series = _jsonable(stored_series(series))  # allow-list: workers.phi
             for k, v in values.items():
                 setattr(row, k, v)
             s.flush()
@@ -371,3 +375,22 @@ def open_store(url: str | None = None) -> JobStore:
         store.migrate()
         _STORES[url] = store
     return _STORES[url]
+
+
+#: Errors that mean "the job store cannot answer now" (down, unreachable, pool exhausted).
+UNREACHABLE = (DBAPIError, SQLAlchemyTimeoutError)
+
+
+def unreachable(exc: BaseException, url: str | None = None) -> str:
+    """One line for the CLI and the API: where the store is (no password) and why it failed."""
+    from workers.config import settings
+
+    url = url or settings().job_store_url or f"sqlite:///{settings().home / 'jobs.db'}"
+    try:
+        where = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001  (a malformed URL is still worth naming, without secrets)
+        where = url.split("@")[-1]
+    cause = exc.__cause__ or exc
+    reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()
+    short = (reason[0] if reason else type(exc).__name__).removeprefix("connection failed: ")
+    return f"job store unreachable at {where}: {short[:200]}"
