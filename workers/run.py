@@ -19,11 +19,14 @@ from pydantic import ValidationError
 
 from pipelines import StepError, get_step
 from pipelines.rules import RulesError  # noqa: F401  (the CLI catches it from here)
+from workers.inputs import Skipped
 from workers.runner import StepCall, run_steps
 from workers.series import SeriesFiles, read_series, scan
 from workers.source import SeriesError
 
 log = logging.getLogger(__name__)
+#: Warnings and tracebacks of a run, in its output folder.
+LOG_FILE = "sprim-run.log"
 
 
 @dataclass
@@ -59,6 +62,10 @@ class RunSummary:
     jobs: list[JobResult] = field(default_factory=list)
     unmatched: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: Files, archives and archive members not used, each with the reason (workers.inputs).
+    skipped: list[dict] = field(default_factory=list)
+    #: Why the run as a whole did nothing useful ("no DICOM series ...", "internal error ...").
+    error: str = ""
 
     @property
     def failed(self) -> list[JobResult]:
@@ -110,20 +117,67 @@ def run(
     plan_fn,
     progress=None,
 ) -> RunSummary:
-    """Scan ``inputs``, plan jobs with ``plan_fn(series_list) -> (jobs, unmatched)``, run them."""
+    """Scan ``inputs``, plan jobs with ``plan_fn(series_list) -> (jobs, unmatched)``, run them.
+
+    Never raises for bad input or a bug: ``summary.json`` is always written, an unexpected
+    exception becomes ``summary.error`` ("internal error ...") with its traceback in
+    ``OUT/sprim-run.log``.
+    """
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    found = scan(list(inputs))
-    jobs, unmatched = plan_fn(found)
-    summary = RunSummary([str(p) for p in inputs], str(out_dir), len(found), unmatched=unmatched)
-    for job in jobs:
-        summary.jobs.append(_run_one(job, out_dir, progress))
-    summary.seconds = round(time.perf_counter() - t0, 3)
-    (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+    summary = RunSummary([str(p) for p in inputs], str(out_dir), 0)
+    handler = _log_to(out_dir / LOG_FILE)
+    try:
+        skipped: list[Skipped] = []
+        found = scan(list(inputs), skipped)
+        summary.series_found = len(found)
+        summary.skipped = [asdict(s) for s in skipped]
+        if not found:
+            summary.error = "no DICOM series found in the input" + (
+                f" ({len(skipped)} file(s) skipped, see 'skipped')" if skipped else " (it is empty)"
+            )
+        jobs, summary.unmatched = plan_fn(found)
+        for job in jobs:
+            summary.jobs.append(_run_one(job, out_dir, progress, skipped))
+    except Exception as e:  # noqa: BLE001  the summary must say what happened, not a traceback
+        log.exception("sprim run failed")
+        summary.error = f"internal error ({type(e).__name__}); details in {out_dir / LOG_FILE}"
+    finally:
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+        _unlog(handler)
     return summary
 
 
-def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
+def _log_to(path: Path) -> logging.Handler:
+    """Warnings and tracebacks of this run go to ``path``, never to the terminal."""
+    handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.captureWarnings(True)
+    return handler
+
+
+def _unlog(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def _incomplete(job: PlannedJob, skipped: list[Skipped]) -> str:
+    """Refusal of a series some of whose files could not be read ('' if none)."""
+    uid = job.series.attributes.get("SeriesInstanceUID")
+    lost = [s for s in skipped if s.series_uid and s.series_uid == uid]
+    if not lost:
+        return ""
+    return (
+        f"{job.series.name}: {len(lost)} file(s) of this series could not be read "
+        f"({lost[0].path}: {lost[0].reason}); refused rather than built without them"
+    )
+
+
+def _run_one(
+    job: PlannedJob, out_dir: Path, progress, skipped: Sequence[Skipped] = ()
+) -> JobResult:
     a = job.series.attributes
     res = JobResult(
         job.rule,
@@ -137,6 +191,8 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
     try:
         if progress:
             progress(f"reading {res.series_description}")
+        if incomplete := _incomplete(job, list(skipped)):
+            raise SeriesError(incomplete)
         source = read_series(job.series)
         res.notes = list(source.notes)
         report = run_steps(
@@ -169,7 +225,10 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
         res.error = str(e)
     except Exception as e:  # noqa: BLE001  one broken series must not stop the run
         log.exception("series %s failed unexpectedly", res.series_uid)
-        res.error = f"internal error while processing this series ({type(e).__name__}: {e})"
+        res.error = (
+            f"internal error while processing this series ({type(e).__name__}); "
+            f"details in {out_dir / LOG_FILE}"
+        )
     res.seconds = round(time.perf_counter() - t0, 3)
     return res
 
