@@ -56,7 +56,7 @@ for _ in range(runs):
     t["segment_total"].append(total)
     t0 = time.perf_counter()
     with unvalidated():  # as the labelmap writer does
-        seg, number, desc = build_seg(lungs, source, lungs_prov)
+        seg, number, desc, _ = build_seg(lungs, source, lungs_prov)
         seg.save_as(out / "seg.dcm")
     t["seg_write"].append(time.perf_counter() - t0)
     t0 = time.perf_counter()

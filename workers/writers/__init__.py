@@ -52,7 +52,11 @@ class Provenance:
 
 @dataclass(frozen=True)
 class WrittenObject:
-    """One DICOM file written."""
+    """One DICOM file written.
+
+    ``notes``: what the writer changed while copying source attributes (invalid values emptied
+    or left out, repairs, the frame of reference chosen), one sentence each, for the job report.
+    """
 
     path: Path
     kind: str  # series | seg | sr | stl
@@ -61,6 +65,7 @@ class WrittenObject:
     series_uid: str
     series_number: int
     series_description: str
+    notes: tuple[str, ...] = ()
 
 
 Writer = Callable[[Output, SourceSeries, Provenance, Path], list[WrittenObject]]

@@ -5,13 +5,14 @@ What each helper is for
 ``copy_patient_study`` / ``copy_frame_of_reference`` / ``copy_laterality`` / ``copy_attributes``
     Copy the Patient, General Study, Patient Study (and Clinical Trial) modules, the Frame of
     Reference module and BodyPartExamined/Laterality from a source header: a derived object lives
-    in the source study and frame.
+    in the source study and frame. Every value goes through ``workers.writers.sanitize``; what
+    it changed is appended to the caller's ``notes``.
 ``set_general_equipment`` / ``acquisition_equipment_item``
     The General Equipment module of a derived object names *sprim* (the equipment that produced
     it); the source scanner (Manufacturer, model, serial, software) is kept as a Contributing
     Equipment item with purpose "Acquisition Equipment" (DCM 109101).
 ``contributing_equipment`` / ``software_versions`` / ``derivation_description``
-    Provenance (DESIGN §5): sprim version, step name, step version and canonical params.
+    Provenance: sprim version, step name, step version and canonical params.
 ``derived_series_number`` / ``series_description`` / ``series_folder``
     SeriesNumber scheme avoiding the source series, a radiologist-readable SeriesDescription, the
     output folder ``<SeriesNumber>_<slug>``.
@@ -23,7 +24,6 @@ What each helper is for
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -36,8 +36,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from workers.config import settings
+from workers.source import SourceSeries
 from workers.uids import derive_uid
 from workers.writers import Provenance
+from workers.writers.sanitize import checked_character_set, copy_checked, valid_text
 
 # Patient module (C.7.1.1); SpecificCharacterSet travels with the names it encodes.
 PATIENT_KEYWORDS = (
@@ -158,12 +160,16 @@ def dicom_now() -> tuple[str, str]:
     return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
 
-def copy_attributes(src: Dataset, dst: Dataset, keywords: tuple[str, ...]) -> None:
-    """Deep-copy the attributes of ``keywords`` present in ``src`` into ``dst``."""
-    for kw in keywords:
-        elem = src.data_element(kw) if kw in src else None
-        if elem is not None:
-            dst[elem.tag] = copy.deepcopy(elem)
+def copy_attributes(
+    src: Dataset,
+    dst: Dataset,
+    keywords: tuple[str, ...],
+    notes: list[str],
+    required: tuple[str, ...] = (),
+) -> None:
+    """Copy the attributes of ``keywords`` present in ``src`` into ``dst`` through the sanitizer
+    (:func:`workers.writers.sanitize.copy_checked`); what it changed goes to ``notes``."""
+    copy_checked(src, dst, keywords, notes, required)
 
 
 #: Type 2 Patient / General Study attributes: present (maybe empty) in every object we write.
@@ -178,67 +184,116 @@ PATIENT_STUDY_TYPE2 = (
     "StudyID",
     "AccessionNumber",
 )
+# Clinical Trial Subject module: present only with its type 1 attributes, type 2 ones filled.
+_TRIAL_TYPE1 = ("ClinicalTrialSponsorName", "ClinicalTrialProtocolID")
+_TRIAL_SUBJECT = ("ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID")
+_TRIAL_TYPE2 = ("ClinicalTrialProtocolName", "ClinicalTrialSiteID", "ClinicalTrialSiteName")
 
 
-def copy_patient_study(src: Dataset, dst: Dataset) -> None:
-    """Copy Patient, General Study, Patient Study and Clinical Trial modules; type 2 kept present.
+def copy_patient_study(src: Dataset, dst: Dataset, notes: list[str]) -> None:
+    """Copy Patient, General Study, Patient Study and Clinical Trial modules, each value checked.
 
     Type 2 attributes missing in the source are written empty (dciodvfy requires them present).
     """
-    copy_attributes(
-        src,
-        dst,
-        PATIENT_KEYWORDS + STUDY_KEYWORDS + PATIENT_STUDY_KEYWORDS + CLINICAL_TRIAL_KEYWORDS,
-    )
+    checked_character_set(src, dst, notes)
+    copy_checked(src, dst, PATIENT_KEYWORDS[1:] + STUDY_KEYWORDS + PATIENT_STUDY_KEYWORDS, notes)
     for kw in PATIENT_STUDY_TYPE2:
         if kw not in dst:
             setattr(dst, kw, "")
-    _repair_deidentification(dst)
-    _repair_age(dst)
+    _copy_clinical_trial(src, dst, notes)
+    _repair_deidentification(dst, notes)
 
 
-def _repair_age(dst: Dataset) -> None:
-    """PatientAge (AS) must be nnnD/W/M/Y: pad short forms like ``0Y``, else leave it empty."""
-    age = str(dst.get("PatientAge") or "").strip()
-    if not age or re.fullmatch(r"\d{3}[DWMY]", age):
+def _copy_clinical_trial(src: Dataset, dst: Dataset, notes: list[str]) -> None:
+    trial = Dataset()
+    copy_checked(src, trial, CLINICAL_TRIAL_KEYWORDS, notes)
+    for kw in CLINICAL_TRIAL_KEYWORDS:
+        dst.pop(kw, None)
+    if not len(trial):
         return
-    m = re.fullmatch(r"(\d{1,3})\s*([DWMY])", age.upper())
-    dst.PatientAge = f"{int(m.group(1)):03d}{m.group(2)}" if m else ""
+    missing = [kw for kw in _TRIAL_TYPE1 if not trial.get(kw)]
+    if not any(trial.get(kw) for kw in _TRIAL_SUBJECT):
+        missing.append(" or ".join(_TRIAL_SUBJECT))
+    if missing:
+        notes.append(f"Clinical Trial attributes left out: no valid {', '.join(missing)}")
+        return
+    for kw in _TRIAL_TYPE2:
+        if kw not in trial:
+            setattr(trial, kw, "")
+    dst.update(trial)
 
 
-def _repair_deidentification(dst: Dataset) -> None:
+def _repair_deidentification(dst: Dataset, notes: list[str]) -> None:
     """DeidentificationMethod is type 1C when PatientIdentityRemoved is YES: some sources leave
     it empty (dciodvfy error); say so rather than copy the defect."""
     if str(dst.get("PatientIdentityRemoved", "")).upper() != "YES":
         return
     if not dst.get("DeidentificationMethod") and not dst.get("DeidentificationMethodCodeSequence"):
         dst.DeidentificationMethod = "not stated in the source images"
+        notes.append(
+            "DeidentificationMethod missing although PatientIdentityRemoved is YES: "
+            "written as 'not stated in the source images'"
+        )
 
 
-def copy_frame_of_reference(src: Dataset, dst: Dataset) -> None:
-    """Copy FrameOfReferenceUID and PositionReferenceIndicator (type 2: empty when absent).
+def frame_of_reference(source: SourceSeries) -> tuple[str, str]:
+    """The FrameOfReferenceUID every output of ``source`` uses, and the provenance sentence
+    stating the choice when the source slices carried different ones ("" otherwise).
+
+    The reader accepts such a stack when its geometry is one (an anonymizer artifact) and picks
+    the first slice's UID in volume order (``SourceSeries.frame_of_reference_uid``).
+    """
+    chosen = getattr(source, "frame_of_reference_uid", "") or str(
+        source.first.get("FrameOfReferenceUID") or ""
+    )
+    found = {str(h.get("FrameOfReferenceUID") or "") for h in source.headers} - {""}
+    if len(found) <= 1:
+        return chosen, ""
+    return chosen, (
+        f"frame of reference {chosen} (the first slice's) for all outputs: the "
+        f"{len(source.headers)} source slices carried {len(found)} different "
+        "FrameOfReferenceUIDs for one consistent geometry"
+    )
+
+
+def copy_frame_of_reference(source: SourceSeries, dst: Dataset, notes: list[str]) -> None:
+    """FrameOfReferenceUID (the one of :func:`frame_of_reference`) and PositionReferenceIndicator
+    (type 2: empty when absent or invalid).
 
     A source without FrameOfReferenceUID (type 1 in every image IOD) gets one derived from its
     SeriesInstanceUID: deterministic, and shared by every object derived from that series.
     """
-    copy_attributes(src, dst, FRAME_OF_REFERENCE_KEYWORDS)
-    if not dst.get("FrameOfReferenceUID"):
+    src = source.first
+    chosen, statement = frame_of_reference(source)
+    if chosen:
+        probe = Dataset()
+        probe.FrameOfReferenceUID = chosen
+        probe.SeriesInstanceUID = src.get("SeriesInstanceUID", "")
+        probe.SeriesNumber = src.get("SeriesNumber", "")
+        probe.SeriesDescription = src.get("SeriesDescription", "")
+        copy_checked(probe, dst, ("FrameOfReferenceUID",), notes)  # refuses an invalid UID
+    else:
         dst.FrameOfReferenceUID = derive_uid(str(src.SeriesInstanceUID), "frame-of-reference")
+        notes.append(f"no FrameOfReferenceUID in the source: {dst.FrameOfReferenceUID} derived")
+    if statement:
+        notes.append(statement)
+    copy_checked(src, dst, ("PositionReferenceIndicator",), notes)
     if "PositionReferenceIndicator" not in dst:
         dst.PositionReferenceIndicator = ""
 
 
-def copy_laterality(src: Dataset, dst: Dataset) -> None:
+def copy_laterality(src: Dataset, dst: Dataset, notes: list[str]) -> None:
     """BodyPartExamined and Laterality (General Series) as dciodvfy accepts them.
 
-    Laterality (2C) is copied when it has a value; left out for a known body part (empty is an
-    error for unpaired parts); written empty when the body part is unknown (it may be paired).
+    Laterality (2C) is copied when it has a valid value; left out for a known body part (empty
+    is an error for unpaired parts); written empty when the body part is unknown (it may be
+    paired).
     """
-    copy_attributes(src, dst, ("BodyPartExamined",))
-    if src.get("Laterality"):
-        dst.Laterality = src.Laterality
-    elif not src.get("BodyPartExamined"):
-        dst.Laterality = ""
+    copy_checked(src, dst, ("BodyPartExamined", "Laterality"), notes)
+    if not dst.get("Laterality"):
+        dst.pop("Laterality", None)
+        if not dst.get("BodyPartExamined"):
+            dst.Laterality = ""
 
 
 def set_general_equipment(dst: Dataset) -> None:
@@ -280,24 +335,27 @@ def derivation_description(prov: Provenance, what: str = "") -> str:
     return text if len(text) <= 1024 else text[:1021] + "..."
 
 
-def acquisition_equipment_item(source_header: Dataset) -> Dataset | None:
+def acquisition_equipment_item(source_header: Dataset, notes: list[str]) -> Dataset | None:
     """A Contributing Equipment item describing the source scanner, or None when unknown."""
     item = Dataset()
-    copy_attributes(source_header, item, ACQUISITION_EQUIPMENT_KEYWORDS)
+    copy_checked(source_header, item, ACQUISITION_EQUIPMENT_KEYWORDS, notes)
     if not item.get("Manufacturer"):
         return None
     item.PurposeOfReferenceCodeSequence = [code_item("109101", "DCM", "Acquisition Equipment")]
     return item
 
 
-def contributing_equipment(prov: Provenance, source_header: Dataset | None = None) -> list[Dataset]:
+def contributing_equipment(
+    prov: Provenance, source: SourceSeries, notes: list[str]
+) -> list[Dataset]:
     """ContributingEquipmentSequence items: the source scanner (if known), then sprim.
 
     The sprim item ("Processing Equipment", DCM 109102) carries SoftwareVersions (sprim and step
-    versions), ContributionDateTime and ContributionDescription (step, rule, canonical params).
+    versions), ContributionDateTime and ContributionDescription (step, rule, canonical params,
+    and the frame of reference decision when the source slices disagreed).
     """
     items: list[Dataset] = []
-    if source_header is not None and (acq := acquisition_equipment_item(source_header)):
+    if acq := acquisition_equipment_item(source.first, notes):
         items.append(acq)
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = [code_item("109102", "DCM", "Processing Equipment")]
@@ -308,7 +366,7 @@ def contributing_equipment(prov: Provenance, source_header: Dataset | None = Non
         item.InstitutionName = settings().institution_name[:64]
     item.SoftwareVersions = software_versions(prov)
     item.ContributionDateTime = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    item.ContributionDescription = derivation_description(prov)
+    item.ContributionDescription = derivation_description(prov, frame_of_reference(source)[1])
     items.append(item)
     return items
 
@@ -349,7 +407,7 @@ def series_description(
     if suffix:
         text = f"{text[: 63 - len(suffix)]} {suffix}"
     src = str(source_header.get("SeriesDescription", "")).strip() if source_header else ""
-    if src and len(text) + len(src) + 3 <= 64:
+    if src and valid_text("LO", src) and len(text) + len(src) + 3 <= 64:
         text = f"{text} [{src}]"
     return text[:64]
 

@@ -25,16 +25,22 @@ File Meta, the common bytes merged in tag order with its few own elements, and t
 
 from __future__ import annotations
 
-import copy
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 from pydicom.charset import convert_encodings
-from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.multival import MultiValue
+from pydicom.uid import (
+    CTImageStorage,
+    MRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from pipelines import ImageSeries
 from workers.source import SourceSeries
@@ -50,6 +56,7 @@ from workers.writers.common import (
     derived_series_number,
     dicom_now,
     ds_str,
+    frame_of_reference,
     series_description,
     series_folder,
     set_general_equipment,
@@ -57,6 +64,7 @@ from workers.writers.common import (
     source_image_item,
 )
 from workers.writers.encode import element, encode, item, meta_encoder, sequence
+from workers.writers.sanitize import unique
 
 CT_LIKE = {
     "1.2.840.10008.5.1.4.1.1.2",
@@ -67,6 +75,11 @@ MR_LIKE = {
     "1.2.840.10008.5.1.4.1.1.4",
     "1.2.840.10008.5.1.4.1.1.4.1",
     "1.2.840.10008.5.1.4.1.1.4.4",
+}
+PET_LIKE = {
+    "1.2.840.10008.5.1.4.1.1.128",
+    "1.2.840.10008.5.1.4.1.1.130",
+    "1.2.840.10008.5.1.4.1.1.128.1",
 }
 # Acquisition context a reader of the derived images still needs (type 2 ones included).
 CT_KEYWORDS = ("KVP", "ConvolutionKernel", "ScanOptions", "ReconstructionDiameter")
@@ -90,6 +103,47 @@ MR_KEYWORDS = (
     "ReceiveCoilName",
     "TransmitCoilName",
 )
+# PET Series / PET Isotope / NM-PET Patient Orientation / PET Image attributes kept from the
+# source: a reformat of a PET volume is still a PET image (units, decay correction, tracer).
+PET_REQUIRED = ("Units", "CountsSource", "SeriesType", "DecayCorrection", "FrameReferenceTime")
+PET_KEYWORDS = (
+    "SUVType",
+    "NumberOfRRIntervals",
+    "NumberOfTimeSlots",
+    "NumberOfTimeSlices",
+    "CorrectedImage",
+    "RandomsCorrectionMethod",
+    "AttenuationCorrectionMethod",
+    "ScatterCorrectionMethod",
+    "ReconstructionDiameter",
+    "ConvolutionKernel",
+    "ReconstructionMethod",
+    "AxialAcceptance",
+    "AxialMash",
+    "TransverseMash",
+    "DetectorElementSize",
+    "CoincidenceWindowWidth",
+    "SecondaryCountsType",
+    "RadiopharmaceuticalInformationSequence",
+    "InterventionDrugInformationSequence",
+    "PatientOrientationCodeSequence",
+    "PatientGantryRelationshipCodeSequence",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ActualFrameDuration",
+    "DoseCalibrationFactor",
+    "ScatterFractionFactor",
+    "DeadTimeFactor",
+)
+PET_TYPE2 = (
+    "CorrectedImage",
+    "RadiopharmaceuticalInformationSequence",
+    "PatientOrientationCodeSequence",
+    "PatientGantryRelationshipCodeSequence",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ActualFrameDuration",
+)
 SERIES_KEYWORDS = ("ProtocolName", "PatientPosition")
 CONTRAST_KEYWORDS = (
     "ContrastBolusAgent",
@@ -112,12 +166,15 @@ _CORNERS = np.array([(a, b, c) for a in (0, 1) for b in (0, 1) for c in (-1, 1)]
 
 
 def sop_class_for(source: SourceSeries) -> str:
-    """SOP class of the derived images: classic CT/MR for CT/MR sources, else Secondary Capture."""
+    """SOP class of the derived images: classic CT / MR / PET for CT / MR / PET sources, else
+    Secondary Capture."""
     uid, modality = source.sop_class_uid, source.modality
     if uid in CT_LIKE or modality == "CT":
         return CTImageStorage
     if uid in MR_LIKE or modality == "MR":
         return MRImageStorage
+    if uid in PET_LIKE or modality == "PT":
+        return PositronEmissionTomographyImageStorage
     return SecondaryCaptureImageStorage
 
 
@@ -150,21 +207,27 @@ def _slices(out: ImageSeries) -> list[_Slice]:
     return [_Slice(origin + k * step * d[:, 2], iop, d[:, 2]) for k in range(img.GetSize()[2])]
 
 
-def _pixels(image: sitk.Image) -> tuple[np.ndarray, float, float]:
-    """int16 pixels (slice, row, column) and the rescale (slope, intercept) mapping them back."""
+def _pixels(image: sitk.Image, zero_intercept: bool = False) -> tuple[np.ndarray, float, float]:
+    """int16 pixels (slice, row, column) and the rescale (slope, intercept) mapping them back.
+
+    ``zero_intercept``: scale by a slope alone (PET Image requires RescaleIntercept 0).
+    """
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype == np.int16:
         return arr, 1.0, 0.0
     if np.issubdtype(arr.dtype, np.integer) and arr.min() >= -32768 and arr.max() <= 32767:
         return arr.astype(np.int16), 1.0, 0.0
     lo, hi = float(arr.min()), float(arr.max())
+    if zero_intercept:
+        slope = max(abs(lo), abs(hi)) / 32000.0 or 1.0
+        return np.rint(arr / slope).astype(np.int16), slope, 0.0
     slope = max((hi - lo) / 65000.0, 1e-6)
     intercept = lo + 32500.0 * slope  # stored -32500 maps to lo
     stored = np.rint((arr - intercept) / slope).astype(np.int16)
     return stored, slope, intercept
 
 
-def _mr_from_enhanced(src: Dataset, ds: Dataset) -> None:
+def _mr_from_enhanced(src: Dataset, ds: Dataset, notes: list[str]) -> None:
     """MR Image attributes of an enhanced source live in functional groups: fetch them there."""
     groups = []
     for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
@@ -174,9 +237,9 @@ def _mr_from_enhanced(src: Dataset, ds: Dataset) -> None:
                     groups.append(elem.value[0])
     for kw in MR_KEYWORDS:
         if ds.get(kw) is None or ds.get(kw) == "":
-            found = next((g.data_element(kw) for g in groups if g.get(kw) not in (None, "")), None)
+            found = next((g for g in groups if g.get(kw) not in (None, "")), None)
             if found is not None:
-                ds[found.tag] = copy.deepcopy(found)
+                copy_attributes(found, ds, (kw,), notes)
     if not ds.get("ScanningSequence") and src.get("EchoPulseSequence"):
         pulse = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}
         ds.ScanningSequence = pulse.get(str(src.EchoPulseSequence), ["RM"])
@@ -185,19 +248,72 @@ def _mr_from_enhanced(src: Dataset, ds: Dataset) -> None:
             (g.get("EffectiveEchoTime") for g in groups if g.get("EffectiveEchoTime")), None
         )
         if echo is not None:
-            ds.EchoTime = echo
+            probe = Dataset()
+            probe.EchoTime = echo
+            copy_attributes(probe, ds, ("EchoTime",), notes)
+
+
+def _voi(ds: Dataset, notes: list[str]) -> None:
+    """WindowCenter and WindowWidth go in pairs (1C), widths at least 1: else neither is kept."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None and width is None:
+        ds.pop("WindowCenterWidthExplanation", None)
+        return
+    c, w = (
+        [] if v is None else list(v) if isinstance(v, MultiValue) else [v] for v in (center, width)
+    )
+    try:
+        ok = len(c) == len(w) > 0 and all(float(x) >= 1 for x in w)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        for kw in VOI_KEYWORDS:
+            ds.pop(kw, None)
+        notes.append("WindowCenter / WindowWidth do not form valid pairs: left out")
+
+
+def _pet(out: ImageSeries, source: SourceSeries, ds: Dataset, notes: list[str]) -> None:
+    """PET Series, PET Isotope, NM/PET Patient Orientation and PET Image attributes.
+
+    Type 1 ones the source lacks (or holds invalid) refuse the write: a PET image without
+    units or decay correction would mislead. SeriesDate/SeriesTime stay the source's: for PET
+    they are the reference time of decay correction (SUV). Per-slice factors (DecayFactor,
+    FrameReferenceTime) are the first source slice's.
+    """
+    src = source.first
+    copy_attributes(src, ds, PET_REQUIRED, notes, required=PET_REQUIRED)
+    copy_attributes(src, ds, PET_KEYWORDS, notes)
+    if str(ds.DecayCorrection).strip() != "NONE":
+        copy_attributes(src, ds, ("DecayFactor",), notes, required=("DecayFactor",))
+    for kw in PET_TYPE2:
+        if kw not in ds:
+            ds[kw] = DataElement(tag_for_keyword(kw), dictionary_VR(kw), None)
+    timing = ("SeriesDate", "SeriesTime")
+    copy_attributes(src, ds, timing, notes, required=timing)
+    # PET Image: value 2 PRIMARY is the only value allowed.
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    if out.slice_geometry is not None and out.slab_mode == "MIP":
+        ds.SeriesType = [str(ds.SeriesType[0]), "REPROJECTION"]
+        ds.ReprojectionMethod = "MAX"
+    ds.NumberOfSlices = len(out.slice_geometry or ()) or out.image.GetSize()[2]
 
 
 def _template(
-    out: ImageSeries, source: SourceSeries, prov: Provenance, sop_class: str, number: int
+    out: ImageSeries,
+    source: SourceSeries,
+    prov: Provenance,
+    sop_class: str,
+    number: int,
+    notes: list[str],
 ) -> Dataset:
     """Attributes shared by every instance of the derived series."""
     src = source.first
     ds = Dataset()
-    copy_patient_study(src, ds)
-    copy_frame_of_reference(src, ds)
-    copy_attributes(src, ds, SERIES_KEYWORDS + CONTRAST_KEYWORDS + VOI_KEYWORDS)
-    copy_laterality(src, ds)
+    copy_patient_study(src, ds, notes)
+    copy_frame_of_reference(source, ds, notes)
+    copy_attributes(src, ds, SERIES_KEYWORDS + CONTRAST_KEYWORDS + VOI_KEYWORDS, notes)
+    _voi(ds, notes)
+    copy_laterality(src, ds, notes)
     if "PatientPosition" not in ds and sop_class != SecondaryCaptureImageStorage:
         ds.PatientPosition = ""  # type 2C for CT and MR
     set_general_equipment(ds)
@@ -209,24 +325,28 @@ def _template(
     ds.SeriesDescription = series_description(out.description, src, prov.description_suffix)
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = today
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now
-    ds.AcquisitionNumber = src.get("AcquisitionNumber", "")  # type 2 in CT/MR Image
+    copy_attributes(src, ds, ("AcquisitionNumber",), notes)
+    if "AcquisitionNumber" not in ds:
+        ds.AcquisitionNumber = ""  # type 2 in CT/MR Image
     is_ct = sop_class == CTImageStorage
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if is_ct else "OTHER"]
     if out.slab_mode in VALUE4:  # projections say so; a plain reformat needs no 4th value
         ds.ImageType = [*ds.ImageType, VALUE4[out.slab_mode]]
     what = f"{out.description}, {out.plane}"
+    if statement := frame_of_reference(source)[1]:
+        what += f"; {statement}"
     ds.DerivationDescription = derivation_description(prov, what)
     code = DERIVATION_CODE.get(out.slab_mode, MPR_CODE)
     ds.DerivationCodeSequence = [code_item(*code)]
-    ds.ContributingEquipmentSequence = contributing_equipment(prov, src)
+    ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
     ds.SoftwareVersions = software_versions(prov)  # General Equipment: sprim + the step
     if is_ct:
-        copy_attributes(src, ds, CT_KEYWORDS)
+        copy_attributes(src, ds, CT_KEYWORDS, notes)
         if "KVP" not in ds:
             ds.KVP = ""
     elif sop_class == MRImageStorage:
-        copy_attributes(src, ds, MR_KEYWORDS)
-        _mr_from_enhanced(src, ds)
+        copy_attributes(src, ds, MR_KEYWORDS, notes)
+        _mr_from_enhanced(src, ds, notes)
         for kw in ("ScanningSequence", "SequenceVariant"):  # type 1: unknown is not allowed
             if not ds.get(kw):  # RM (research mode) is the only defined term for "other"
                 setattr(ds, kw, "RM" if kw == "ScanningSequence" else "NONE")
@@ -244,6 +364,8 @@ def _template(
             ds.InversionTime = ""
         if "RepetitionTime" not in ds and not ("EP" in scanning and ds.SequenceVariant == "SK"):
             ds.RepetitionTime = ""
+    elif sop_class == PositronEmissionTomographyImageStorage:
+        _pet(out, source, ds, notes)
     else:
         ds.ConversionType = "WSD"  # workstation
     spacing = out.image.GetSpacing()
@@ -322,12 +444,16 @@ def write_series(
 ) -> list[WrittenObject]:
     """Write ``out`` as a derived CT/MR (or Secondary Capture) series in the source study."""
     sop_class = sop_class_for(source)
+    is_pet = sop_class == PositronEmissionTomographyImageStorage
     number = derived_series_number(source.first, prov)
-    ds = _template(out, source, prov, sop_class, number)
-    pix, slope, intercept = _pixels(out.image)
-    if slope != 1.0 or intercept != 0.0 or sop_class == CTImageStorage:
+    notes: list[str] = []
+    ds = _template(out, source, prov, sop_class, number, notes)
+    notes_t = unique(notes)
+    pix, slope, intercept = _pixels(out.image, zero_intercept=is_pet)
+    if slope != 1.0 or intercept != 0.0 or sop_class == CTImageStorage or is_pet:
         ds.RescaleIntercept, ds.RescaleSlope = ds_str(intercept), ds_str(slope)
-        ds.RescaleType = "HU" if source.modality == "CT" else "US"
+        if not is_pet:  # no RescaleType in the PET Image module
+            ds.RescaleType = "HU" if source.modality == "CT" else "US"
     encodings = convert_encodings(ds.get("SpecificCharacterSet", "ISO_IR 100"))
     src_pos, items = _source_refs(source, encodings)
     common = [(int(e.tag), encode(e, encodings)) for e in ds]
@@ -358,6 +484,8 @@ def write_series(
         if out.slice_geometry is None:
             loc = ds_str(float(sl.position @ sl.normal))
             own.append((0x00201041, element(0x00201041, "DS", loc)))
+        if is_pet:  # ImageIndex (US): the instance's place in the series
+            own.append((0x00541330, b"\x54\x00\x30\x13US\x02\x00" + (k + 1).to_bytes(2, "little")))
         refs = _referenced(sl, size, spacing, thickness, src_normal, src_pos, src_step)
         # The purpose code (type 3) doubles Orthanc's ingest time of a 400-item sequence (36 vs
         # 17 ms per image): kept where an image is made of a few slices, not of the whole series.
@@ -377,6 +505,7 @@ def write_series(
                 ds.SeriesInstanceUID,
                 number,
                 str(ds.SeriesDescription),
+                notes_t,
             )
         )
     return written

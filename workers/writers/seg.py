@@ -6,7 +6,6 @@ number) with empty frames omitted: 0.92 s instead of 4.2 s from a 4D stack at 40
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,22 +15,28 @@ import numpy as np
 import pydicom.config
 import SimpleITK as sitk
 from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
 from pydicom.sr.codedict import codes
 
 from pipelines import Code, Labelmap
 from workers.source import SourceSeries
 from workers.writers import Provenance, WrittenObject, writer
 from workers.writers.common import (
-    PATIENT_STUDY_TYPE2,
+    CLINICAL_TRIAL_KEYWORDS,
+    PATIENT_KEYWORDS,
+    PATIENT_STUDY_KEYWORDS,
     SPRIM,
     SPRIM_MODEL,
+    STUDY_KEYWORDS,
     contributing_equipment,
+    copy_frame_of_reference,
     copy_patient_study,
     derived_series_number,
     series_description,
     series_folder,
     software_versions,
 )
+from workers.writers.sanitize import unique
 from workers.writers.sr import segment_volumes_ml, write_volume_report
 
 #: Thresholds, connected components and morphology: CID 7162 "Morphological Operations".
@@ -115,31 +120,42 @@ def _plane_geometry(
     return positions, orientation, measures
 
 
-def _with_type2(headers: list[Dataset]) -> list[Dataset]:
-    """``headers``, as copies with empty values added when some type 2 attribute is missing."""
-    missing = [kw for kw in PATIENT_STUDY_TYPE2 if kw not in headers[0]]  # highdicom needs them
-    if not missing:
-        return headers
+_REPLACED = frozenset(
+    tag_for_keyword(kw)
+    for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS + PATIENT_STUDY_KEYWORDS + CLINICAL_TRIAL_KEYWORDS
+) | {tag_for_keyword("FrameOfReferenceUID")}
+
+
+def seg_sources(headers: list[Dataset], patient_study: Dataset, for_uid: str) -> list[Dataset]:
+    """What highdicom sees of the source images: shallow copies of ``headers`` whose patient and
+    study attributes are the sanitized ones and whose FrameOfReferenceUID is the one chosen for
+    every output (highdicom copies the first header's modules as they are and refuses sources
+    with several frames of reference). The SOP instance references stay the real ones."""
     out = []
     for h in headers:
-        c = copy.deepcopy(h)
-        for kw in missing:
-            setattr(c, kw, "")
+        c = Dataset({tag: elem for tag, elem in h.items() if tag not in _REPLACED})
+        c.update(patient_study)
+        c.FrameOfReferenceUID = for_uid
         out.append(c)
     return out
 
 
 def build_seg(
     labelmap: Labelmap, source: SourceSeries, prov: Provenance
-) -> tuple[hd.seg.Segmentation, int, str]:
+) -> tuple[hd.seg.Segmentation, int, str, tuple[str, ...]]:
     """The highdicom Segmentation of ``labelmap`` (and its SeriesNumber, SeriesDescription)."""
     src = source.first
+    notes: list[str] = []
     uids = prov.uids(source)
     number = derived_series_number(src, prov, 0)
     description = series_description(f"SEG {labelmap.description}", src, prov.description_suffix)
     pixels = label_array(labelmap)
     if not pixels.any():
         raise ValueError(f"refusing to write an empty SEG for {labelmap.description!r}")
+    patient_study = Dataset()
+    copy_patient_study(src, patient_study, notes)
+    frame = Dataset()
+    copy_frame_of_reference(source, frame, notes)
     geometry: dict = {}
     if len(source.headers) == pixels.shape[0]:
         sources = source.headers  # per-frame references to the source slices
@@ -150,7 +166,7 @@ def build_seg(
             plane_positions=positions, plane_orientation=orientation, pixel_measures=measures
         )
     seg = hd.seg.Segmentation(
-        source_images=_with_type2(sources),
+        source_images=seg_sources(sources, patient_study, str(frame.FrameOfReferenceUID)),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(labelmap, source, prov),
@@ -169,11 +185,9 @@ def build_seg(
         **geometry,
     )
     seg.SeriesDescription = description
-    # highdicom copies the patient/study modules as they are; re-copy them through the shared
-    # helper, which also repairs source defects (empty DeidentificationMethod, bad PatientAge).
-    copy_patient_study(src, seg)
-    seg.ContributingEquipmentSequence = contributing_equipment(prov, src)
-    return seg, number, description
+    seg.update(frame)
+    seg.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
+    return seg, number, description, unique(notes)
 
 
 @writer("labelmap")
@@ -182,7 +196,7 @@ def write_labelmap(
 ) -> list[WrittenObject]:
     """Write a Labelmap as a DICOM SEG and a TID 1500 SR of its segment volumes."""
     with unvalidated():
-        seg, number, description = build_seg(output, source, prov)
+        seg, number, description, notes = build_seg(output, source, prov)
         path = series_folder(out_dir, number, description) / "SEG0001.dcm"
         seg.save_as(path)
     written = [
@@ -194,6 +208,7 @@ def write_labelmap(
             seg.SeriesInstanceUID,
             number,
             description,
+            notes,
         )
     ]
     written.append(write_volume_report(output, seg, source, prov, out_dir))

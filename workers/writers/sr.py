@@ -25,6 +25,7 @@ from workers.writers.common import (
     series_description,
     series_folder,
 )
+from workers.writers.sanitize import unique
 
 MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 #: LOINC "CT unspecified body region", the procedure in highdicom's TID 1500 examples.
@@ -41,9 +42,10 @@ def segment_volumes_ml(labelmap: Labelmap) -> dict[int, float]:
 
 def build_volume_report(
     labelmap: Labelmap, seg: hd.seg.Segmentation, source: SourceSeries, prov: Provenance
-) -> tuple[hd.sr.Comprehensive3DSR, int, str]:
+) -> tuple[hd.sr.Comprehensive3DSR, int, str, tuple[str, ...]]:
     """The TID 1500 report of ``labelmap``'s segment volumes, referencing ``seg``."""
     src = source.first
+    notes: list[str] = []
     uids = prov.uids(source)
     number = derived_series_number(src, prov, 1)
     description = series_description(
@@ -106,11 +108,11 @@ def build_volume_report(
         is_complete=True,
     )
     sr.SeriesDescription = description
-    # highdicom copies the patient/study modules as they are; re-copy them through the shared
-    # helper, which also repairs source defects (empty DeidentificationMethod, bad PatientAge).
-    copy_patient_study(src, sr)
-    sr.ContributingEquipmentSequence = contributing_equipment(prov, src)
-    return sr, number, description
+    # highdicom copied the SEG's (already sanitized) patient/study modules; the shared helper
+    # gives the same values and the notes.
+    copy_patient_study(src, sr, notes)
+    sr.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
+    return sr, number, description, unique(notes)
 
 
 def write_volume_report(
@@ -121,9 +123,16 @@ def write_volume_report(
     out_dir: Path,
 ) -> WrittenObject:
     """Write the SR of ``labelmap``'s volumes (called by the labelmap writer after the SEG)."""
-    sr, number, description = build_volume_report(labelmap, seg, source, prov)
+    sr, number, description, notes = build_volume_report(labelmap, seg, source, prov)
     path = series_folder(out_dir, number, description) / "SR0001.dcm"
     sr.save_as(path)
     return WrittenObject(
-        path, "sr", sr.SOPClassUID, sr.SOPInstanceUID, sr.SeriesInstanceUID, number, description
+        path,
+        "sr",
+        sr.SOPClassUID,
+        sr.SOPInstanceUID,
+        sr.SeriesInstanceUID,
+        number,
+        description,
+        notes,
     )

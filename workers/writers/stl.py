@@ -29,6 +29,7 @@ from workers.writers.common import (
     series_folder,
     set_general_equipment,
 )
+from workers.writers.sanitize import unique
 
 ENCAPSULATED_STL_STORAGE = UID("1.2.840.10008.5.1.4.1.1.104.3")
 _STL_DTYPE = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
@@ -69,9 +70,10 @@ def export_mesh(mesh: Mesh, path: Path | str) -> Path:
 
 def encapsulated_stl(
     mesh: Mesh, source: SourceSeries, prov: Provenance
-) -> tuple[Dataset, int, str]:
-    """The Encapsulated STL dataset of ``mesh`` (and its SeriesNumber, SeriesDescription)."""
+) -> tuple[Dataset, int, str, tuple[str, ...]]:
+    """The Encapsulated STL dataset of ``mesh`` (its SeriesNumber, SeriesDescription, notes)."""
     src = source.first
+    notes: list[str] = []
     uids = prov.uids(source)
     sop_uid = uids.instance_uid(0)
     number = derived_series_number(src, prov)
@@ -80,8 +82,8 @@ def encapsulated_stl(
     ds.file_meta = file_meta(ENCAPSULATED_STL_STORAGE, sop_uid)
     ds.SOPClassUID = ENCAPSULATED_STL_STORAGE
     ds.SOPInstanceUID = sop_uid
-    copy_patient_study(src, ds)
-    copy_frame_of_reference(src, ds)  # vertices are in the source's patient coordinates
+    copy_patient_study(src, ds, notes)
+    copy_frame_of_reference(source, ds, notes)  # vertices are in the source's patient coordinates
     # Encapsulated Document Series / Manufacturing 3D Model Series.
     ds.Modality = "M3D"
     ds.SeriesInstanceUID = uids.series_uid
@@ -90,7 +92,7 @@ def encapsulated_stl(
     # Enhanced General Equipment (type 1 for this IOD).
     set_general_equipment(ds)
     ds.DeviceSerialNumber = "SPRIM"
-    ds.ContributingEquipmentSequence = contributing_equipment(prov, src)
+    ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
     # Encapsulated Document module.
     date, time = dicom_now()
     ds.InstanceNumber = 1
@@ -119,7 +121,7 @@ def encapsulated_stl(
     ds.SourceInstanceSequence = refs
     # Common Instance Reference module: the referenced instances grouped by series.
     ds.ReferencedSeriesSequence = [referenced_series_item(source.headers)]
-    return ds, number, description
+    return ds, number, description, unique(notes)
 
 
 @writer("mesh")
@@ -127,7 +129,7 @@ def write_mesh(
     output: Mesh, source: SourceSeries, prov: Provenance, out_dir: Path
 ) -> list[WrittenObject]:
     """Write a Mesh as one Encapsulated STL instance in its own series."""
-    ds, number, description = encapsulated_stl(output, source, prov)
+    ds, number, description, notes = encapsulated_stl(output, source, prov)
     path = series_folder(out_dir, number, description) / "STL0001.dcm"
     ds.save_as(path, enforce_file_format=True)
     return [
@@ -139,5 +141,6 @@ def write_mesh(
             ds.SeriesInstanceUID,
             number,
             description,
+            notes,
         )
     ]
