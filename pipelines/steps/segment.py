@@ -77,12 +77,26 @@ class LungParams(BaseModel, frozen=True, extra="forbid"):
 class BoneParams(BaseModel, frozen=True, extra="forbid"):
     lower_hu: float = Field(
         300.0,
-        description="Voxels at or above this (HU) are bone (above enhanced vessels in most phases).",
+        ge=-1024.0,
+        le=3000.0,
+        description="Bone voxels are at or above this (HU), if connected to a core (core_hu).",
+    )
+    core_hu: float = Field(
+        600.0,
+        ge=-1024.0,
+        le=4000.0,
+        description="A bright region is bone only if it holds voxels at or above this (HU): "
+        "cortex reaches it, contrast-filled vessels and heart chambers do not.",
     )
     min_component_ml: float = Field(
-        0.5, ge=0.0, description="Drop bright specks smaller than this (mL, calcifications, noise)."
+        0.5,
+        ge=0.0,
+        le=1000.0,
+        description="Drop bright specks smaller than this (mL, calcifications, noise).",
     )
-    coarse_mm: float = Field(3.0, gt=0.0, description="Voxel size (mm) of the working grid.")
+    coarse_mm: float = Field(
+        3.0, ge=0.5, le=20.0, description="Voxel size (mm) of the working grid."
+    )
 
 
 def body_coarse(top: np.ndarray, grid: Grid, image: sitk.Image, p: BodyParams) -> np.ndarray:
@@ -244,9 +258,16 @@ def segment_lungs(volume: Volume, params: LungParams) -> Labelmap:
     return Labelmap("Lungs", to_labelmap_image(labels_full, image), segments)
 
 
-@step("segment.bone", version="1.0.0", params=BoneParams, produces="labelmap")
+@step("segment.bone", version="1.1.0", params=BoneParams, produces="labelmap")
 def segment_bone(volume: Volume, params: BoneParams) -> Labelmap:
-    """Bone by HU threshold inside the patient (table excluded), small specks removed."""
+    """Bone by HU hysteresis inside the patient: regions >= lower_hu holding cortex >= core_hu.
+
+    Contrast-enhanced blood (aorta, heart chambers, 150-450 HU) passes a single 300 HU threshold;
+    it is told apart from bone by connectivity at full resolution: a region at or above
+    ``lower_hu`` is kept only if it reaches ``core_hu`` somewhere (cortex does, diluted contrast
+    does not). Undiluted contrast at the injection site (superior vena cava, subclavian vein)
+    can be as dense as cortex and is then kept.
+    """
     a = require_ct(volume, "segment.bone")
     image = volume.image
     grid = Grid.for_image(image, params.coarse_mm)
@@ -257,13 +278,25 @@ def segment_bone(volume: Volume, params: BoneParams) -> Labelmap:
     min_vox = params.min_component_ml / grid.voxel_ml(image)
     keep = sizes >= max(min_vox, 1)
     keep[0] = False
-    if not keep.any():
-        raise StepError(f"no bone found at or above {params.lower_hu:g} HU inside the patient")
     kept = keep[labels]
-    cs, fs = grid.box(kept)  # type: ignore[misc]  (kept is not empty)
+    box = grid.box(kept)
     mask = np.zeros(grid.shape, np.uint8)  # zero pages outside the box cost no memory
-    fine_shape = tuple(s.stop - s.start for s in fs)
-    mask[fs] = grid.upsample(kept[cs], fine_shape) & (a[fs] >= params.lower_hu)
+    if box is not None:
+        cs, fs = box
+        sub = a[fs]
+        fine = grid.upsample(kept[cs], sub.shape).view(bool)
+        fine &= sub >= params.lower_hu
+        # Hysteresis: full-resolution components, kept when they hold a core voxel. At coarse
+        # resolution the aorta merges with the vertebra it lies on.
+        flabels, n = ndimage.label(fine)
+        cored = np.zeros(n + 1, bool)
+        cored[np.unique(flabels[fine & (sub >= params.core_hu)])] = True
+        cored[0] = False
+        del fine
+        mask[fs] = cored[flabels]
     if not mask.any():
-        raise StepError(f"no bone found at or above {params.lower_hu:g} HU inside the patient")
+        raise StepError(
+            f"no bone found at or above {params.lower_hu:g} HU inside the patient "
+            f"(with cortex at or above {params.core_hu:g} HU)"
+        )
     return Labelmap("Bone", to_labelmap_image(mask, image), (BONE,))
