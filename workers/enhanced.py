@@ -22,9 +22,9 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.pixels import iter_pixels
 
-from workers import pixels
+from workers import pixels, validate
 from workers.source import SeriesError, SourceSeries
-from workers.stack import apply_plan, plan_stack
+from workers.stack import apply_plan, output_shape, plan_stack
 
 _FRAME_TYPE_SEQS = (
     "MRImageFrameTypeSequence",
@@ -52,9 +52,26 @@ def _frame_type(frame: Dataset | None, shared: Dataset | None) -> str:
 
 
 def _vec(value: Any, n: int) -> list[float]:
-    if value is None or len(value) != n:
+    try:
+        if value is None or len(value) != n:
+            return [float("nan")] * n
+        return [float(x) for x in value]
+    except (TypeError, ValueError):
         return [float("nan")] * n
-    return [float(x) for x in value]
+
+
+def _rescale(name: str, slope: Any, icpt: Any, ds: Dataset) -> tuple[float, float]:
+    """A frame's (slope, intercept), checked by the gate's rule."""
+    try:
+        got = (float(slope), float(icpt or 0.0))
+    except (TypeError, ValueError):
+        raise SeriesError(
+            f"{name}: RescaleSlope / RescaleIntercept of a frame are not numbers", code="values"
+        ) from None
+    why = validate.rescale_defect(*got, *pixels.stored_range(ds))
+    if why:
+        raise SeriesError(f"{name}: {why}", code="values")
+    return got
 
 
 def _describe(frames: list[dict[str, Any]]) -> Callable[[list[int]], str]:
@@ -81,7 +98,7 @@ def _describe(frames: list[dict[str, Any]]) -> Callable[[list[int]], str]:
 
 def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> SourceSeries:
     """A volume from enhanced multi-frame objects; see the module docstring for stacks."""
-    from workers.series import make_source
+    from workers.series import display_notes, make_source
 
     frames: list[dict[str, Any]] = []
     for f, h in enumerate(headers):
@@ -102,6 +119,7 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
             icpt = _group_value(fr, shared, "PixelValueTransformationSequence", "RescaleIntercept")
             if slope is None:
                 slope, icpt = pixels.rescale_of(h)
+            rescale = pixels.display_rescale(h, _rescale(name, slope, icpt, h))
             frames.append(
                 {
                     "file": f,
@@ -119,7 +137,7 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
                     "spacing": _vec(
                         _group_value(fr, shared, "PixelMeasuresSequence", "PixelSpacing"), 2
                     ),
-                    "rescale": (float(slope), float(icpt or 0.0)),
+                    "rescale": rescale,
                     "temporal": _group_value(
                         fr, shared, "FrameContentSequence", "TemporalPositionIndex"
                     ),
@@ -132,7 +150,8 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
             )
     if any(np.isnan(fr["pos"]).any() or np.isnan(fr["iop"]).any() for fr in frames):
         raise SeriesError(
-            f"{name}: frames without plane position or orientation, cannot place them in a volume"
+            f"{name}: frames without plane position or orientation, cannot place them in a volume",
+            code="geometry",
         )
     plan = plan_stack(
         name,
@@ -143,13 +162,18 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
         [fr["key"] for fr in frames],
         unit="frame",
         why_same_position=_describe(frames),
+        labels=[f"frame {fr['index'] + 1} of {files[fr['file']].name}" for fr in frames],
     )
     chosen = [frames[i] for i in plan.order]
+    used = sorted({fr["file"] for fr in chosen})
+    for_uid, notes = validate.frame_of_reference(name, [headers[f] for f in used])
     rescales = [fr["rescale"] for fr in chosen]
     dtype = pixels.output_dtype(
         rescales, [pixels.stored_range(headers[fr["file"]]) for fr in chosen]
     )
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
+    validate.check_volume_size(name, len(chosen) * rows * cols, dtype.itemsize)
+    validate.check_volume_size(name, int(np.prod(output_shape(plan, rows, cols))), dtype.itemsize)
     image, vol = pixels.new_volume((len(chosen), rows, cols), dtype)
     for f, path in enumerate(files):
         wanted = {fr["index"]: k for k, fr in enumerate(chosen) if fr["file"] == f}
@@ -159,14 +183,38 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
         try:
             for idx, raw in zip(indices, iter_pixels(str(path), indices=indices), strict=True):
                 k = wanted[idx]
-                pixels.put(vol[k], raw.reshape(rows, cols), *rescales[k])
+                if raw.shape != (rows, cols):
+                    raise SeriesError(
+                        f"{name}: frame {idx + 1} of {path.name} decodes to "
+                        f"{'x'.join(str(d) for d in raw.shape[::-1])} pixels, the header says "
+                        f"{cols}x{rows}",
+                        code="pixel-format",
+                    )
+                pixels.put(vol[k], raw, *rescales[k])
         except SeriesError:
             raise
         except Exception as e:
-            raise SeriesError(f"{name}: cannot decode the pixel data of {path.name}: {e}") from e
+            raise SeriesError(
+                f"{name}: cannot decode the pixel data of {path.name}: {e}", code="unreadable"
+            ) from e
+    padded = [
+        pixels.padded_values(headers[fr["file"]], rescales[k], dtype) for k, fr in enumerate(chosen)
+    ]
+    if any(p is not None for p in padded):
+        changed = pixels.mask_padding(vol, padded)
+        if changed:
+            notes.append(
+                f"{changed} padding voxels (PixelPaddingValue, outside the scanned field) set to "
+                "the lowest real value"
+            )
     del vol  # the view must not outlive the image buffer
     image = apply_plan(pixels.narrow(image), plan)
-    used = sorted({fr["file"] for fr in chosen})
+    hs = [headers[f] for f in used]
     return make_source(
-        name, image, [headers[f] for f in used], [files[f] for f in used], plan.notes
+        name,
+        image,
+        hs,
+        [files[f] for f in used],
+        plan.notes + notes + display_notes(hs),
+        for_uid,
     )

@@ -98,23 +98,6 @@ def is_image_sop_class(sop_class_uid: str) -> bool:
     return not any(word in f" {sop_name} " for word in _NON_IMAGE)
 
 
-def check_image_series(name: str, headers: list[Dataset], offsets: list[int | None]) -> None:
-    """Refuse non-image objects, colour images and series without pixel data."""
-    sop = UID(str(headers[0].get("SOPClassUID", "")))
-    sop_name = sop.name if sop.is_valid else str(sop)
-    if not is_image_sop_class(sop):
-        raise SeriesError(
-            f"{name}: not an image series ({sop_name}); only CT, MR and PET images make volumes"
-        )
-    photometric = {str(value(h, "PhotometricInterpretation", "")) for h in headers}
-    samples = {value(h, "SamplesPerPixel", 1) for h in headers}
-    if samples != {1} or not photometric <= {"MONOCHROME1", "MONOCHROME2"}:
-        kinds = "/".join(sorted(p for p in photometric if p))
-        raise SeriesError(f"{name}: colour images ({kinds}); sprim builds greyscale volumes only")
-    if all(o is None for o in offsets):
-        raise SeriesError(f"{name}: no pixel data (header-only or float pixel data objects)")
-
-
 def rescale_of(ds: Dataset) -> tuple[float, float]:
     """(RescaleSlope, RescaleIntercept), defaulting to (1, 0)."""
     slope = ds.get("RescaleSlope")
@@ -134,14 +117,98 @@ def stored_range(ds: Dataset) -> tuple[int, int]:
 
 
 def output_dtype(rescales: list[tuple[float, float]], ranges: list[tuple[int, int]]) -> np.dtype:
-    """int16 if guaranteed to fit, int32 when integer but not guaranteed, else float32."""
-    if not all(s == 1.0 and float(i).is_integer() for s, i in rescales):
+    """int16 if guaranteed to fit, int32 when integer but not guaranteed, else float32.
+
+    A slope of -1 (MONOCHROME1 inverted, see :func:`display_rescale`) stays integer.
+    """
+    if not all(abs(s) == 1.0 and float(i).is_integer() for s, i in rescales):
         return np.dtype(np.float32)
-    lo = min(r[0] + i for r, (_, i) in zip(ranges, rescales, strict=True))
-    hi = max(r[1] + i for r, (_, i) in zip(ranges, rescales, strict=True))
+    ends = [e * s + i for (lo, hi), (s, i) in zip(ranges, rescales, strict=True) for e in (lo, hi)]
+    lo, hi = min(ends), max(ends)
     if lo >= -(2**15) and hi < 2**15:
         return np.dtype(np.int16)
-    return np.dtype(np.int32)
+    if lo >= -(2**31) and hi < 2**31:
+        return np.dtype(np.int32)
+    return np.dtype(np.float32)
+
+
+def display_rescale(ds: Dataset, rescale: tuple[float, float]) -> tuple[float, float]:
+    """The rescale that gives values in MONOCHROME2 sense (high = bright).
+
+    MONOCHROME1 (low = bright) of a modality without physical units (MR, ...) is inverted within
+    the stored range: ``stored' = lo + hi - stored``. CT (HU) and PET (activity) keep their
+    values: the photometric interpretation only says how to display them.
+    """
+    if value(ds, "PhotometricInterpretation") != "MONOCHROME1" or value(ds, "Modality") in (
+        "CT",
+        "PT",
+    ):
+        return rescale
+    slope, icpt = rescale
+    lo, hi = stored_range(ds)
+    return -slope, icpt + slope * (lo + hi)
+
+
+def padding_range(ds: Dataset) -> tuple[int, int] | None:
+    """Stored values marked as padding (PixelPaddingValue [.. PixelPaddingRangeLimit]), or None."""
+    got = []
+    for tag in (0x00280120, 0x00280121):
+        if tag not in ds:
+            continue
+        elem = ds.get_item(tag)
+        raw = getattr(elem, "value", None)
+        signed = bool(value(ds, "PixelRepresentation", 0))
+        if isinstance(raw, bytes):  # US or SS: the pixel representation decides
+            if len(raw) < 2:
+                continue
+            little = elem.is_little_endian if elem.is_little_endian is not None else True
+            got.append(int.from_bytes(raw[:2], "little" if little else "big", signed=signed))
+        else:
+            v = ds[tag].value
+            if isinstance(v, int):
+                if signed and v >= 2**15 and value(ds, "BitsAllocated", 16) == 16:
+                    v -= 2**16
+                got.append(v)
+    if not got or 0x00280120 not in ds:
+        return None
+    return min(got), max(got)
+
+
+def mask_padding(vol: np.ndarray, padded: list[tuple[float, float] | None]) -> int:
+    """Set padded voxels (slice k: values in ``padded[k]``) to the lowest real value.
+
+    Returns the number of voxels changed. Padding marks pixels outside the scanned field; left
+    as they are, they would count as (very low) tissue in statistics and segmentations.
+    """
+    lowest = None
+    for k, pr in enumerate(padded):
+        sl = vol[k]
+        real = sl if pr is None else sl[(sl < pr[0]) | (sl > pr[1])]
+        if real.size:
+            m = real.min()
+            lowest = m if lowest is None else min(lowest, m)
+    if lowest is None:
+        return 0
+    changed = 0
+    for k, pr in enumerate(padded):
+        if pr is None:
+            continue
+        mask = (vol[k] >= pr[0]) & (vol[k] <= pr[1])
+        changed += int(np.count_nonzero(mask))
+        vol[k][mask] = lowest
+    return changed
+
+
+def padded_values(
+    ds: Dataset, rescale: tuple[float, float], dtype: np.dtype
+) -> tuple[float, float] | None:
+    """The padding range of ``ds`` as it appears in a volume of ``dtype`` after ``rescale``."""
+    pr = padding_range(ds)
+    if pr is None:
+        return None
+    out = np.empty(2, dtype=dtype)
+    put(out, np.array(pr, dtype=np.int64), *rescale)
+    return float(out.min()), float(out.max())
 
 
 def new_volume(shape: tuple[int, int, int], dtype: np.dtype) -> tuple[sitk.Image, np.ndarray]:
@@ -164,6 +231,8 @@ def put(dst: np.ndarray, raw: np.ndarray, slope: float, intercept: float) -> Non
         np.multiply(raw, np.float32(slope), out=dst, casting="unsafe")
         if intercept:
             dst += np.float32(intercept)
+    elif slope == -1.0:
+        np.subtract(np.int32(intercept), raw, out=dst, casting="unsafe")
     elif intercept:
         np.add(raw, np.int32(intercept), out=dst, casting="unsafe")
     else:
@@ -174,6 +243,8 @@ def read_native_into(
     path: Path, offset: int | None, ds: Dataset, dst: np.ndarray, rescale: tuple[float, float]
 ) -> bool:
     """Read uncompressed single-frame pixels straight into ``dst``; False if not applicable."""
+    from workers.validate import pixel_data_length
+
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     bits = value(ds, "BitsAllocated", 0)
     if offset is None or ts not in _NATIVE or bits not in (8, 16, 32):
@@ -183,16 +254,11 @@ def read_native_into(
         f"{'>' if big else '<'}{'i' if value(ds, 'PixelRepresentation', 0) else 'u'}{bits // 8}"
     )
     nbytes = dst.size * raw_dtype.itemsize
+    length, head = pixel_data_length(path, offset, ds)
+    if length == 0xFFFFFFFF or length < nbytes:
+        return False  # encapsulated or short: let pydicom decide
     with open(path, "rb") as fp:
-        fp.seek(offset)
-        head = fp.read(8)
-        if ts != ImplicitVRLittleEndian and head[4:6] in (b"OB", b"OW", b"UN"):
-            head += fp.read(4)
-            length = int.from_bytes(head[8:12], "big" if big else "little")
-        else:
-            length = int.from_bytes(head[4:8], "big" if big else "little")
-        if length == 0xFFFFFFFF or length < nbytes:
-            return False  # encapsulated or short: let pydicom decide
+        fp.seek(offset + head)
         stored = value(ds, "BitsStored", bits)
         if raw_dtype.itemsize == dst.dtype.itemsize and dst.dtype.kind == "i":
             # Same width: read straight into the volume, fix and rescale in place.
@@ -224,12 +290,18 @@ def _only_stored_bits(raw: np.ndarray, bits_stored: int) -> None:
         np.right_shift(raw, shift, out=raw)
 
 
-def decode(path: Path, index: int | None = None) -> np.ndarray:
-    """Stored values of a file (any transfer syntax pydicom's plugins decode)."""
+def decode(path: Path, index: int | None = None, name: str = "") -> np.ndarray:
+    """Stored values of a file (any transfer syntax pydicom's plugins decode).
+
+    ``name`` (the series) starts the refusal when the file cannot be decoded.
+    """
     try:
         return pixel_array(str(path), index=index)
     except Exception as e:  # decoder messages are technical; keep them, add the context
-        raise SeriesError(f"cannot decode the pixel data of {path.name}: {e}") from e
+        where = f"{name}: " if name else ""
+        raise SeriesError(
+            f"{where}cannot decode the pixel data of {path.name}: {e}", code="unreadable"
+        ) from e
 
 
 def read_pixels(path: Path) -> np.ndarray:

@@ -32,10 +32,10 @@ from pydicom.uid import (
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 
 from pipelines.types import Volume
-from workers import pixels
+from workers import pixels, validate
 from workers.inputs import InputWalk, Skipped, why_unreadable
 from workers.source import SeriesError, SourceSeries
-from workers.stack import apply_plan, plan_stack
+from workers.stack import apply_plan, output_shape, plan_stack
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class SeriesFiles:
     attributes: dict[str, Any]
     headers: list[Dataset] = field(default_factory=list, repr=False)
     pixel_offsets: list[int | None] = field(default_factory=list, repr=False)
+    #: Files of this series that could not be read (name, reason): the gate judges the rest.
+    unreadable: list[Skipped] = field(default_factory=list, repr=False)
     #: Keeps a temporary extraction folder (zip input) alive as long as the series is used.
     _keepalive: Any = field(default=None, repr=False, compare=False)
 
@@ -209,6 +211,9 @@ def scan(inputs: Path | list[Path], skipped: list[Skipped] | None = None) -> lis
                 _keepalive=keepalive,
             )
         )
+    for s in out:  # damaged files whose SeriesInstanceUID could be recovered
+        uid = s.attributes.get("SeriesInstanceUID")
+        s.unreadable = [k for k in walk.skipped if k.series_uid and k.series_uid == uid]
     if skipped is not None:
         skipped += walk.skipped
     out.sort(
@@ -263,39 +268,65 @@ def series_attributes(headers: list[Dataset]) -> dict[str, Any]:
 def read_series(series: SeriesFiles) -> SourceSeries:
     """Build the volume of one series, or refuse it with a :class:`SeriesError`.
 
-    See :mod:`workers.stack` for geometry decisions and :mod:`workers.enhanced` for
+    Every series passes the gate (:func:`workers.validate.check_series`) before any pixel is
+    read. See :mod:`workers.stack` for geometry decisions and :mod:`workers.enhanced` for
     multi-frame objects. ``headers`` of the result are in volume order (one per acquired
     slice; after gantry-tilt or uneven-spacing resampling the volume has its own slice count).
     """
+    unreadable = [(Path(k.path).name, k.reason) for k in series.unreadable]
     if not series.headers:
-        read = [_read_header(p) for p in series.files]
-        if any(r is None for r in read):
-            raise SeriesError(f"{series.name}: a file is not readable DICOM")
-        series.headers = [r[0] for r in read]  # type: ignore[index]
-        series.pixel_offsets = [r[1] for r in read]  # type: ignore[index]
+        files, headers, offsets = [], [], []
+        for p in series.files:
+            try:
+                got = _read_header(p)
+            except Exception as e:  # noqa: BLE001  a damaged file is one missing image
+                got, why = None, f"unreadable DICOM header ({type(e).__name__})"
+            else:
+                why = "not readable DICOM"
+            if got is None:
+                unreadable.append((p.name, why))
+                continue
+            files.append(p)
+            headers.append(got[0])
+            offsets.append(got[1])
+        if not headers:
+            raise SeriesError(f"{series.name}: no file is readable DICOM", code="unreadable")
+        series.files, series.headers, series.pixel_offsets = files, headers, offsets
     name = series.name
-    pixels.check_image_series(name, series.headers, series.pixel_offsets)
-    first = series.headers[0]
-    if "PerFrameFunctionalGroupsSequence" in first or int(first.get("NumberOfFrames") or 1) > 1:
+    ok = validate.check_series(
+        name, series.files, series.headers, series.pixel_offsets, unreadable
+    )
+    if validate.is_multiframe(ok.headers[0]):
         from workers.enhanced import read_enhanced
 
-        source = read_enhanced(name, series.files, series.headers)
+        source = read_enhanced(name, ok.files, ok.headers)
     else:
-        source = read_classic(name, series.files, series.headers, series.pixel_offsets)
+        source = read_classic(name, ok.files, ok.headers, ok.offsets)
+    source.notes[:0] = ok.notes
     if series._keepalive is not None:
         source._keepalive = series._keepalive  # type: ignore[attr-defined]
     return source
 
 
 def _floats(ds: Dataset, keyword: str, n: int) -> list[float]:
-    got = pixels.value(ds, keyword)
-    if not isinstance(got, list) or len(got) != n:
+    try:
+        got = pixels.value(ds, keyword)
+        if isinstance(got, float | int) and n == 1:
+            got = [got]
+        if not isinstance(got, list) or len(got) != n:
+            return [float("nan")] * n
+        return [float(x) for x in got]
+    except (TypeError, ValueError):
         return [float("nan")] * n
-    return [float(x) for x in got]
 
 
 def make_source(
-    name: str, image: Any, headers: list[Dataset], files: list[Path], notes: list[str]
+    name: str,
+    image: Any,
+    headers: list[Dataset],
+    files: list[Path],
+    notes: list[str],
+    frame_of_reference_uid: str,
 ) -> SourceSeries:
     """Wrap a finished volume and its headers (volume order) as a :class:`SourceSeries`."""
     first = headers[0]
@@ -309,7 +340,20 @@ def make_source(
         volume=Volume(image, modality, str(first.get("SeriesDescription", ""))),
         files=files,
         notes=notes,
+        frame_of_reference_uid=frame_of_reference_uid,
     )
+
+
+def display_notes(headers: list[Dataset]) -> list[str]:
+    """What the display semantics changed (MONOCHROME1), for the run summary."""
+    if not any(pixels.value(h, "PhotometricInterpretation") == "MONOCHROME1" for h in headers):
+        return []
+    if pixels.value(headers[0], "Modality") in ("CT", "PT"):
+        return [
+            "MONOCHROME1 images: values kept (physical units); derived images are MONOCHROME2, "
+            "so high values display bright"
+        ]
+    return ["MONOCHROME1 images inverted into MONOCHROME2 sense (high values bright)"]
 
 
 def read_classic(
@@ -318,11 +362,6 @@ def read_classic(
     """A volume from single-frame images (one file per slice)."""
     if len(headers) == 1:
         raise SeriesError(f"{name}: a single image, not a volume")
-    if any("ImagePositionPatient" not in h or "ImageOrientationPatient" not in h for h in headers):
-        raise SeriesError(
-            f"{name}: images without patient geometry (ImagePositionPatient or "
-            "ImageOrientationPatient missing), cannot place them in a volume"
-        )
     plan = plan_stack(
         name,
         np.array([_floats(h, "ImagePositionPatient", 3) for h in headers]),
@@ -330,17 +369,86 @@ def read_classic(
         np.array([_floats(h, "PixelSpacing", 2) for h in headers]),
         [(pixels.value(h, "Rows", 0), pixels.value(h, "Columns", 0)) for h in headers],
         [str(pixels.value(h, "SOPInstanceUID", i)) for i, h in enumerate(headers)],
+        labels=[f"image {f.name}" for f in files],
     )
     order = plan.order
     hs = [headers[i] for i in order]
-    rescales = [pixels.rescale_of(h) for h in hs]
-    dtype = pixels.output_dtype(rescales, [pixels.stored_range(h) for h in hs])
+    for_uid, notes = validate.frame_of_reference(name, hs)
+    lut = ["ModalityLUTSequence" in h for h in hs]
+    rescales = [
+        (1.0, 0.0) if lut[k] else pixels.display_rescale(h, pixels.rescale_of(h))
+        for k, h in enumerate(hs)
+    ]
+    ranges = [(0, 2**16 - 1) if lut[k] else pixels.stored_range(h) for k, h in enumerate(hs)]
+    dtype = pixels.output_dtype(rescales, ranges)
     rows, cols = int(hs[0].Rows), int(hs[0].Columns)
+    validate.check_volume_size(name, len(order) * rows * cols, dtype.itemsize)
+    validate.check_volume_size(name, int(np.prod(output_shape(plan, rows, cols))), dtype.itemsize)
+    # Compressed: the first image is decoded before the volume exists, so that a header
+    # claiming a larger image than the data holds is refused without allocating for it.
+    early = {}
+    if not lut[0] and not _native(headers[order[0]], offsets[order[0]]):
+        early[order[0]] = _decoded(name, files[order[0]], rows, cols)
     image, vol = pixels.new_volume((len(order), rows, cols), dtype)
     for k, i in enumerate(order):
-        if not pixels.read_native_into(files[i], offsets[i], headers[i], vol[k], rescales[k]):
-            raw = pixels.decode(files[i])
-            pixels.put(vol[k], raw.reshape(rows, cols), *rescales[k])
+        if lut[k]:
+            pixels.put(vol[k], _lut_applied(name, files[i], headers[i], rows, cols), 1.0, 0.0)
+        elif i in early or not pixels.read_native_into(
+            files[i], offsets[i], headers[i], vol[k], rescales[k]
+        ):
+            raw = early.pop(i) if i in early else _decoded(name, files[i], rows, cols)
+            pixels.put(vol[k], raw, *rescales[k])
+    padded = [
+        None if lut[k] else pixels.padded_values(h, rescales[k], dtype) for k, h in enumerate(hs)
+    ]
+    if any(p is not None for p in padded):
+        changed = pixels.mask_padding(vol, padded)
+        if changed:
+            notes.append(
+                f"{changed} padding voxels (PixelPaddingValue, outside the scanned field) set to "
+                "the lowest real value"
+            )
     del vol  # the view must not outlive the image buffer
+    if any(lut):
+        notes.append("Modality LUT Sequence applied")
     image = apply_plan(pixels.narrow(image), plan)
-    return make_source(name, image, hs, [files[i] for i in order], plan.notes)
+    return make_source(
+        name,
+        image,
+        hs,
+        [files[i] for i in order],
+        plan.notes + notes + display_notes(hs),
+        for_uid,
+    )
+
+
+def _native(ds: Dataset, offset: int | None) -> bool:
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return offset is not None and ts in validate.NATIVE_SYNTAXES
+
+
+def _decoded(name: str, path: Path, rows: int, cols: int) -> np.ndarray:
+    """Stored values of one single-frame file, checked against the header's image size."""
+    raw = pixels.decode(path, name=name)
+    if raw.shape != (rows, cols):
+        raise SeriesError(
+            f"{name}: image {path.name}: the pixel data decodes to "
+            f"{'x'.join(str(d) for d in raw.shape[::-1])} pixels, the header says {cols}x{rows}",
+            code="pixel-format",
+        )
+    return raw
+
+
+def _lut_applied(name: str, path: Path, ds: Dataset, rows: int, cols: int) -> np.ndarray:
+    """Values of an image with a Modality LUT Sequence (any shape of table: a lookup)."""
+    from pydicom.pixels import apply_modality_lut
+
+    raw = _decoded(name, path, rows, cols)
+    try:
+        return apply_modality_lut(raw, ds)
+    except Exception as e:  # noqa: BLE001  a malformed table is an input defect
+        raise SeriesError(
+            f"{name}: image {path.name}: the Modality LUT Sequence cannot be applied "
+            f"({type(e).__name__}: {e})",
+            code="values",
+        ) from e

@@ -22,6 +22,10 @@ Decisions (what a PACS administrator will read in refusals and notes):
 - Several images at one slice position (echoes, phases, repeated acquisitions), mixed
   orientations, sizes or pixel spacings, a single image, positions off a straight line:
   refused.
+- **Orientation**: ImageOrientationPatient must be two unit vectors at a right angle within
+  the tolerances of :mod:`workers.validate` (which checks every slice's geometry values first);
+  within them the vectors are normalised, beyond them the series is refused (never
+  straightened silently). Slice spacing must be plausible (:func:`validate.check_slice_spacing`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from workers import validate
 from workers.source import SeriesError
 
 #: Slices closer than this along the normal are "at the same position" (mm).
@@ -97,6 +102,7 @@ def plan_stack(
     *,
     unit: str = "image",
     why_same_position: Callable[[list[int]], str] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> StackPlan:
     """Check a stack of slices and plan its volume.
 
@@ -116,6 +122,8 @@ def plan_stack(
     why_same_position : callable, optional
         Given indices of slices sharing one position, names what differs between them
         (e.g. "4 temporal positions"); used in the refusal.
+    labels : sequence of str, optional
+        How each slice is named in refusals (e.g. "image IM0012.dcm").
 
     Raises
     ------
@@ -124,15 +132,17 @@ def plan_stack(
     """
     n = len(keys)
     if n == 0:
-        raise SeriesError(f"{name}: no images with pixel data")
+        raise SeriesError(f"{name}: no images with pixel data", code="pixel-format")
     if len(set(sizes)) > 1:
         shown = ", ".join(f"{c}x{r}" for r, c in sorted(set(sizes))[:4])
-        raise SeriesError(f"{name}: mixed image sizes ({shown}); a volume needs one size")
-    if not np.isfinite(positions).all() or not np.isfinite(orientations).all():
-        raise SeriesError(f"{name}: missing slice position or orientation")
+        raise SeriesError(
+            f"{name}: mixed image sizes ({shown}); a volume needs one size", code="pixel-format"
+        )
+    validate.check_geometry(name, positions, orientations, pixel_spacings, labels)
 
     iop0 = orientations[0]
     r = _unit(iop0[:3])
+    # Within the orthogonality tolerance: make the column vector exactly perpendicular.
     c = _unit(iop0[3:] - np.dot(iop0[3:], r) * r)
     normal = np.cross(r, c)
     if (np.abs(orientations - iop0).max(axis=1) > 1e-3).any():
@@ -142,9 +152,11 @@ def plan_stack(
             if p not in planes:
                 planes.append(p)
         kinds = ", ".join(planes) if len(planes) > 1 else f"{planes[0]} at different angles"
-        raise SeriesError(f"{name}: mixed slice orientations ({kinds}); a volume needs one")
+        raise SeriesError(
+            f"{name}: mixed slice orientations ({kinds}); a volume needs one", code="geometry"
+        )
     if (np.abs(pixel_spacings - pixel_spacings[0]).max(axis=1) > 1e-3).any():
-        raise SeriesError(f"{name}: mixed pixel spacings; a volume needs one")
+        raise SeriesError(f"{name}: mixed pixel spacings; a volume needs one", code="geometry")
 
     # Sort along the normal; stable, so the caller's order (InstanceNumber) breaks ties.
     d = positions @ normal
@@ -186,7 +198,8 @@ def plan_stack(
     if resid > max(0.05, 0.1 * px):
         raise SeriesError(
             f"{name}: slice positions do not lie on a straight line (off by up to "
-            f"{resid:.2f} mm); a volume needs parallel slices along one axis"
+            f"{resid:.2f} mm); a volume needs parallel slices along one axis",
+            code="geometry",
         )
     shear = np.linalg.norm(travel - np.dot(travel, normal) * normal)
     tilt = 0.0
@@ -203,6 +216,7 @@ def plan_stack(
             f"uneven slice spacing ({gaps.min():.2f}–{gaps.max():.2f} mm) resampled onto a "
             f"regular {step:.2f} mm grid"
         )
+    validate.check_slice_spacing(name, step)
     if tilt:
         notes.append(f"gantry tilt {tilt:.1f}° resampled onto a regular orthogonal grid")
     direction = np.stack([r, c, normal], axis=1)
@@ -310,6 +324,31 @@ def resample_tilted(image: sitk.Image, travel: np.ndarray) -> sitk.Image:
         fill,
         image.GetPixelID(),
     )
+
+
+def output_shape(plan: StackPlan, rows: int, cols: int) -> tuple[int, int, int]:
+    """(slices, rows, columns) of the volume :func:`apply_plan` makes (to bound memory first)."""
+    along = _unit(plan.positions[-1] - plan.positions[0])
+    t = (plan.positions - plan.positions[0]) @ along
+    step = plan.spacing[2]
+    nz = int(math.floor((t[-1] - t[0]) / step + 1e-6)) + 1 if plan.uneven else len(plan.order)
+    if not plan.tilt_deg:
+        return nz, rows, cols
+    r, c = plan.direction[:, 0], plan.direction[:, 1]
+    u = _unit(r - np.dot(r, along) * along)
+    out_dir = np.stack([u, np.cross(along, u), along], axis=1)
+    sx, sy = plan.spacing[0], plan.spacing[1]
+    corners = np.array(
+        [
+            i * sx * r + j * sy * c + k * step * along
+            for i in (0, cols - 1)
+            for j in (0, rows - 1)
+            for k in (0, nz - 1)
+        ]
+    )
+    local = corners @ out_dir
+    size = np.floor((local.max(axis=0) - local.min(axis=0)) / np.array([sx, sy, step]) + 1e-6) + 1
+    return int(size[2]), int(size[1]), int(size[0])
 
 
 def apply_plan(image: sitk.Image, plan: StackPlan) -> sitk.Image:

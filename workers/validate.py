@@ -47,26 +47,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 FALLBACK_CHARSET = "ISO_IR 100"
 
 NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
-_NON_IMAGE = (
-    "Segmentation",
-    " SR ",
-    "SR Storage",
-    "Report",
-    "Presentation State",
-    "RT Structure",
-    "RT Plan",
-    "RT Beams",
-    "RT Dose",
-    "Treatment",
-    "Key Object",
-    "Encapsulated",
-    "Registration",
-    "Raw Data",
-    "Waveform",
-    "Surface",
-    "Spectroscopy",
-    "Directory",
-)
 
 
 @dataclass
@@ -137,9 +117,11 @@ def sop_class_defect(ds: Dataset) -> tuple[str, str] | None:
     raw = str(_value(ds, "SOPClassUID", "") or "")
     if not raw:
         return "identity", "SOPClassUID is missing"
+    from workers.pixels import is_image_sop_class
+
     uid = UID(raw)
     name = uid.name if uid.is_valid else raw
-    if any(word in f" {name} " for word in _NON_IMAGE):
+    if not is_image_sop_class(raw):
         return "not-image", f"not an image series ({name}); only CT, MR and PET images make volumes"
     if not uid.is_valid or uid.type != "SOP Class" or "Image Storage" not in name:
         return "not-image", f"SOPClassUID {raw} is not a known image storage class"
@@ -382,6 +364,7 @@ def check_geometry(
 
 
 def check_slice_spacing(name: str, step: float) -> None:
+    """Refuse slices further apart than a plausible volume's (the regular step, mm)."""
     if not MIN_SPACING_MM <= step <= MAX_SPACING_MM:
         raise SeriesError(
             f"{name}: slices {step:.2f} mm apart (plausible: {MIN_SPACING_MM:g}–"
@@ -469,7 +452,7 @@ def check_series(
     files: list[Path],
     headers: list[Dataset],
     offsets: list[int | None],
-    unreadable: Sequence[tuple[Path, str]] = (),
+    unreadable: Sequence[tuple[str, str]] = (),
 ) -> Accepted:
     """The series gate: pixel format, identity, values and sizes, before any pixel is read.
 
@@ -483,13 +466,13 @@ def check_series(
     sop = sop_class_defect(headers[0])
     if sop is not None:
         raise SeriesError(f"{name}: {sop[1]}", code=sop[0])
-    lost = list(unreadable)
+    lost: list[tuple[str, str]] = list(unreadable)
     keep: list[int] = []
     lengths: list[int | None] = []
     for i, (f, h, o) in enumerate(zip(files, headers, offsets, strict=True)):
         length, why = _pixel_bytes(f, o, h)
         if why is not None:
-            lost.append((f, why))
+            lost.append((f.name, why))
         else:
             keep.append(i)
             lengths.append(length)
@@ -500,12 +483,12 @@ def check_series(
                 f"{name}: no pixel data (header-only or float pixel data objects)",
                 code="pixel-format",
             )
-        raise SeriesError(f"{name}: no readable image: {f.name}: {why}", code="unreadable")
+        raise SeriesError(f"{name}: no readable image: {f}: {why}", code="unreadable")
     files = [files[i] for i in keep]
     headers = [headers[i] for i in keep]
     offsets = [offsets[i] for i in keep]
     if lost:
-        shown = "; ".join(f"{f.name}: {w}" for f, w in lost[:3])
+        shown = "; ".join(f"{f}: {w}" for f, w in lost[:3])
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         notes.append(f"{len(lost)} unreadable file(s) left out ({shown}{more})")
 
@@ -582,11 +565,13 @@ def frame_of_reference(name: str, headers: list[Dataset]) -> tuple[str, list[str
     uids = [str(_value(h, "FrameOfReferenceUID", "") or "") for h in headers]
     valid = [u for u in uids if u and UID(u).is_valid]
     if not valid:
-        raise SeriesError(
-            f"{name}: no valid FrameOfReferenceUID; derived objects (SEG, meshes) could not be "
-            "placed in the patient's coordinate system",
-            code="identity",
-        )
+        from workers.uids import derive_uid
+
+        made = derive_uid(str(_value(headers[0], "SeriesInstanceUID", "")), "frame-of-reference")
+        return made, [
+            f"no valid FrameOfReferenceUID in the images: outputs use {made}, derived from the "
+            "series (the slice positions and orientations place them)"
+        ]
     distinct = list(dict.fromkeys(uids))
     if len(distinct) == 1:
         return valid[0], []

@@ -39,6 +39,7 @@ def test_tilted_uneven_ct_maps_patient_points_to_the_same_content(tmp_path: Path
         ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15
         ds.RescaleSlope, ds.RescaleIntercept = 1, 0
         ds.PixelData = np.rint(ramp(ds)).astype("<i2").tobytes()
+        del ds.PixelPaddingValue  # the ramp crosses -1500, GE's padding value
         ds.save_as(tmp_path / f.name)
     src = read(tmp_path)
     assert any("gantry tilt 18.5°" in n for n in src.notes)
@@ -75,7 +76,8 @@ def test_gantry_tilt_is_resampled_onto_an_orthogonal_grid(folder: Path, notes: l
         mads = []
         for shift in (0.0, 1.0, -1.0):
             got = on_source_plane(src, ds, shift)
-            inside = got > -20000
+            # padding (outside the scanned field) is masked in the volume, not in pydicom's
+            inside = (got > -20000) & (ref != ds.get("PixelPaddingValue", -30000))
             mads.append(float(np.abs(got[inside] - ref[inside]).mean()))
         assert mads[0] < 0.9 * min(mads[1:]), (k, mads)
 
