@@ -132,7 +132,7 @@ def listen_cmd(
     from workers.config import settings
     from workers.jobs import submit_study
     from workers.jobstore import open_store
-    from workers.listener import Listener, ListenerStore, StudyArrival
+    from workers.listener import Listener, ListenerStore, StudyArrival, routable_series
 
     _logging(verbose)
     cfg = settings()
@@ -147,7 +147,8 @@ def listen_cmd(
 
     def on_complete(a: StudyArrival) -> None:
         ctx = {"calling_ae": sorted(a.calling_aets)[0] if a.calling_aets else ""}
-        submit_study(a.study_uid, archive, ctx, disp=disp)
+        series = routable_series(archive.series_of_study(a.study_uid))  # no SR/SEG/PR... inputs
+        submit_study(a.study_uid, archive, ctx, disp=disp, series=series)
 
     ls = ListenerStore(
         root,

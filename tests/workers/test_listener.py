@@ -6,7 +6,9 @@ Peers are the real dcmtk ``storescu`` and a real pynetdicom SCU; the listener is
 from __future__ import annotations
 
 import logging
-import struct
+import math
+import resource
+import signal
 import subprocess
 import time
 from io import BytesIO
@@ -15,16 +17,19 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config
 
 from tests.harness.orthanc import send
 from workers.archive.folder import FolderArchive
-from workers.listener import PENDING_MARK, Listener, ListenerStore
+from workers.listener import PENDING_MARK, Listener, ListenerStore, routable_series
 
 pytestmark = pytest.mark.integration
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def _wait(pred, timeout: float = 10.0) -> bool:
@@ -78,55 +83,258 @@ def test_unknown_ae_is_refused_at_association(listener, ct_files, dcmtk, caplog)
     assert any("association_rejected" in m and "INTRUDER" in m for m in caplog.messages)
 
 
-def _malformed_files(tmp: Path) -> list[Path]:
+# -- what the listener acknowledges ------------------------------------------------------------
+UID_ROOT = "1.2.826.0.1.3680043.8.498.7"
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+SEG_FILE = Path(__file__).resolve().parents[3] / "shared/data/pet-seg-qin/SEG/3DSlicer"
+TS_FILES = Path(__file__).resolve().parents[3] / "shared/data/edge-cases/transfer-syntaxes/In"
+
+
+def _cut_at_pixel_data(raw: bytes, keep: int = 0) -> bytes:
+    """The file's bytes up to its PixelData element (+ ``keep`` bytes of it)."""
+    at = raw.rindex(b"\xe0\x7f\x10\x00")
+    return raw[: at + keep]
+
+
+def _mutate(ds, **values):
+    for k, v in values.items():
+        if v is None:
+            delattr(ds, k)
+        else:
+            setattr(ds, k, v)
+
+
+def _half_pixels(ds):
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+
+def _bits_8(ds):
+    _mutate(ds, BitsAllocated=8, BitsStored=8, HighBit=7)
+
+
+def _sr(ds):
+    sr = pydicom.Dataset()
+    for kw in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "AccessionNumber"):
+        setattr(sr, kw, ds.get(kw, ""))
+    sr.SOPClassUID = BASIC_TEXT_SR
+    sr.SOPInstanceUID = ds.SOPInstanceUID
+    sr.SeriesInstanceUID = f"{UID_ROOT}.90"
+    sr.Modality = "SR"
+    sr.ValueType = "CONTAINER"
+    sr.ContinuityOfContent = "SEPARATE"
+    return sr
+
+
+def _secondary_capture(ds):
+    """The slice as a greyscale Secondary Capture (e.g. a dose screen): no patient geometry."""
+    ds.SOPClassUID = SC_STORAGE
+    ds.SeriesInstanceUID = f"{UID_ROOT}.91"
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        delattr(ds, kw)
+
+
+def _sc_short(ds):
+    _secondary_capture(ds)
+    _half_pixels(ds)
+
+
+# (case, how the CT slice is changed, expected status, reason (substring of the log line))
+CASES = [
+    ("valid CT slice", lambda ds: None, 0x0000, ""),
+    ("header only", "cut:0", 0xA900, "no pixel data"),
+    ("no PixelData", lambda ds: _mutate(ds, PixelData=None), 0xA900, "no pixel data"),
+    ("pixel data cut in transit", "cut:5000", 0xC000, "pixel data announces"),
+    ("Rows 65535", lambda ds: _mutate(ds, Rows=65535), 0xA900, "Rows 65535"),
+    ("Rows 0", lambda ds: _mutate(ds, Rows=0), 0xA900, "Rows 0"),
+    ("Rows halved", lambda ds: _mutate(ds, Rows=256), 0xA900, "PixelData holds"),
+    ("PixelSpacing NaN", lambda ds: _mutate(ds, PixelSpacing=[math.nan] * 2), 0xA900, "PixelSpacing"),
+    ("PixelSpacing 0", lambda ds: _mutate(ds, PixelSpacing=[0, 0]), 0xA900, "PixelSpacing"),
+    ("PixelSpacing negative", lambda ds: _mutate(ds, PixelSpacing=[-0.7, -0.7]), 0xA900, "PixelSpacing"),
+    ("PixelSpacing missing", lambda ds: _mutate(ds, PixelSpacing=None), 0xA900, "PixelSpacing"),
+    ("truncated PixelData", _half_pixels, 0xA900, "PixelData holds"),
+    ("BitsAllocated 8 on 16-bit data", _bits_8, 0xA900, "PixelData holds"),
+    ("no SOPInstanceUID", lambda ds: _mutate(ds, SOPInstanceUID=None), 0xA900, "no SOPInstanceUID"),
+    ("no StudyInstanceUID", lambda ds: _mutate(ds, StudyInstanceUID=None), 0xA900, "no StudyInstanceUID"),
+    ("no SeriesInstanceUID", lambda ds: _mutate(ds, SeriesInstanceUID=None), 0xA900, "no SeriesInstanceUID"),
+    ("StudyInstanceUID not a UID", lambda ds: _mutate(ds, StudyInstanceUID="1.2.abc"), 0xA900, "not a valid UID"),
+    ("SOP instance differs from request", "request:other", 0xA900, "differs from the C-STORE request"),
+    ("SOP class differs from request", lambda ds: _mutate(ds, SOPClassUID=MR_STORAGE), 0xA900, "SOPClassUID differs"),
+    ("orientation 11 degrees off", lambda ds: _mutate(ds, ImageOrientationPatient=[1, 0, 0, 0.190809, 0.981627, 0]), 0xA900, "not perpendicular"),
+    ("orientation zero vectors", lambda ds: _mutate(ds, ImageOrientationPatient=[0] * 6), 0xA900, "ImageOrientationPatient"),
+    ("RescaleSlope NaN", lambda ds: _mutate(ds, RescaleSlope=math.nan), 0xA900, "RescaleSlope"),
+    ("RescaleIntercept 1e12", lambda ds: _mutate(ds, RescaleIntercept=1e12), 0xA900, "RescaleIntercept"),
+    ("garbage after the header", "garbage", 0xC000, "not a data set"),
+    ("valid SR (non-image, archive only)", _sr, 0x0000, ""),
+    ("greyscale Secondary Capture without geometry", _secondary_capture, 0x0000, ""),
+    ("Secondary Capture with short pixel data", _sc_short, 0xA900, "PixelData holds"),
+]  # fmt: skip
+
+
+def _case_file(tmp: Path, i: int, src: Path, how) -> tuple[Path, str]:
+    """Write case ``i`` (Explicit VR LE, File Meta naming the C-STORE request's UIDs)."""
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = f"{UID_ROOT}.1.{i}"
+    request_sop = ds.SOPInstanceUID
+    sop_class = str(ds.SOPClassUID)
+    if callable(how):
+        ds = how(ds) or ds
+        sop_class = str(ds.get("SOPClassUID", sop_class))
+        if sop_class == MR_STORAGE:  # the request still says CT
+            sop_class = CT_STORAGE
+    elif how == "request:other":
+        request_sop = f"{UID_ROOT}.2.{i}"
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_STORAGE
-    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.999"
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = request_sop
     meta.TransferSyntaxUID = EXPLICIT_LE
-    out = []
-    for name, body in {
-        # an element claiming 65520 bytes in a 5-byte data set
-        "truncated.dcm": struct.pack("<HH", 0x0008, 0x0016)
-        + b"UI"
-        + struct.pack("<H", 0xFFF0)
-        + b"1.2.3",
-        "garbage.dcm": b"\xde\xad\xbe\xef" * 64,
-    }.items():
-        buf = BytesIO()
-        buf.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(buf, meta, enforce_standard=True)
-        buf.write(body)
-        (tmp / name).write_bytes(buf.getvalue())
-        out.append(tmp / name)
-    return out
+    buf = BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(body, ds)
+    raw = body.getvalue()
+    if isinstance(how, str) and how.startswith("cut:"):
+        raw = _cut_at_pixel_data(raw, int(how[4:]))
+    elif how == "garbage":
+        raw = _cut_at_pixel_data(raw) + b"\xde\xad\xbe\xef" * 64
+    path = tmp / f"case{i:02d}.dcm"
+    path.write_bytes(buf.getvalue() + raw)
+    return path, request_sop
 
 
-def test_malformed_dataset_gets_failure_status_and_listener_keeps_serving(
-    listener, ct_files, tmp_path, caplog, dcmtk
-):
-    caplog.set_level(logging.WARNING, logger="workers.listener")
-    good = pydicom.dcmread(ct_files[0])
-    good.file_meta.TransferSyntaxUID = EXPLICIT_LE
-    good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
-    ae = AE("PACS")
-    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+def _send_raw(port: int, files: list[Path], calling: str = "PACS") -> list[int]:
+    """pynetdicom SCU sending each file's bytes as they are (no decode, no re-encode)."""
+    ae = AE(calling)
+    for cx in (CT_STORAGE, MR_STORAGE, SC_STORAGE, BASIC_TEXT_SR, SEG_STORAGE):
+        ae.add_requested_context(cx, [EXPLICIT_LE])
     old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are, undecoded
+    _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        assoc = ae.associate("127.0.0.1", listener.port, ae_title="SPRIM")
+        assoc = ae.associate("127.0.0.1", port, ae_title="SPRIM")
         assert assoc.is_established
-        statuses = [int(assoc.send_c_store(f).Status) for f in _malformed_files(tmp_path)]
-        # same association goes on: a good instance afterwards is stored
-        ok = int(assoc.send_c_store(tmp_path / "good.dcm").Status)
+        statuses = [int(assoc.send_c_store(f).Status) for f in files]
         assoc.release()
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = old
-    assert all(s in (0xA900, 0xC210) for s in statuses), [hex(s) for s in statuses]
-    assert ok == 0x0000
-    assert sum("instance_refused" in m for m in caplog.messages) == 2
-    # and a new association from dcmtk is served too
-    send(ct_files[1:3], "127.0.0.1", listener.port, called="SPRIM", calling="MODALITY")
-    assert len(_stored(listener.store.root)) == 3
+    return statuses
+
+
+def test_malformed_datasets_get_failure_statuses_and_nothing_unusable_is_stored(
+    listener, ct_files, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, logger="workers.listener")
+    cases = [_case_file(tmp_path, i, ct_files[60], c[1]) for i, c in enumerate(CASES)]
+    files, sops = [c[0] for c in cases], [c[1] for c in cases]
+    statuses = _send_raw(listener.port, files)
+    got = {case[0]: f"0x{s:04X}" for case, s in zip(CASES, statuses, strict=True)}
+    assert got == {case[0]: f"0x{case[2]:04X}" for case in CASES}
+    # one log line per refusal, naming the calling AE, the SOP instance and the defect
+    refusals = [m for m in caplog.messages if "event=instance_refused" in m]
+    refused = [(c, sop) for c, sop in zip(CASES, sops, strict=True) if c[2]]
+    assert len(refusals) == len(refused) == listener.store.refused
+    for (name, _, status, why), sop in refused:
+        [line] = [m for m in refusals if f"sop={sop} " in m]
+        assert f"status=0x{status:04X}" in line and "calling_aet=PACS" in line, line
+        assert why in line, (name, line)
+        assert "Pancreas" not in line  # no patient data in the log
+    # only what was acknowledged is in the store; the SR is kept but is no routing input
+    ok = {sop for c, sop in zip(CASES, sops, strict=True) if c[2] == 0}
+    assert {p.stem for p in _stored(listener.store.root)} == ok
+    study = pydicom.dcmread(ct_files[60], stop_before_pixels=True).StudyInstanceUID
+    series = FolderArchive(listener.store.root).series_of_study(study)
+    assert {s["SOPClassUID"] for s in series} == {CT_STORAGE, BASIC_TEXT_SR, SC_STORAGE}
+    assert {s["SOPClassUID"] for s in routable_series(series)} == {CT_STORAGE, SC_STORAGE}
+
+
+def test_failure_status_carries_an_error_comment(listener, ct_files, tmp_path):
+    path, _ = _case_file(tmp_path, 0, ct_files[0], lambda ds: _mutate(ds, Rows=65535))
+    ae = AE("PACS")
+    ae.add_requested_context(CT_STORAGE, [EXPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="SPRIM")
+    rsp = assoc.send_c_store(pydicom.dcmread(path))
+    assoc.release()
+    assert rsp.Status == 0xA900
+    assert rsp.ErrorComment.startswith("Rows 65535") and len(rsp.ErrorComment) <= 64
+
+
+def test_every_transfer_syntax_is_judged_without_decoding_pixels(listener, tmp_path):
+    """Native (implicit, explicit, big endian) and encapsulated (RLE, JPEG, JPEG-LS, J2K)
+    images are stored; encapsulated pixel data cut short is refused as not understood."""
+    files = sorted(TS_FILES.glob("*.dcm"), key=lambda p: int(p.stem))
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    ae = AE("PACS")
+    for ts in sorted({str(h.file_meta.TransferSyntaxUID) for h in headers}):
+        ae.add_requested_context(MR_STORAGE, [ts])
+    rle = next(
+        f
+        for f, h in zip(files, headers, strict=True)
+        if h.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    )
+    cut = tmp_path / "rle-cut.dcm"
+    raw = rle.read_bytes()
+    cut.write_bytes(raw[: len(raw) - 4000])
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="SPRIM")
+        statuses = [int(assoc.send_c_store(f).Status) for f in files]
+        truncated = int(assoc.send_c_store(cut).Status)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    names = [h.file_meta.TransferSyntaxUID.name for h in headers]
+    assert dict(zip(names, statuses, strict=True)) == dict.fromkeys(names, 0)
+    assert truncated == 0xC000
+    assert len(_stored(listener.store.root)) == len({h.SOPInstanceUID for h in headers})
+
+
+def test_storescu_reports_the_failure_status(listener, ct_files, tmp_path, dcmtk):
+    bad = tmp_path / "nan-spacing.dcm"
+    ds = pydicom.dcmread(ct_files[5])
+    ds.PixelSpacing = [math.nan, math.nan]
+    ds.save_as(bad)
+    from tests.harness.orthanc import dcmtk_env
+
+    r = subprocess.run(
+        ["storescu", "-v", "-nh", "-aet", "MODALITY", "-aec", "SPRIM", "127.0.0.1", str(listener.port),
+         str(bad), str(ct_files[6])],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+    out = r.stdout + r.stderr
+    assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in out, out
+    assert "Received Store Response (Success)" in out, out  # -nh: goes on
+    assert [p.stem for p in _stored(listener.store.root)] == [
+        pydicom.dcmread(ct_files[6], stop_before_pixels=True).SOPInstanceUID
+    ]
+
+
+def test_write_failure_answers_out_of_resources_and_leaves_no_partial_file(
+    listener, ct_files, tmp_path, caplog
+):
+    """A real write failure: the process may not write files over 64 kB (EFBIG), as a full
+    disk would refuse the write. The partial file is removed; the next instance is stored."""
+    caplog.set_level(logging.ERROR, logger="workers.listener")
+    ae = AE("PACS")
+    ae.add_requested_context(CT_STORAGE, [IMPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="SPRIM")
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        failed = int(assoc.send_c_store(pydicom.dcmread(ct_files[0])).Status)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    ok = int(assoc.send_c_store(pydicom.dcmread(ct_files[1])).Status)
+    assoc.release()
+    assert (failed, ok) == (0xA700, 0x0000)
+    left = sorted(p.name for p in listener.store.root.rglob("*") if p.is_file())
+    sop = pydicom.dcmread(ct_files[1], stop_before_pixels=True).SOPInstanceUID
+    assert left == [PENDING_MARK, f"{sop}.dcm"]
+    assert any("status=0xA700" in m and "could not be stored" in m for m in caplog.messages)
 
 
 def test_concurrent_associations(listener, ct_files, dcmtk):
