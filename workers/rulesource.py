@@ -19,19 +19,12 @@ log = logging.getLogger("sprim.rules")
 DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
 
 
-def dicom_keywords() -> frozenset[str]:
-    """Every DICOM keyword pydicom knows (rules refuse typos such as ``Modalty``)."""
-    from pydicom.datadict import keyword_dict
-
-    return frozenset(keyword_dict)
-
-
 def load_rules_file(path: Path | str) -> RuleSet:
-    """Load and validate a rules file with DICOM keyword checking; :class:`RulesError` if bad."""
+    """Load and validate a rules file (plugin steps known); :class:`RulesError` if bad."""
     from workers.plugins import load_plugins
 
     load_plugins()
-    return load_rules(Path(path), keywords=dicom_keywords())
+    return load_rules(Path(path))
 
 
 class RuleSource:

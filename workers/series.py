@@ -31,6 +31,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 
+from pipelines.rules.attributes import IMAGE_KEYWORDS, stack_attributes
 from pipelines.types import Volume
 from workers import pixels, validate
 from workers.inputs import InputWalk, Skipped, why_unreadable
@@ -39,31 +40,6 @@ from workers.stack import apply_plan, output_shape, plan_stack
 
 log = logging.getLogger(__name__)
 
-ROUTING_KEYWORDS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPClassUID",
-    "Modality",
-    "SeriesDescription",
-    "SeriesNumber",
-    "StudyDescription",
-    "ProtocolName",
-    "BodyPartExamined",
-    "ImageType",
-    "SliceThickness",
-    "PixelSpacing",
-    "SpacingBetweenSlices",
-    "ConvolutionKernel",
-    "ContrastBolusAgent",
-    "InstitutionName",
-    "StationName",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "Rows",
-    "Columns",
-    "PatientPosition",
-    "FrameOfReferenceUID",
-)
 #: Never opened as series (a DICOMDIR is an index, not an image).
 _SKIP_SOP_CLASSES = {"1.2.840.10008.1.3.10"}
 DEFER_SIZE = "64 KB"
@@ -79,8 +55,7 @@ class SeriesFiles:
         Sorted by InstanceNumber, then path.
     attributes : dict
         Series-level routing attributes, DICOM keyword -> plain value (str, int, float,
-        list[str] / list[float]); ``NumberOfSeriesRelatedInstances`` counts files, and
-        ``NumberOfFrames`` the frames of all of them (multi-frame objects).
+        list[str] / list[float]) of ``pipelines.rules.ROUTING_KEYWORDS`` (see :func:`series_attributes`).
     headers : list[Dataset]
         Header of each file (no pixel data), same order as ``files``; empty = read on demand.
     pixel_offsets : list[int | None]
@@ -241,28 +216,89 @@ def _int(v: Any) -> int:
         return 2**31
 
 
-def series_attributes(headers: list[Dataset]) -> dict[str, Any]:
-    """Routing attributes of a series from its headers (first header + counts)."""
-    first = headers[0]
-    attrs: dict[str, Any] = {}
-    shared = None
-    if "SharedFunctionalGroupsSequence" in first:
-        shared = first.SharedFunctionalGroupsSequence[0]
-    for kw in ROUTING_KEYWORDS:
-        value = first.get(kw)
-        if value is None and shared is not None and kw in ("SliceThickness", "PixelSpacing"):
-            if "PixelMeasuresSequence" in shared:
-                value = shared.PixelMeasuresSequence[0].get(kw)
-        if value is None or value == "":
+@dataclass(frozen=True)
+class InstanceSummary:
+    """What routing needs of one instance: its image keywords and the geometry of its images."""
+
+    order: tuple[int, str]  # (InstanceNumber, SOPInstanceUID): the series' first image is the least
+    attributes: dict[str, Any]
+    frames: list[tuple[list[float] | None, list[float] | None]]
+
+
+def _in_groups(ds: Dataset, keyword: str) -> Any:
+    """``keyword`` in the shared, else first per-frame, functional groups of an enhanced object."""
+    for seq in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(seq)
+        if not groups:
             continue
-        attrs[kw] = plain(value)
+        for elem in groups[0]:
+            if elem.VR == "SQ" and elem.value and keyword in elem.value[0]:
+                return elem.value[0].get(keyword)
+    return None
+
+
+def _vector(ds: Dataset | None, keyword: str) -> list[float] | None:
+    v = ds.get(keyword) if ds is not None else None
+    try:
+        return [float(x) for x in v] if v is not None and len(v) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _frame_geometry(ds: Dataset) -> list[tuple[list[float] | None, list[float] | None]]:
+    """(ImageOrientationPatient, ImagePositionPatient) of each image (frame) of ``ds``."""
+    n = int(pixels.value(ds, "NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        if n > 1:  # frames without functional groups: no position of their own
+            return [(None, None)] * n
+        return [(_vector(ds, "ImageOrientationPatient"), _vector(ds, "ImagePositionPatient"))]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+
+    def group(frame: Dataset, seq: str, keyword: str) -> list[float] | None:
+        for src in (frame, shared):
+            if src is not None and src.get(seq):
+                return _vector(src.get(seq)[0], keyword)
+        return None
+
+    return [
+        (
+            group(f, "PlaneOrientationSequence", "ImageOrientationPatient"),
+            group(f, "PlanePositionSequence", "ImagePositionPatient"),
+        )
+        for f in per_frame
+    ]
+
+
+def instance_summary(ds: Dataset) -> InstanceSummary:
+    """The routing view of one instance's header (see :mod:`pipelines.rules.attributes`)."""
+    attrs: dict[str, Any] = {}
+    for kw in IMAGE_KEYWORDS:
+        value = ds.get(kw)
+        if value is None or value == "":
+            value = _in_groups(ds, kw)
+        value = plain(value) if value is not None else None
+        if value is None or value == "" or value == []:
+            continue
+        attrs[kw] = value
     if isinstance(attrs.get("ImageType"), str):
         attrs["ImageType"] = [attrs["ImageType"]]
     if isinstance(attrs.get("PixelSpacing"), float):
         attrs["PixelSpacing"] = [attrs["PixelSpacing"]]
-    attrs["NumberOfSeriesRelatedInstances"] = len(headers)
-    attrs["NumberOfFrames"] = sum(int(h.get("NumberOfFrames") or 1) for h in headers)
-    return attrs
+    order = (_int(pixels.value(ds, "InstanceNumber")), str(ds.get("SOPInstanceUID", "")))
+    return InstanceSummary(order, attrs, _frame_geometry(ds))
+
+
+def series_routing(instances: list[InstanceSummary]) -> dict[str, Any]:
+    """Routing attributes of a series: its first image's keywords + derived attributes."""
+    first = min(instances, key=lambda i: i.order)
+    frames = [f for i in instances for f in i.frames]
+    return {**first.attributes, **stack_attributes(len(instances), frames)}
+
+
+def series_attributes(headers: list[Dataset]) -> dict[str, Any]:
+    """Routing attributes of a series from its headers (``pipelines.rules.ROUTING_KEYWORDS``)."""
+    return series_routing([instance_summary(h) for h in headers])
 
 
 def read_series(series: SeriesFiles) -> SourceSeries:
@@ -296,12 +332,15 @@ def read_series(series: SeriesFiles) -> SourceSeries:
     ok = validate.check_series(
         name, series.files, series.headers, series.pixel_offsets, unreadable
     )
-    if validate.is_multiframe(ok.headers[0]):
-        from workers.enhanced import read_enhanced
+    try:
+        if validate.is_multiframe(ok.headers[0]):
+            from workers.enhanced import read_enhanced
 
-        source = read_enhanced(name, ok.files, ok.headers)
-    else:
-        source = read_classic(name, ok.files, ok.headers, ok.offsets)
+            source = read_enhanced(name, ok.files, ok.headers)
+        else:
+            source = read_classic(name, ok.files, ok.headers, ok.offsets)
+    except SeriesError as e:
+        raise ok.refusal(e) from e
     source.notes[:0] = ok.notes
     if series._keepalive is not None:
         source._keepalive = series._keepalive  # type: ignore[attr-defined]

@@ -1,5 +1,12 @@
-"""Routing rules: declarative YAML, validated at load, evaluated purely, explainable (DESIGN §4)."""
+"""Routing rules: declarative YAML, validated at load, evaluated purely, explainable (docs/rules.md)."""
 
+from pipelines.rules.attributes import (
+    DERIVED_KEYWORDS,
+    IMAGE_KEYWORDS,
+    MIN_VOLUME_IMAGES,
+    ROUTING_KEYWORDS,
+    stack_attributes,
+)
 from pipelines.rules.conditions import OPERATORS, Condition, compile_condition
 from pipelines.rules.evaluate import (
     Match,
@@ -14,6 +21,11 @@ from pipelines.rules.loader import load_rules, parse_duration
 from pipelines.rules.model import PRIORITIES, Rule, RulesError, RuleSet, RunStep
 
 __all__ = [
+    "DERIVED_KEYWORDS",
+    "IMAGE_KEYWORDS",
+    "MIN_VOLUME_IMAGES",
+    "ROUTING_KEYWORDS",
+    "stack_attributes",
     "OPERATORS",
     "PRIORITIES",
     "Condition",

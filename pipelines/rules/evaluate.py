@@ -56,7 +56,7 @@ def _prefer(rule: Rule, cands: list[Mapping[str, Any]]) -> list[Mapping[str, Any
         return [cands[0]]
 
     def n_images(s: Mapping[str, Any]) -> float:
-        n = _num(s.get("NumberOfSeriesRelatedInstances"))
+        n = _num(s.get("NumberOfImages", s.get("NumberOfSeriesRelatedInstances")))
         return n if n is not None else -1.0
 
     if rule.prefer == "thinnest":

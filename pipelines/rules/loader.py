@@ -2,8 +2,8 @@
 
 Validation is complete at load: every ``use`` names a registered step, every ``with`` validates
 against that step's params model (the error points at the offending key's line), every condition
-uses the closed operator set on a DICOM keyword (or ``calling_ae`` / ``source`` /
-``institution``).
+uses the closed operator set on a routing attribute (:data:`ROUTING_KEYWORDS`, the same from
+every archive) or on ``calling_ae`` / ``source`` / ``institution``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines.registry import get_step
+from pipelines.rules.attributes import ROUTING_KEYWORDS
 from pipelines.rules.conditions import Condition, compile_condition
 from pipelines.rules.model import (
     CONTEXT_KEYS,
@@ -36,7 +37,6 @@ _RULE_KEYS = {
     "destination",
 }  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_KEYWORD = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
@@ -114,8 +114,8 @@ def parse_duration(v: Any) -> float:
 
 
 class _Ctx:
-    def __init__(self, file: str, keywords: Collection[str] | None) -> None:
-        self.file, self.keywords = file, keywords
+    def __init__(self, file: str) -> None:
+        self.file = file
 
     def fail(self, msg: str, line: int) -> RulesError:
         return RulesError(msg, self.file, line)
@@ -135,17 +135,15 @@ class _Ctx:
             kline = _line(spec, key, line)
             if not isinstance(key, str):
                 raise self.fail(f"{where}: attribute name must be text, got {key!r}", kline)
-            if key not in CONTEXT_KEYS:
-                if not _KEYWORD.match(key):
-                    raise self.fail(
-                        f"{where}: {key!r} is neither a DICOM keyword nor one of "
-                        f"{', '.join(CONTEXT_KEYS)}",
-                        kline,
-                    )
-                if self.keywords is not None and key not in self.keywords:
-                    near = difflib.get_close_matches(key, list(self.keywords), n=1)
-                    hint = f" (did you mean {near[0]}?)" if near else ""
-                    raise self.fail(f"{where}: unknown DICOM keyword {key!r}{hint}", kline)
+            if key not in CONTEXT_KEYS and key not in ROUTING_KEYWORDS:
+                known = (*ROUTING_KEYWORDS, *CONTEXT_KEYS)
+                near = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise self.fail(
+                    f"{where}: {key!r} is not a routing attribute{hint}; rules may test: "
+                    f"{', '.join(known)}",
+                    kline,
+                )
             try:
                 out.append(compile_condition(key, cond, kline))
             except ValueError as e:
@@ -265,17 +263,13 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def load_rules(
-    source: str | Path, *, keywords: Collection[str] | None = None, name: str | None = None
-) -> RuleSet:
+def load_rules(source: str | Path, *, name: str | None = None) -> RuleSet:
     """Parse and validate rules from a path or a YAML text.
 
     Parameters
     ----------
     source : str or Path
         A ``Path`` (or a string naming an existing ``.yaml``/``.yml`` file) or YAML text.
-    keywords : collection of str, optional
-        Known DICOM keywords (the I/O layer passes pydicom's dictionary) to refuse typos.
     name : str, optional
         File name used in errors when ``source`` is text.
 
@@ -285,7 +279,7 @@ def load_rules(
         ``file:line: what is wrong``.
     """
     text, file = _read(source, name)
-    ctx = _Ctx(file, keywords)
+    ctx = _Ctx(file)
     try:
         doc = yaml.load(text, Loader=_Loader)  # noqa: S506 (safe loader subclass)
     except RulesError as e:

@@ -37,7 +37,7 @@ class RunStep:
 
 @dataclass(frozen=True)
 class Rule:
-    """One routing rule (see DESIGN §4)."""
+    """One routing rule (see docs/rules.md)."""
 
     name: str
     match: tuple[Condition, ...]

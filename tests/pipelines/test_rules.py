@@ -70,12 +70,10 @@ def test_good_rules_load_with_validated_params():
     ],
 )
 def test_malformed_rules_are_refused_with_file_and_line(old, new, line, words):
-    from workers.rulesource import dicom_keywords
-
     text = GOOD.replace(old, new, 1)
     assert text != GOOD
     with pytest.raises(RulesError) as e:
-        load_rules(text, name="site.yaml", keywords=dicom_keywords())
+        load_rules(text, name="site.yaml")
     assert e.value.file == "site.yaml"
     assert e.value.line == line, str(e.value)
     assert words in str(e.value)

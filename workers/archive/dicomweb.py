@@ -1,4 +1,5 @@
-"""A DICOMweb archive (Orthanc or any PACS): QIDO-RS to route, WADO-RS to fetch, STOW-RS to store.
+"""A DICOMweb archive (Orthanc or any PACS): QIDO-RS and WADO-RS metadata to route, WADO-RS to
+fetch, STOW-RS to store.
 
 Fetching streams: each instance is written to the job folder as it arrives, the series is never
 held in memory. Storing posts the files in batches and checks that the archive confirmed every
@@ -20,35 +21,29 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
 
+from pipelines.rules.attributes import IMAGE_KEYWORDS
 from workers.archive import ArchiveError
 from workers.archive.multipart import boundary_of, iter_parts, parts_of
+from workers.series import instance_summary, series_routing
 
 log = logging.getLogger(__name__)
 
-#: Series-level attributes asked from QIDO-RS (keyword -> tag) for routing.
-SERIES_FIELDS = {
-    "StudyInstanceUID": "0020000D",
-    "SeriesInstanceUID": "0020000E",
-    "Modality": "00080060",
-    "SeriesDescription": "0008103E",
-    "SeriesNumber": "00200011",
-    "BodyPartExamined": "00180015",
-    "NumberOfSeriesRelatedInstances": "00201209",
-    "InstitutionName": "00080080",
-    "StudyDescription": "00081030",
-    "AccessionNumber": "00080050",
-}
-#: Attributes only the instances carry (taken from the first instance of each series).
-INSTANCE_FIELDS = {
-    "SOPClassUID": "00080016",
-    "ImageType": "00080008",
-    "SliceThickness": "00180050",
-    "InstitutionName": "00080080",
-    "BodyPartExamined": "00180015",
-    "Manufacturer": "00080070",
-    "StationName": "00081010",
-}
+#: What routing reads of each instance's metadata (DICOM JSON tag -> kept): the declared
+#: keywords, the order of instances and each image's geometry.
+_ROUTING_TAGS = frozenset(
+    f"{tag_for_keyword(kw):08X}"
+    for kw in (
+        *IMAGE_KEYWORDS,
+        "InstanceNumber",
+        "SOPInstanceUID",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+    )
+)
 _FAILED_SOP_SEQ = "00081198"
 _REFERENCED_SOP_SEQ = "00081199"
 _FAILURE_REASON = "00081197"
@@ -68,6 +63,12 @@ def _value(item: dict, tag: str):
     if attr.get("vr") == "CS" and tag == "00080008":
         return list(vals)
     return vals[0] if len(vals) == 1 else list(vals)
+
+
+def _header(item: dict) -> Dataset:
+    """The routing part of one instance's DICOM JSON metadata as a pydicom header."""
+    kept = {tag: v for tag, v in item.items() if tag in _ROUTING_TAGS}
+    return Dataset.from_json(kept, bulk_data_uri_handler=lambda *_: b"")
 
 
 def _transient_http(status: int) -> bool:
@@ -150,44 +151,38 @@ class DicomWebArchive:
 
     # -- routing ---------------------------------------------------------------------------
     def series_of_study(self, study_uid: str) -> list[dict]:
-        """Series-level routing attributes of the study (QIDO-RS, then the first instance)."""
+        """Routing attributes of each series of the study, as ``sprim run`` computes them.
+
+        QIDO-RS lists the series; WADO-RS Retrieve Metadata of each series gives every
+        instance's header (no pixels), from which :func:`workers.series.series_routing`
+        derives the attributes. With Orthanc, keep the DICOMweb plugin's ``SeriesMetadata``
+        at ``Full`` (its default): ``MainDicomTags`` leaves out most routing keywords.
+        """
         try:
             found = self._client.search_for_series(
-                study_instance_uid=study_uid, fields=list(SERIES_FIELDS.values())
+                study_instance_uid=study_uid, fields=["0020000E"]
             )
         except Exception as e:  # noqa: BLE001  (mapped to transient/permanent)
             raise self._error(f"QIDO-RS series of study {study_uid}", e) from e
         out: list[dict] = []
         for item in found:
-            row = {kw: _value(item, tag) for kw, tag in SERIES_FIELDS.items()}
-            row["StudyInstanceUID"] = row["StudyInstanceUID"] or study_uid
-            first = self._first_instance(study_uid, row["SeriesInstanceUID"])
-            for kw, tag in INSTANCE_FIELDS.items():
-                v = _value(first, tag)
-                if v is not None or kw not in row:
-                    row[kw] = v if v is not None else row.get(kw)
-            if isinstance(row.get("ImageType"), str):
-                row["ImageType"] = [row["ImageType"]]
-            for kw in ("SliceThickness",):
-                if row.get(kw) is not None:
-                    row[kw] = float(row[kw])
-            for kw in ("SeriesNumber", "NumberOfSeriesRelatedInstances"):
-                if row.get(kw) is not None:
-                    row[kw] = int(row[kw])
-            out.append(row)
+            series_uid = _value(item, "0020000E")
+            instances = self._series_metadata(study_uid, str(series_uid))
+            if instances:  # none: deleted since the search
+                out.append(series_routing([instance_summary(_header(m)) for m in instances]))
         return out
 
-    def _first_instance(self, study_uid: str, series_uid: str) -> dict:
+    def _series_metadata(self, study_uid: str, series_uid: str) -> list[dict]:
+        url = f"{self.url}/studies/{study_uid}/series/{series_uid}/metadata"
         try:
-            hits = self._client.search_for_instances(
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
-                fields=list(INSTANCE_FIELDS.values()),
-                limit=1,
-            )
+            r = self._session.get(url, headers={"Accept": "application/dicom+json"})
+            if r.status_code == 404:
+                return []
+            r.raise_for_status()
+            data = r.json()
         except Exception as e:  # noqa: BLE001
-            raise self._error(f"QIDO-RS first instance of series {series_uid}", e) from e
-        return hits[0] if hits else {}
+            raise self._error(f"WADO-RS metadata of series {series_uid}", e) from e
+        return data if isinstance(data, list) else []
 
     # -- fetch -----------------------------------------------------------------------------
     def fetch_series(self, study_uid: str, series_uid: str, dest: Path) -> list[Path]:

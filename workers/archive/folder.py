@@ -21,12 +21,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from workers.archive import ArchiveError
-from workers.series import ROUTING_KEYWORDS, plain
+from workers.series import InstanceSummary, instance_summary, series_routing
 
 log = logging.getLogger(__name__)
-
-#: Series-level keywords kept for routing (the same as ``sprim run`` / ``rules explain`` see).
-SERIES_KEYWORDS = (*ROUTING_KEYWORDS, "StudyDate", "AccessionNumber")
 
 
 @dataclass
@@ -36,7 +33,7 @@ class _Entry:
     study: str
     series: str
     sop: str
-    attrs: dict
+    routing: InstanceSummary
 
 
 class FolderArchive:
@@ -126,12 +123,9 @@ class FolderArchive:
             return None
         if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
             return None
-        attrs = {k: plain(ds.get(k)) for k in SERIES_KEYWORDS if ds.get(k) not in (None, "")}
-        if isinstance(attrs.get("ImageType"), str):
-            attrs["ImageType"] = [attrs["ImageType"]]
         return _Entry(
             st.st_mtime_ns, st.st_size, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-            str(ds.SOPInstanceUID), attrs,
+            str(ds.SOPInstanceUID), instance_summary(ds),
         )  # fmt: skip
 
     # -- Archive protocol ----------------------------------------------------------------------
@@ -141,20 +135,15 @@ class FolderArchive:
             return sorted({e.study for e in self._index.values()})
 
     def series_of_study(self, study_uid: str) -> list[dict]:
-        """Routing attributes of each series of the study (first instance + instance count)."""
+        """Routing attributes of each series of the study (as ``sprim run`` sees them)."""
         with self._lock:
             self.refresh()
-            out: dict[str, dict] = {}
-            for e in sorted(self._index.values(), key=lambda e: e.sop):
-                if e.study != study_uid:
-                    continue
-                s = out.get(e.series)
-                if s is None:
-                    s = out[e.series] = dict(e.attrs, NumberOfSeriesRelatedInstances=0)
-                s["NumberOfSeriesRelatedInstances"] += 1
-            return sorted(
-                out.values(), key=lambda s: (s.get("SeriesNumber") or 0, s["SeriesInstanceUID"])
-            )
+            by_series: dict[str, list[InstanceSummary]] = {}
+            for e in self._index.values():
+                if e.study == study_uid:
+                    by_series.setdefault(e.series, []).append(e.routing)
+            out = [series_routing(members) for members in by_series.values()]
+            return sorted(out, key=lambda s: (s.get("SeriesNumber") or 0, s["SeriesInstanceUID"]))
 
     def fetch_series(self, study_uid: str, series_uid: str, dest: Path) -> list[Path]:
         """Copy the series' files into ``dest``; ArchiveError (permanent) when it is not there."""

@@ -1,0 +1,213 @@
+"""One routing attribute set: a study routes the same from a folder (``sprim run``), the folder
+archive (also the C-STORE listener's store) and DICOMweb (a real Orthanc), for rules on every
+declared keyword; enhanced (multi-frame) volumes are routed by their images, not their files.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pydicom
+import pytest
+
+from pipelines.rules import ROUTING_KEYWORDS, explain, load_rules, route
+from tests import routing_kit as rk
+from workers.archive.dicomweb import DicomWebArchive
+from workers.archive.folder import FolderArchive
+from workers.rulesource import DEFAULT_RULES, load_rules_file
+from workers.series import scan
+
+#: One rule per declared keyword (more for the six the DICOMweb path once lacked); each must
+#: fire on the test study.
+EVERY_KEYWORD = textwrap.dedent("""\
+    rules:
+      - {name: study-uid, match: {StudyInstanceUID: {regex: "^1\\\\.2\\\\.826\\\\.0\\\\.1\\\\.3680043\\\\.8\\\\.498\\\\."}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: series-uid, match: {SeriesInstanceUID: {exists: true}}, select_series: {where: {SeriesNumber: 203}}, run: [reformat.mpr]}
+      - {name: sop-class, match: {SOPClassUID: 1.2.840.10008.5.1.4.1.1.4.1}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: modality, match: {Modality: {in: [CT]}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: study-date, match: {StudyDate: {regex: "^2018"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: accession, match: {AccessionNumber: ACCsame}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: study-description, match: {StudyDescription: {regex: "(?i)pancreas"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: series-description, match: {SeriesDescription: {contains: magnitude}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: series-number, match: {SeriesNumber: {gte: 206}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: protocol, match: {ProtocolName: {regex: "(?i)brain"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: body-part, match: {BodyPartExamined: {in: [HEAD, CHEST]}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: patient-position, match: {PatientPosition: HFS}, select_series: {prefer: most_images}, run: [reformat.mpr]}
+      - {name: image-type, match: {ImageType: {contains_all: [ORIGINAL, M]}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: thin, match: {SliceThickness: {lte: 1.5}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: spacing-between, match: {SpacingBetweenSlices: {gt: 3.5}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: pixel-spacing, match: {PixelSpacing: {contains: 1.07421875}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: rows, match: {Rows: {eq: 512}}, select_series: {prefer: thinnest}, run: [reformat.mpr]}
+      - {name: columns, match: {Columns: {lt: 100}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: frames, match: {NumberOfFrames: {gte: 20}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: kernel, match: {ConvolutionKernel: {in: [B]}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: kernel-ge, match: {ConvolutionKernel: {regex: "^STD"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: contrast, match: {ContrastBolusAgent: {regex: "(?i)iomeprol"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: frame-of-reference, match: {FrameOfReferenceUID: {regex: "^1\\\\.3\\\\.46\\\\."}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: institution, match: {InstitutionName: {regex: "(?i)vanderbilt"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: station, match: {StationName: MRC35131}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: manufacturer, match: {Manufacturer: {regex: "^GE"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: model, match: {ManufacturerModelName: {regex: "Brilliance"}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: instances, match: {NumberOfSeriesRelatedInstances: {gte: 25}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: images, match: {NumberOfImages: {gte: 30}}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: volume, match: {IsVolume: true, Modality: MR}, select_series: {prefer: all}, run: [reformat.mpr]}
+      - {name: not-volume, match: {IsVolume: false}, select_series: {prefer: all}, run: [reformat.mpr]}
+    """)  # fmt: skip
+
+# series of the study, in order: SeriesNumber 201 + index
+CLASSIC_CT, CLASSIC_MR, ENH_MR, ENH_CT, B0_MAP, HEAD_CT, ONE_IMAGE = range(7)
+EXPECTED = {  # rule -> indices of the series it runs on
+    "study-uid": {0, 1, 2, 3, 4, 5, 6},
+    "series-uid": {ENH_MR},
+    "sop-class": {ENH_MR, B0_MAP},
+    "modality": {CLASSIC_CT, ENH_CT, HEAD_CT},
+    "study-date": {ENH_MR, B0_MAP},
+    "accession": {0, 1, 2, 3, 4, 5, 6},
+    "study-description": {CLASSIC_CT, ENH_CT},
+    "series-description": {ENH_MR},
+    "series-number": {HEAD_CT, ONE_IMAGE},
+    "protocol": {CLASSIC_MR},
+    "body-part": {CLASSIC_CT, ENH_CT, HEAD_CT},
+    "patient-position": {B0_MAP},  # most images: its 64 frames
+    "image-type": {ENH_MR, ONE_IMAGE},
+    "thin": {CLASSIC_MR},
+    "spacing-between": {ENH_MR, B0_MAP, ONE_IMAGE},
+    "pixel-spacing": {CLASSIC_CT, ENH_CT},
+    "rows": {CLASSIC_CT},  # thinnest: 3 mm like ENH_CT, more images
+    "columns": {ENH_MR, B0_MAP},
+    "frames": {ENH_MR, ENH_CT, B0_MAP},
+    "kernel": {CLASSIC_CT, ENH_CT},
+    "kernel-ge": {HEAD_CT},
+    "contrast": {CLASSIC_CT},
+    "frame-of-reference": {ENH_MR, B0_MAP},
+    "institution": {ENH_MR, B0_MAP},
+    "station": {ONE_IMAGE},
+    "manufacturer": {CLASSIC_MR, HEAD_CT},
+    "model": {CLASSIC_CT, ENH_CT},
+    "instances": {CLASSIC_CT, CLASSIC_MR, HEAD_CT},
+    "images": {CLASSIC_CT, ENH_MR, ENH_CT, B0_MAP},
+    "volume": {CLASSIC_MR, ENH_MR},
+    "not-volume": {B0_MAP, ONE_IMAGE},
+}
+
+
+def _contrast(ds: pydicom.Dataset) -> pydicom.Dataset:
+    ds = pydicom.dcmread(ds.filename)  # a private copy of the cached slice
+    ds.ContrastBolusAgent = "IOMEPROL 350"
+    return ds
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The test study: classic and enhanced CT and MR, a two-stack map, a single image."""
+    ct = rk.images(rk.CT)
+    enh_ct = rk.enhanced_ct()
+    enh_ct.BodyPartExamined = "CHEST"
+    series = [
+        [_contrast(d) for d in ct[:40]],
+        rk.images(rk.MR_3D)[:25],
+        [rk.enhanced_mr_one_stack()],
+        [enh_ct],
+        [pydicom.dcmread(rk.B0_MAP)],
+        rk.images(rk.HEAD_CT),
+        rk.images(rk.ONE_MR_IMAGE)[:1],
+    ]
+    folder = tmp_path_factory.mktemp("study")
+    uid, paths = rk.write_study(series, folder, "same")
+    return uid, folder, paths
+
+
+def _by_number(rows: list[dict]) -> dict[int, dict]:
+    return {int(r["SeriesNumber"]) - 201: r for r in rows}
+
+
+def _picked(ruleset, rows) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {r.name: set() for r in ruleset.rules}
+    for m in route(ruleset, rows):
+        out[m.rule.name].add(int(m.series["SeriesNumber"]) - 201)
+    return out
+
+
+def test_rules_on_every_keyword_fire_alike_from_folder_listener_store_and_orthanc(study, orthanc):
+    uid, folder, paths = study
+    rules = load_rules(EVERY_KEYWORD, name="every-keyword.yaml")
+    touched = {c.key for r in rules.rules for c in r.match + r.where}
+    assert touched == set(ROUTING_KEYWORDS)
+
+    run_rows = [s.attributes for s in scan(folder)]  # sprim run / rules explain
+    folder_rows = FolderArchive(folder).series_of_study(uid)  # embedded archive, listener store
+    web = DicomWebArchive(orthanc.dicomweb_url)
+    web.store([p for ps in paths for p in ps])  # STOW-RS: storescu lacks the enhanced classes
+    web_rows = web.series_of_study(uid)
+
+    assert len(run_rows) == len(folder_rows) == len(web_rows) == 7
+    assert _by_number(folder_rows) == _by_number(run_rows)
+    assert _by_number(web_rows) == _by_number(run_rows)
+    for rows in (run_rows, folder_rows, web_rows):
+        assert _picked(rules, rows) == EXPECTED
+    # explain agrees too, reason by reason
+
+    def why(rows):
+        return [
+            sorted((s.series_uid, s.status, s.reason) for s in v.series)
+            for v in explain(rules, rows)
+        ]
+
+    assert why(web_rows) == why(folder_rows) == why(run_rows)
+
+
+def test_derived_attributes_count_images_and_tell_volumes(study):
+    _, folder, _ = study
+    rows = _by_number([s.attributes for s in scan(folder)])
+    got = {
+        i: (r["NumberOfSeriesRelatedInstances"], r["NumberOfImages"], r["IsVolume"])
+        for i, r in rows.items()
+    }
+    assert got == {
+        CLASSIC_CT: (40, 40, True),
+        CLASSIC_MR: (25, 25, True),
+        ENH_MR: (1, 32, True),
+        ENH_CT: (1, 30, True),
+        B0_MAP: (1, 64, False),  # magnitude and field map at the same 32 positions
+        HEAD_CT: (28, 28, True),  # gantry tilt and uneven spacing: still one stack
+        ONE_IMAGE: (1, 1, False),
+    }
+    assert rows[ENH_CT]["ConvolutionKernel"] == "B"  # from its functional groups
+    assert rows[ENH_MR]["PixelSpacing"] == [4.0, 4.0]
+    assert "NumberOfFrames" not in rows[CLASSIC_CT]
+
+
+def test_default_rules_process_enhanced_volumes_from_folder_and_orthanc(tmp_path, orthanc, dcmtk):
+    enh_ct = rk.enhanced_ct()
+    enh_ct.BodyPartExamined = "CHEST"
+    uid, paths = rk.write_study(
+        [[rk.enhanced_mr_one_stack()], [enh_ct], [pydicom.dcmread(rk.B0_MAP)]], tmp_path, "enh"
+    )
+    rules = load_rules_file(DEFAULT_RULES)
+    web = DicomWebArchive(orthanc.dicomweb_url)
+    web.store([p for ps in paths for p in ps])
+    expected = {
+        "ct-volume-mpr": {1},
+        "ct-chest-lungs": {1},
+        "ct-bone-3d": {1},
+        "mr-volume-mpr": {0},  # not the two-stack B0 map
+    }
+    for rows in (
+        [s.attributes for s in scan(tmp_path)],
+        web.series_of_study(uid),
+    ):
+        assert _picked(rules, rows) == expected
+
+
+def test_rules_loader_refuses_keywords_outside_the_routing_set():
+    from pipelines.rules import RulesError
+
+    text = EVERY_KEYWORD.replace("ManufacturerModelName", "PatientAge")
+    with pytest.raises(RulesError) as e:
+        load_rules(text, name="site.yaml")
+    msg = str(e.value)
+    assert msg.startswith(
+        "site.yaml:28: rule model: match: 'PatientAge' is not a routing attribute"
+    )
+    assert ("rules may test: " + ", ".join(ROUTING_KEYWORDS)) in msg
+    assert msg.endswith("calling_ae, source, institution")
