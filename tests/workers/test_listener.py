@@ -406,6 +406,11 @@ rules:
       where: {NumberOfSeriesRelatedInstances: {gte: 20}}
     run:
       - {use: reformat.mpr}
+  - name: listen-sr
+    match:
+      Modality: {in: [SR]}
+    run:
+      - {use: reformat.mpr}
 """
 
 
@@ -450,7 +455,17 @@ def test_sprim_listen_routes_a_quiet_study_and_writes_back_into_its_store(
     p = subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         assert _wait(lambda: b"event=listen_started" in log.read_bytes(), 60), log.read_text()
-        send(ct_files[:40], "127.0.0.1", port, called="SPRIM", calling="MODALITY")
+        # beside the 40 slices: an SR of the study (stored, never a job input) and a slice with
+        # NaN PixelSpacing (refused, never stored)
+        sr = _sr(pydicom.dcmread(ct_files[40], stop_before_pixels=True))
+        sr.SOPInstanceUID = f"{UID_ROOT}.3.1"
+        sr.save_as(tmp_path / "sr.dcm", implicit_vr=True, little_endian=True)
+        bad = pydicom.dcmread(ct_files[41])
+        bad.PixelSpacing = [math.nan, math.nan]
+        bad.save_as(tmp_path / "bad.dcm")
+        files = [*ct_files[:40], tmp_path / "sr.dcm", tmp_path / "bad.dcm"]
+        r = send(files, "127.0.0.1", port, called="SPRIM", calling="MODALITY", check=False)
+        assert r.returncode == 0, r.stderr
 
         def finished():
             if not (home / "jobs.db").exists():
@@ -467,13 +482,22 @@ def test_sprim_listen_routes_a_quiet_study_and_writes_back_into_its_store(
         assert _wait(finished, 180), log.read_text()[-3000:]
         [job] = finished()
         assert job.state == "done", job.error
+        # one job: the SR matched no job although a rule asks for SR series
+        assert [j.id for j in JobStore(f"sqlite:///{home / 'jobs.db'}").list()] == [job.id]
+        assert b"event=instance_refused status=0xA900" in log.read_bytes()
         assert job.context.get("calling_ae") == "MODALITY"
         store = FolderArchive(home / "incoming")
         series = store.series_of_study(job.study_uid)
+        assert {s["SOPClassUID"]: s["NumberOfSeriesRelatedInstances"] for s in series}[
+            BASIC_TEXT_SR
+        ] == 1
+        source = {job.series_uid: 40, sr.SeriesInstanceUID: 1}
+        assert {s["SeriesInstanceUID"]: s["NumberOfSeriesRelatedInstances"] for s in series
+                if s["SeriesInstanceUID"] in source} == source  # fmt: skip
         derived = {
             s["SeriesInstanceUID"]: s["NumberOfSeriesRelatedInstances"]
             for s in series
-            if s["SeriesInstanceUID"] != job.series_uid
+            if s["SeriesInstanceUID"] not in source
         }
         assert derived == {o["series_uid"]: len(o["instances"]) for o in job.outputs}
     finally:
