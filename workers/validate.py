@@ -65,6 +65,15 @@ class Accepted:
     headers: list[Dataset]
     offsets: list[int | None]
     notes: list[str] = field(default_factory=list)
+    #: (file name, why) of the files left out.
+    lost: list[tuple[str, str]] = field(default_factory=list)
+
+    def refusal(self, e: SeriesError) -> SeriesError:
+        """``e`` naming the files left out, which are the likely cause (e.g. missing slices)."""
+        if not self.lost:
+            return e
+        shown = "; ".join(f"{f}: {w}" for f, w in self.lost[:3])
+        return SeriesError(f"{e} (unreadable file(s) of this series: {shown})", code=e.code)
 
 
 # --- reading raw header values safely ---------------------------------------------------------
@@ -506,7 +515,7 @@ def check_series(
             "Philips private scale slope (2005,100E) present and not applied: values are "
             "RescaleSlope/Intercept-scaled as displayed"
         )
-    return Accepted(files, headers, offsets, notes)
+    return Accepted(files, headers, offsets, notes, lost)
 
 
 #: Values one volume's images must share (pixel format and identity).
