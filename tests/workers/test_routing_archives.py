@@ -5,6 +5,7 @@ declared keyword; enhanced (multi-frame) volumes are routed by their images, not
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 
 import pydicom
@@ -211,3 +212,64 @@ def test_rules_loader_refuses_keywords_outside_the_routing_set():
     )
     assert ("rules may test: " + ", ".join(ROUTING_KEYWORDS)) in msg
     assert msg.endswith("calling_ae, source, institution")
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
+
+
+@pytest.fixture
+def enhanced_mr_study(tmp_path):
+    """An enhanced 3D MR (one file, 32 frames) and a two-stack B0 map, as one study."""
+    uid, paths = rk.write_study(
+        [[rk.enhanced_mr_one_stack()], [pydicom.dcmread(rk.B0_MAP)]], tmp_path / "in", "enh-mr"
+    )
+    return uid, paths
+
+
+def _planes(series_descriptions) -> set[str]:
+    return {d.split()[0] for d in series_descriptions}
+
+
+def test_sprim_run_reformats_an_enhanced_3d_mr_with_the_default_rules(enhanced_mr_study, tmp_path):
+    from workers.run import plan_rules, run
+
+    summary = run([tmp_path / "in"], tmp_path / "out", plan_fn=plan_rules(None))
+    [job] = summary.jobs
+    assert (job.rule, job.state, job.series_description) == (
+        "mr-volume-mpr", "done", "201 T1 3D (magnitude)"
+    )  # fmt: skip
+    outputs = [o for s in job.steps for o in s["outputs"]]
+    assert _planes(o["series_description"] for o in outputs) == {"AX", "COR", "SAG"}
+    for o in {o["series_uid"]: o for o in outputs}.values():  # one file of each output series
+        assert _dciodvfy_errors(o["path"]) == [], o["series_description"]
+    [skipped] = summary.unmatched
+    assert skipped["series"] == "MR 202 B0 NS"
+    assert "mr-volume-mpr: select_series.where: IsVolume: False != True" in skipped["reason"]
+
+
+def test_an_enhanced_3d_mr_in_orthanc_is_routed_fetched_reformatted_and_stored(
+    enhanced_mr_study, orthanc, tmp_path
+):
+    from workers.runner import StepCall, run_steps
+    from workers.series import read_series
+
+    uid, paths = enhanced_mr_study
+    web = DicomWebArchive(orthanc.dicomweb_url)
+    web.store([p for ps in paths for p in ps])
+    [m] = route(load_rules_file(DEFAULT_RULES), web.series_of_study(uid))
+    assert (m.rule.name, m.series["NumberOfImages"]) == ("mr-volume-mpr", 32)
+    files = web.fetch_series(uid, m.series_uid, tmp_path / "job" / "in")
+    assert len(files) == 1
+    [series] = scan(tmp_path / "job" / "in")
+    source = read_series(series)
+    assert source.volume.image.GetSize()[2] == 32
+    calls = [StepCall(r.step, r.params) for r in m.steps]
+    report = run_steps(source, calls, m.rule.name, tmp_path / "job" / "out")
+    assert report.complete, report.failures
+    web.store([w.path for w in report.written])
+    stored = {s["SeriesInstanceUID"]: s for s in web.series_of_study(uid)}
+    made = {w.series_uid for w in report.written}
+    assert made <= set(stored) and len(made) == 3
+    assert _planes(stored[u]["SeriesDescription"] for u in made) == {"AX", "COR", "SAG"}
