@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -196,3 +197,30 @@ def test_hot_reload_keeps_good_rules_on_a_bad_edit(tmp_path):
     assert [e for e, _ in events] == ["rules_loaded", "rules_refused", "rules_reload"]
     assert ":12:" in events[1][1]
     store.dispose()
+
+
+def test_rules_doc_tables_every_routing_attribute_and_default_rules_point_at_it():
+    from pipelines.rules import ROUTING_KEYWORDS
+
+    doc = (ROOT / "docs" / "rules.md").read_text()
+    rows = {kw for line in doc.splitlines() if line.startswith("| `") for kw in
+            re.findall(r"`([A-Za-z]+)`", line.split("|")[1])}  # fmt: skip
+    assert set(ROUTING_KEYWORDS) <= rows, set(ROUTING_KEYWORDS) - rows
+    assert "docs/rules.md" in (ROOT / "workers" / "default_rules.yaml").read_text()
+
+
+def test_is_volume_is_one_stack_of_at_least_three_images():
+    from pipelines.rules import stack_attributes
+
+    axial = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    stack = [(axial, [0.0, 0.0, z]) for z in (0.0, 1.5, 3.0, 6.0)]  # uneven spacing: one stack
+    assert stack_attributes(4, stack) == {
+        "NumberOfSeriesRelatedInstances": 4, "NumberOfImages": 4, "IsVolume": True,
+    }  # fmt: skip
+    assert not stack_attributes(2, stack[:2])["IsVolume"]  # two images
+    assert not stack_attributes(1, stack + stack)["IsVolume"]  # two echoes at the same positions
+    coronal = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    assert not stack_attributes(3, [*stack[:2], (coronal, [0.0, 0.0, 9.0])])["IsVolume"]
+    assert not stack_attributes(3, [*stack[:2], (None, None)])["IsVolume"]
+    tilted = [1.0, 0.0, 0.0, 0.0, 0.948, -0.317]  # gantry tilt: positions shift in y, still one
+    assert stack_attributes(3, [(tilted, [0.0, 0.3 * k, 2.0 * k]) for k in range(3)])["IsVolume"]
