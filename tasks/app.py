@@ -16,6 +16,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from workers.config import settings
+from workers.phi import quiet_phi_warnings
 
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 PRIORITY = {2: 9, 1: 5, 0: 1}  # job priority (urgent, normal, low) -> AMQP priority
@@ -26,6 +27,7 @@ def queue_name(resource: str) -> str:
 
 
 def make_app() -> Celery:
+    quiet_phi_warnings()  # `celery -A tasks worker` starts here, not through the sprim CLI
     s = settings()
     p = s.queue_prefix
     ex = Exchange(p, type="direct", durable=True)
