@@ -32,11 +32,11 @@ class Archive(Protocol):
     name: str
 
     def series_of_study(self, study_uid: str) -> list[dict]:
-        """Series-level attributes for routing: one dict per series, DICOM keyword -> value.
+        """Routing attributes of each series of the study: one dict per series.
 
-        Include at least StudyInstanceUID, SeriesInstanceUID, Modality, SeriesDescription,
-        SeriesNumber, BodyPartExamined, ImageType, SliceThickness, InstitutionName,
-        NumberOfSeriesRelatedInstances, SOPClassUID (of its first instance).
+        Every keyword of ``pipelines.rules.ROUTING_KEYWORDS`` the images carry, computed by
+        :func:`workers.series.series_routing` from the instances' headers, so that rules see
+        the same attributes from every archive (missing: the images do not carry it).
         """
         ...
 
