@@ -40,8 +40,12 @@ STORED_SERIES_KEYWORDS = (
     "SliceThickness",
     "SpacingBetweenSlices",
     "NumberOfSeriesRelatedInstances",
+    "NumberOfImages",
     "NumberOfFrames",
+    "IsVolume",
 )
+#: Routing keywords the store does not keep: rules may test them, ``rules simulate`` cannot.
+NOT_STORED_ROUTING_KEYWORDS = ("AccessionNumber", "StudyDate")
 
 
 def stored_series(series: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

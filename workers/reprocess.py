@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from pipelines import StepError, canonical_params, get_step
+from pipelines.registry import params_error_text
 from workers.config import settings
 from workers.dispatch import Dispatcher
 from workers.jobstore import Job, JobStore
@@ -115,7 +117,9 @@ def reprocess(
                 break
         try:
             params = st.validate({**base, **(w.get("with") or {})})
-        except Exception as e:
+        except ValidationError as e:
+            raise BadRequest(f"{st.name}: {params_error_text(e)}") from None
+        except Exception as e:  # noqa: BLE001  ('with' that is not a mapping)
             raise BadRequest(f"{st.name}: {e}") from None
         _check_size(st, params, known[series_uid])
         canon = json.loads(canonical_params(params))
@@ -167,7 +171,11 @@ def _geometry(attrs: Mapping[str, Any]) -> tuple[tuple[int, int, int], tuple[flo
     """(shape z,y,x; spacing x,y,z in mm) of a series from its routing attributes, if known."""
     try:
         rows, cols = int(attrs["Rows"]), int(attrs["Columns"])
-        n = int(attrs.get("NumberOfFrames") or attrs["NumberOfSeriesRelatedInstances"])
+        n = int(
+            attrs.get("NumberOfImages")
+            or attrs.get("NumberOfFrames")
+            or attrs["NumberOfSeriesRelatedInstances"]
+        )
         ps = attrs["PixelSpacing"]
         dy, dx = (float(ps[0]), float(ps[1])) if isinstance(ps, list) else (float(ps),) * 2
         dz = float(attrs.get("SpacingBetweenSlices") or attrs["SliceThickness"])

@@ -233,3 +233,14 @@ def test_platform_store_and_api_keep_no_canary(canary_ct, sprim_env, store_url, 
     assert found + files == []
     assert dicom_hits == 0  # outputs went to the archive, nothing DICOM stays under SPRIM_HOME
     assert any(leaks(str(p), p.read_bytes()) for p in (sprim_env / "archive").rglob("*.dcm"))
+
+
+def test_every_routing_keyword_is_stored_or_declared_phi():
+    """A new routing keyword needs a decision: stored, or named as not stored."""
+    from workers.phi import NOT_STORED_ROUTING_KEYWORDS, STORED_SERIES_KEYWORDS
+
+    attributes = pytest.importorskip("pipelines.rules.attributes")
+    routing = set(attributes.ROUTING_KEYWORDS)
+    assert routing - set(STORED_SERIES_KEYWORDS) == set(NOT_STORED_ROUTING_KEYWORDS)
+    assert set(STORED_SERIES_KEYWORDS) <= routing
+    assert not set(STORED_SERIES_KEYWORDS) & set(CANARY)
