@@ -264,7 +264,7 @@ def copy_frame_of_reference(source: SourceSeries, dst: Dataset, notes: list[str]
     SeriesInstanceUID: deterministic, and shared by every object derived from that series.
     """
     src = source.first
-    chosen, statement = frame_of_reference(source)
+    chosen = frame_of_reference(source)[0]  # the choice is stated in the provenance
     if chosen:
         probe = Dataset()
         probe.FrameOfReferenceUID = chosen
@@ -275,8 +275,6 @@ def copy_frame_of_reference(source: SourceSeries, dst: Dataset, notes: list[str]
     else:
         dst.FrameOfReferenceUID = derive_uid(str(src.SeriesInstanceUID), "frame-of-reference")
         notes.append(f"no FrameOfReferenceUID in the source: {dst.FrameOfReferenceUID} derived")
-    if statement:
-        notes.append(statement)
     copy_checked(src, dst, ("PositionReferenceIndicator",), notes)
     if "PositionReferenceIndicator" not in dst:
         dst.PositionReferenceIndicator = ""

@@ -124,6 +124,7 @@ PET_KEYWORDS = (
     "DetectorElementSize",
     "CoincidenceWindowWidth",
     "SecondaryCountsType",
+    "CollimatorType",
     "RadiopharmaceuticalInformationSequence",
     "InterventionDrugInformationSequence",
     "PatientOrientationCodeSequence",
@@ -136,6 +137,7 @@ PET_KEYWORDS = (
     "DeadTimeFactor",
 )
 PET_TYPE2 = (
+    "CollimatorType",
     "CorrectedImage",
     "RadiopharmaceuticalInformationSequence",
     "PatientOrientationCodeSequence",
@@ -288,13 +290,14 @@ def _pet(out: ImageSeries, source: SourceSeries, ds: Dataset, notes: list[str]) 
     for kw in PET_TYPE2:
         if kw not in ds:
             ds[kw] = DataElement(tag_for_keyword(kw), dictionary_VR(kw), None)
+    ds.pop("PatientPosition", None)  # not allowed beside PatientOrientationCodeSequence
     timing = ("SeriesDate", "SeriesTime")
     copy_attributes(src, ds, timing, notes, required=timing)
     # PET Image: value 2 PRIMARY is the only value allowed.
     ds.ImageType = ["DERIVED", "PRIMARY"]
     if out.slice_geometry is not None and out.slab_mode == "MIP":
         ds.SeriesType = [str(ds.SeriesType[0]), "REPROJECTION"]
-        ds.ReprojectionMethod = "MAX"
+        ds.ReprojectionMethod = "MAX PIXEL"
     ds.NumberOfSlices = len(out.slice_geometry or ()) or out.image.GetSize()[2]
 
 

@@ -185,7 +185,7 @@ def _value_defect(vr: str, kw: str, text: str) -> tuple[str | None, str | None]:
         try:
             datetime.strptime(text[:8], "%Y%m%d")
         except ValueError:
-            return _FORMAT[vr][1].replace("is not", "is not a real"), None
+            return _FORMAT[vr][1].replace("is not a ", "is not a real ", 1), None
     if vr == "IS" and not -(2**31) <= int(text) < 2**31:
         return "is out of the range of an integer string (IS)", None
     limit = _MAX_CHARS.get(vr)
