@@ -102,6 +102,10 @@ def rules_simulate(file: Path = typer.Argument(..., help="Rules YAML (new or cha
     )
 
 
+#: Job ids are 32-bit in the store: anything else is a usage error, not a lookup.
+_JOB_ID = typer.Argument(..., min=1, max=2**31 - 1, help="Job id.")
+
+
 def _fmt_t(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
 
@@ -144,7 +148,7 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: int = typer.Argument(...)) -> None:
+def jobs_show(job_id: int = _JOB_ID) -> None:
     """Everything about one job, with its audit trail."""
     from workers.jobstore import open_store
 
@@ -173,7 +177,7 @@ def _act(fn, job_id: int) -> None:
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: int = typer.Argument(...)) -> None:
+def jobs_cancel(job_id: int = _JOB_ID) -> None:
     """Cancel a queued or running job (a running one finishes its step, its result is dropped)."""
     from workers.reprocess import cancel
 
@@ -181,7 +185,7 @@ def jobs_cancel(job_id: int = typer.Argument(...)) -> None:
 
 
 @jobs_app.command("retry")
-def jobs_retry(job_id: int = typer.Argument(...)) -> None:
+def jobs_retry(job_id: int = _JOB_ID) -> None:
     """Queue a failed or cancelled job again (attempts reset)."""
     from workers.reprocess import retry
 

@@ -314,3 +314,14 @@ def test_cli_says_one_line_when_the_store_is_unreachable(tmp_path):
             "error: job store unreachable at postgresql+psycopg://root:***@127.0.0.1:"
         ), (args, p.stderr[-2000:])
         assert "s3cret" not in p.stdout + p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_refuses_malformed_job_ids(sprim_env):
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    for cmd in ("show", "cancel", "retry"):
+        for bad in ("99999999999999999999999", "-1", "0", "abc"):
+            r = CliRunner().invoke(app, ["jobs", cmd, "--", bad])
+            assert r.exit_code == 2, (cmd, bad, r.output)  # a usage error, not a lookup
