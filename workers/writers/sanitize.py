@@ -335,7 +335,8 @@ def copy_checked(
         if type1:
             raise _refuse(src, kw, f"{_shown(elem).strip()} {defect}".strip())
         if kw in TYPE2:
-            dst[tag] = DataElement(tag, elem.VR if elem is not None else dictionary_VR(tag), None)
+            vr = elem.VR if elem is not None else dictionary_VR(tag)
+            dst[tag] = DataElement(tag, vr, "" if vr in _TEXT_VRS else None)
             notes.append(f"{kw}{_shown(elem)} {defect}: written empty")
         else:
             dst.pop(tag, None)
