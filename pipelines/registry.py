@@ -2,6 +2,8 @@
 
 A step is a pure function ``fn(volume, params, prior=()) -> Output | list[Output]``; ``prior`` is
 what earlier steps of the same job returned, for steps that build on them (a mesh of a labelmap).
+Before it runs, its largest buffer is estimated from the source geometry
+(:meth:`Step.check_output_size`), so absurd params are refused before memory is asked for.
 """
 
 from __future__ import annotations
@@ -13,15 +15,54 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from pydantic import BaseModel
+import numpy as np
+from pydantic import BaseModel, ValidationError
 
-from pipelines.types import Output, Volume
+from pipelines.types import Output, StepError, Volume
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
 KINDS = ("series", "labelmap", "mesh")
 
 StepFn = Callable[..., Output | list[Output]]
+#: ``estimate(params, shape_zyx, spacing_xyz, direction)`` -> (bytes, what): the step's largest
+#: buffer for a source volume of that geometry, and a noun phrase naming it and the params that
+#: size it ("an axial reformat of 480x480x300000 pixels (spacing_mm=0.001)").
+Estimator = Callable[..., tuple[int, str]]
+Shape = tuple[int, int, int]
+Spacing = tuple[float, float, float]
+
+
+def shape_text(shape_zyx: Sequence[int]) -> str:
+    """``512x512x134`` (columns x rows x slices, as radiologists say it)."""
+    return "x".join(str(int(n)) for n in reversed(tuple(shape_zyx)))
+
+
+def size_text(n_bytes: float) -> str:
+    """``150 GB``, ``312 MB``: binary units, as the limit is set in MB (2**20 bytes)."""
+    for unit, scale in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{n_bytes / 2**10:.3g} kB"
+
+
+def default_estimate(
+    params: BaseModel, shape_zyx: Shape, spacing_xyz: Spacing, direction=None
+) -> tuple[int, str]:
+    """Steps that keep the source grid: one 4-byte working array (labels, float copy) of it."""
+    n = int(np.prod(np.asarray(shape_zyx, dtype=np.float64)))
+    return 4 * n, f"a working array on the {shape_text(shape_zyx)} source grid"
+
+
+def params_error_text(e: ValidationError) -> str:
+    """One line per refused param, with the value given: ``spacing_mm=1e-06: Input should be ...``."""
+    out = []
+    for err in e.errors():
+        where = ".".join(map(str, err.get("loc") or ())) or "params"
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f"={given!r}"[:60]
+        out.append(f"{where}{shown}: {err['msg']}")
+    return "; ".join(out)
 
 
 @dataclass(frozen=True)
@@ -35,10 +76,36 @@ class Step:
     fn: StepFn
     summary: str
     resource: str = "cpu"
+    estimate: Estimator = default_estimate
 
     def validate(self, values: dict | None = None) -> BaseModel:
-        """Validate raw params (from YAML, CLI or API) into the step's params model."""
+        """Validate raw params (from YAML, CLI or API) into the step's params model.
+
+        Raises pydantic's ``ValidationError``; :func:`params_error_text` words it for users.
+        """
         return self.params.model_validate(values or {})
+
+    def check_output_size(
+        self,
+        params: BaseModel,
+        shape_zyx: Sequence[int],
+        spacing_xyz: Sequence[float],
+        max_bytes: int,
+        direction: Sequence[float] | None = None,
+    ) -> None:
+        """StepError when this step's largest buffer on such a volume would exceed ``max_bytes``.
+
+        ``shape_zyx`` and ``spacing_xyz`` are the source volume's (as read, or as the header
+        claims); ``direction`` its 9 direction cosines when known (oblique sources resample).
+        """
+        shape = tuple(int(n) for n in shape_zyx)
+        spacing = tuple(float(s) for s in spacing_xyz)
+        n_bytes, what = self.estimate(params, shape, spacing, direction)
+        if n_bytes > max_bytes:
+            raise StepError(
+                f"{what} would need {size_text(n_bytes)}, above the {max_bytes / 2**20:g} MB "
+                "limit (SPRIM_MAX_VOLUME_MB)"
+            )
 
     def __call__(
         self, volume: Volume, params: BaseModel, prior: Sequence[Output] = ()
@@ -66,8 +133,14 @@ def step(
     params: type[BaseModel],
     produces: str | tuple[str, ...],
     resource: str = "cpu",
+    estimate: Estimator | None = None,
 ) -> Callable[[StepFn], StepFn]:
-    """Register a pure step; validates name, version, params model and docstring at import."""
+    """Register a pure step; validates name, version, params model and docstring at import.
+
+    ``estimate`` sizes the step's largest buffer (see :data:`Estimator`); by default one 4-byte
+    array on the source grid. Give one when the output grid follows the params (reformats,
+    projections) so absurd params are refused before any memory is asked for.
+    """
     produces_t = (produces,) if isinstance(produces, str) else tuple(produces)
 
     def register(fn: StepFn) -> StepFn:
@@ -90,7 +163,14 @@ def step(
         n_args = len(sig.parameters)
         call = fn if n_args >= 3 else (lambda v, p, prior=(): fn(v, p))
         _REGISTRY[name] = Step(
-            name, version, params, produces_t, call, doc.splitlines()[0], resource
+            name,
+            version,
+            params,
+            produces_t,
+            call,
+            doc.splitlines()[0],
+            resource,
+            estimate or default_estimate,
         )
         return fn
 

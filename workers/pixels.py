@@ -9,12 +9,13 @@ slice into the SimpleITK image buffer itself, so the volume exists once in memor
 from __future__ import annotations
 
 import ctypes
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
@@ -56,21 +57,27 @@ _NON_IMAGE = (
 )
 
 
+@cache
+def _tag_vr(keyword: str) -> tuple[int | None, str]:
+    tag = tag_for_keyword(keyword)
+    return (None, "") if tag is None else (tag, dictionary_VR(tag))
+
+
 def value(ds: Dataset, keyword: str, default: Any = None) -> Any:
     """A plain top-level value, parsed from the raw bytes when pydicom has not converted it.
 
     pydicom's lazy conversion costs ~50 µs per element; reading a dozen values from 400
     headers that way is a quarter of the series read time. Handles DS/IS (numbers), text VRs
-    and US; anything else (or a deferred value) goes through pydicom.
+    and US; anything else (or a deferred value) goes through pydicom. Malformed numbers raise
+    ValueError (the input gate words them).
     """
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
+    tag, vr = _tag_vr(keyword)
+    elem = None if tag is None else ds._dict.get(tag)  # no Tag() conversion: 400 headers
+    if elem is None:
         return default
-    elem = ds.get_item(tag)
     raw = getattr(elem, "value", None)
-    vr = dictionary_VR(tag)
     if not isinstance(raw, bytes) or not getattr(elem, "is_raw", False):
-        got = ds[tag].value
+        got = elem.value if isinstance(elem, DataElement) else ds[tag].value
         if got is None or got == "":
             return default
         if vr == "DS":
@@ -243,7 +250,7 @@ def read_native_into(
     path: Path, offset: int | None, ds: Dataset, dst: np.ndarray, rescale: tuple[float, float]
 ) -> bool:
     """Read uncompressed single-frame pixels straight into ``dst``; False if not applicable."""
-    from workers.validate import pixel_data_length
+    from workers.validate import pixel_data_header
 
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     bits = value(ds, "BitsAllocated", 0)
@@ -254,10 +261,11 @@ def read_native_into(
         f"{'>' if big else '<'}{'i' if value(ds, 'PixelRepresentation', 0) else 'u'}{bits // 8}"
     )
     nbytes = dst.size * raw_dtype.itemsize
-    length, head = pixel_data_length(path, offset, ds)
-    if length == 0xFFFFFFFF or length < nbytes:
-        return False  # encapsulated or short: let pydicom decide
     with open(path, "rb") as fp:
+        fp.seek(offset)
+        length, head = pixel_data_header(fp.read(12), ds)
+        if length == 0xFFFFFFFF or length < nbytes:
+            return False  # encapsulated or short: let pydicom decide
         fp.seek(offset + head)
         stored = value(ds, "BitsStored", bits)
         if raw_dtype.itemsize == dst.dtype.itemsize and dst.dtype.kind == "i":

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines import Output, Step, StepError
+from workers.config import settings
 from workers.source import SeriesError, SourceSeries
 from workers.writers import Provenance, WrittenObject, write_output
 
@@ -112,6 +113,7 @@ def run_steps(
     report = RunReport(source.series_uid)
     prior: list[Output] = []
     failed_steps: set[str] = set()
+    max_bytes = settings().max_volume_mb * 2**20
     for i, call in enumerate(calls):
         name = call.step.name
         if progress:
@@ -125,6 +127,10 @@ def run_steps(
             continue
         t0 = time.perf_counter()
         try:
+            img = source.volume.image  # refuse absurd params before any memory is asked for
+            call.step.check_output_size(
+                call.params, img.GetSize()[::-1], img.GetSpacing(), max_bytes, img.GetDirection()
+            )
             outputs = call.step(source.volume, call.params, tuple(prior))
         except Exception as e:  # noqa: BLE001  (one step never takes the others down)
             failed_steps.add(name)

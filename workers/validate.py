@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from pydicom import Dataset
 from pydicom.charset import python_encoding
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from workers import pixels
 from workers.config import settings
 from workers.source import SeriesError
 
@@ -78,18 +81,54 @@ class Accepted:
 
 # --- reading raw header values safely ---------------------------------------------------------
 
+#: The values the gate reads of every image (once: 400 headers must stay cheap).
+_KEYWORDS = (
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "PatientID",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "NumberOfFrames",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "SliceThickness",
+    "ImagePositionPatient",
+)
+
+
+class _Malformed:
+    """A value that is not what its VR says (e.g. DS 'abc')."""
+
+    def __repr__(self) -> str:
+        return "malformed"
+
+
+BAD = _Malformed()
+
 
 def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
-    from workers.pixels import value
-
-    return value(ds, keyword, default)
-
-
-def _numbers(ds: Dataset, keyword: str, n: int) -> list[float] | str:
-    """``n`` numbers of ``keyword``, or the words saying what is wrong with them."""
     try:
-        got = _value(ds, keyword)
-    except (ValueError, TypeError):
+        return pixels.value(ds, keyword, default)
+    except (ValueError, TypeError, OverflowError):
+        return BAD
+
+
+def header_values(ds: Dataset) -> dict[str, Any]:
+    """The gate's values of one header (``BAD`` where malformed, None where absent)."""
+    return {kw: _value(ds, kw) for kw in _KEYWORDS}
+
+
+def _numbers(got: Any, keyword: str, n: int) -> list[float] | str:
+    """``n`` finite numbers, or the words saying what is wrong with them."""
+    if got is BAD:
         return f"{keyword} is not a number"
     if got is None:
         return f"{keyword} is missing"
@@ -105,29 +144,32 @@ def _numbers(ds: Dataset, keyword: str, n: int) -> list[float] | str:
     return out
 
 
-def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+def _int(v: dict[str, Any], keyword: str, default: int | None = None) -> int | None:
+    got = v.get(keyword)
+    if got is None:
+        return default
     try:
-        got = _value(ds, keyword, default)
-        return None if got is None else int(got)
-    except (ValueError, TypeError):
+        return int(got) if not isinstance(got, list | _Malformed) else None
+    except (ValueError, TypeError, OverflowError):
         return None
 
 
 def is_multiframe(ds: Dataset) -> bool:
-    n = _int(ds, "NumberOfFrames", 1)
+    n = _int({"n": _value(ds, "NumberOfFrames")}, "n", 1)
     return "PerFrameFunctionalGroupsSequence" in ds or (n is not None and n > 1)
 
 
 # --- one instance -----------------------------------------------------------------------------
 
 
-def sop_class_defect(ds: Dataset) -> tuple[str, str] | None:
+def sop_class_defect(ds: Dataset | dict[str, Any]) -> tuple[str, str] | None:
     """(code, words) when the SOP class is not an image class sprim builds volumes from."""
-    raw = str(_value(ds, "SOPClassUID", "") or "")
-    if not raw:
-        return "identity", "SOPClassUID is missing"
     from workers.pixels import is_image_sop_class
 
+    got = ds.get("SOPClassUID") if isinstance(ds, dict) else _value(ds, "SOPClassUID")
+    raw = "" if got is None or got is BAD else str(got)
+    if not raw:
+        return "identity", "SOPClassUID is missing"
     uid = UID(raw)
     name = uid.name if uid.is_valid else raw
     if not is_image_sop_class(raw):
@@ -137,48 +179,57 @@ def sop_class_defect(ds: Dataset) -> tuple[str, str] | None:
     return None
 
 
-def _uid_defects(ds: Dataset) -> list[tuple[str, str]]:
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def valid_uid(text: str) -> bool:
+    """A UID as PS3.5 9.1 says: digits and dots, no leading zeros, at most 64 characters."""
+    return len(text) <= 64 and _UID_RE.fullmatch(text) is not None
+
+
+def _uid_defects(v: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        raw = str(_value(ds, kw, "") or "")
+        got = v.get(kw)
+        raw = "" if got is None or got is BAD else str(got)
         if not raw:
             out.append(("identity", f"{kw} is missing"))
-        elif not UID(raw).is_valid:
+        elif not valid_uid(raw):
             out.append(("identity", f"{kw} {raw[:70]!r} is not a valid UID"))
     return out
 
 
-def expected_pixel_bytes(ds: Dataset) -> int:
-    """Bytes of native PixelData the header describes."""
-    rows, cols = _int(ds, "Rows", 0) or 0, _int(ds, "Columns", 0) or 0
-    frames = _int(ds, "NumberOfFrames", 1) or 1
-    samples = _int(ds, "SamplesPerPixel", 1) or 1
-    bits = _int(ds, "BitsAllocated", 0) or 0
+def expected_pixel_bytes(v: dict[str, Any]) -> int:
+    """Bytes of native PixelData the header values describe."""
+    rows, cols = _int(v, "Rows", 0) or 0, _int(v, "Columns", 0) or 0
+    frames = _int(v, "NumberOfFrames", 1) or 1
+    samples = _int(v, "SamplesPerPixel", 1) or 1
+    bits = _int(v, "BitsAllocated", 0) or 0
     return rows * cols * frames * samples * bits // 8
 
 
-def _pixel_format_defects(ds: Dataset, pixel_bytes: int | None) -> list[tuple[str, str]]:
+def _pixel_format_defects(v: dict[str, Any], pixel_bytes: int | None) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
 
     def bad(words: str) -> None:
         out.append(("pixel-format", words))
 
-    samples = _int(ds, "SamplesPerPixel", 1)
-    photometric = str(_value(ds, "PhotometricInterpretation", "") or "")
+    samples = _int(v, "SamplesPerPixel", 1)
+    photometric = str(v.get("PhotometricInterpretation") or "")
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         bad(
             f"colour images ({photometric or f'{samples} samples per pixel'}); "
             "sprim builds greyscale volumes only"
         )
         return out
-    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-    for kw, v in (("Rows", rows), ("Columns", cols)):
-        if v is None or not 1 <= v <= MAX_MATRIX:
-            bad(f"{kw} {v if v is not None else 'missing'} (1 to {MAX_MATRIX} expected)")
-    bits = _int(ds, "BitsAllocated")
-    stored = _int(ds, "BitsStored", bits)
-    high = _int(ds, "HighBit", None if stored is None else stored - 1)
-    rep = _int(ds, "PixelRepresentation", 0)
+    rows, cols = _int(v, "Rows"), _int(v, "Columns")
+    for kw, n in (("Rows", rows), ("Columns", cols)):
+        if n is None or not 1 <= n <= MAX_MATRIX:
+            bad(f"{kw} {n if n is not None else 'missing'} (1 to {MAX_MATRIX} expected)")
+    bits = _int(v, "BitsAllocated")
+    stored = _int(v, "BitsStored", bits)
+    high = _int(v, "HighBit", None if stored is None else stored - 1)
+    rep = _int(v, "PixelRepresentation", 0)
     if bits not in (8, 16, 32):
         bad(f"BitsAllocated {bits} (8, 16 or 32 expected)")
     elif stored is None or not 1 <= stored <= bits:
@@ -187,11 +238,11 @@ def _pixel_format_defects(ds: Dataset, pixel_bytes: int | None) -> list[tuple[st
         bad(f"HighBit {high} is not BitsStored - 1 ({stored - 1})")
     if rep not in (0, 1):
         bad(f"PixelRepresentation {rep} (0 or 1 expected)")
-    frames = _int(ds, "NumberOfFrames", 1)
+    frames = _int(v, "NumberOfFrames", 1)
     if frames is None or frames < 1:
-        bad(f"NumberOfFrames {_value(ds, 'NumberOfFrames')!r} is not a positive number")
+        bad(f"NumberOfFrames {v.get('NumberOfFrames')!r} is not a positive number")
     if not out and pixel_bytes is not None:
-        want = expected_pixel_bytes(ds)
+        want = expected_pixel_bytes(v)
         if pixel_bytes not in (want, want + want % 2):
             bad(
                 f"PixelData holds {pixel_bytes} bytes but {rows} x {cols} x {frames} frame(s) of "
@@ -216,64 +267,83 @@ def rescale_defect(slope: float, intercept: float, lo: int, hi: int) -> str | No
     return None
 
 
-def _value_defects(ds: Dataset) -> list[tuple[str, str]]:
-    from workers.pixels import stored_range
-
+def _value_defects(v: dict[str, Any]) -> list[tuple[str, str]]:
     got = []
     for kw, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
-        try:
-            raw = _value(ds, kw)
-        except (ValueError, TypeError):
-            return [("values", f"{kw} is not a number")]
-        if raw is None:
+        if v.get(kw) is None:
             got.append(default)
             continue
-        v = _numbers(ds, kw, 1)
-        if isinstance(v, str):
-            return [("values", v)]
-        got.append(v[0])
-    why = rescale_defect(got[0], got[1], *stored_range(ds))
+        n = _numbers(v[kw], kw, 1)
+        if isinstance(n, str):
+            return [("values", n)]
+        got.append(n[0])
+    bits = _int(v, "BitsStored") or _int(v, "BitsAllocated") or 16
+    if _int(v, "PixelRepresentation", 0):
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        lo, hi = 0, 2**bits - 1
+    why = rescale_defect(got[0], got[1], lo, hi)
     return [("values", why)] if why else []
 
 
-def _classic_geometry(ds: Dataset) -> tuple[list[float], list[float], list[float]] | str:
+def _classic_geometry(ds: Dataset) -> list[tuple[str, str]]:
     got = []
     for kw, n in (
         ("ImagePositionPatient", 3),
         ("ImageOrientationPatient", 6),
         ("PixelSpacing", 2),
     ):
-        v = _numbers(ds, kw, n)
-        if isinstance(v, str):
-            return v
-        got.append(v)
-    return got[0], got[1], got[2]
+        nums = _numbers(_value(ds, kw), kw, n)
+        if isinstance(nums, str):
+            return [("geometry", nums)]
+        got.append(nums)
+    found = geometry_defects(np.array([got[0]]), np.array([got[1]]), np.array([got[2]]))
+    return [("geometry", w) for _, w in found]
 
 
-def _instance_defects(ds: Dataset, pixel_bytes: int | None) -> list[tuple[str, str]]:
-    sop = sop_class_defect(ds)
+_FORMAT_KEYS = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "NumberOfFrames",
+    "RescaleSlope",
+    "RescaleIntercept",
+)
+
+
+def _frozen(v: dict[str, Any], keys: tuple[str, ...]) -> tuple:
+    return tuple((k, tuple(x) if isinstance(x := v.get(k), list) else x) for k in keys)
+
+
+@lru_cache(maxsize=256)
+def _format_and_values(key: tuple, pixel_bytes: int | None) -> tuple[tuple[str, str], ...]:
+    """Pixel format and rescale defects (the same for most images of a series: cached)."""
+    v = {k: list(x) if isinstance(x, tuple) else x for k, x in key}
+    fmt = _pixel_format_defects(v, pixel_bytes)
+    return tuple(fmt + ([] if fmt else _value_defects(v)))
+
+
+def _instance_defects(
+    v: dict[str, Any], pixel_bytes: int | None, ds: Dataset | None = None
+) -> list[tuple[str, str]]:
+    """(code, words) of one image; ``ds`` given (one instance, not a series whose SOP class is
+    checked once): the SOP class and the slice geometry are checked too."""
+    sop = sop_class_defect(v) if ds is not None else None
     if sop is not None:
         return [sop]
-    fmt = _pixel_format_defects(ds, pixel_bytes)
-    out = _uid_defects(ds) + fmt + ([] if fmt else _value_defects(ds))
-    if not is_multiframe(ds):
-        geo = _classic_geometry(ds)
-        if isinstance(geo, str):
-            out.append(("geometry", geo))
-        else:
-            out += [
-                ("geometry", w)
-                for _, w in geometry_defects(
-                    np.array([geo[0]]), np.array([geo[1]]), np.array([geo[2]])
-                )
-            ]
-        if "SliceThickness" in ds:
-            try:
-                t = _value(ds, "SliceThickness")
-                if t is not None and not (math.isfinite(float(t)) and float(t) >= 0):
-                    out.append(("geometry", f"SliceThickness {t} is not a length"))
-            except (ValueError, TypeError):
-                out.append(("geometry", "SliceThickness is not a number"))
+    out = _uid_defects(v) + list(_format_and_values(_frozen(v, _FORMAT_KEYS), pixel_bytes))
+    t = v.get("SliceThickness")
+    if t is not None:
+        n = _numbers(t, "SliceThickness", 1)
+        if isinstance(n, str) or n[0] < 0:
+            out.append(("geometry", f"SliceThickness {t} is not a length"))
+    if ds is not None and not is_multiframe(ds):
+        out += _classic_geometry(ds)
     return out
 
 
@@ -291,7 +361,7 @@ def check_instance(ds: Dataset, pixel_bytes: int | None = None) -> list[str]:
         ts = getattr(getattr(ds, "file_meta", None), "get", lambda *_: None)("TransferSyntaxUID")
         if ts in NATIVE_SYNTAXES:
             pixel_bytes = len(ds.PixelData)
-    return [words for _, words in _instance_defects(ds, pixel_bytes)]
+    return [words for _, words in _instance_defects(header_values(ds), pixel_bytes, ds)]
 
 
 # --- geometry ---------------------------------------------------------------------------------
@@ -385,13 +455,15 @@ def check_slice_spacing(name: str, step: float) -> None:
 # --- series -----------------------------------------------------------------------------------
 
 
-def pixel_data_length(path: Path, offset: int, ds: Dataset) -> tuple[int, int]:
-    """(value length, element header length) of PixelData at ``offset`` (cheap: 12 bytes)."""
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+def transfer_syntax(ds: Dataset) -> str | None:
+    meta = getattr(ds, "file_meta", None)
+    return None if meta is None else pixels.value(meta, "TransferSyntaxUID")
+
+
+def pixel_data_header(head: bytes, ds: Dataset, ts: str | None = None) -> tuple[int, int]:
+    """(value length, element header length) of a PixelData element starting with ``head``."""
+    ts = ts or transfer_syntax(ds)
     big = ts == ExplicitVRBigEndian
-    with open(path, "rb") as fp:
-        fp.seek(offset)
-        head = fp.read(12)
     if len(head) < 8:
         return 0, len(head)
     if ts != ImplicitVRLittleEndian and head[4:6] in (b"OB", b"OW", b"UN", b"OF", b"OD", b"OL"):
@@ -399,13 +471,22 @@ def pixel_data_length(path: Path, offset: int, ds: Dataset) -> tuple[int, int]:
     return int.from_bytes(head[4:8], "big" if big else "little"), 8
 
 
+def pixel_data_length(
+    path: Path, offset: int, ds: Dataset, ts: str | None = None
+) -> tuple[int, int]:
+    """(value length, element header length) of PixelData at ``offset`` (cheap: 12 bytes)."""
+    with open(path, "rb") as fp:
+        fp.seek(offset)
+        return pixel_data_header(fp.read(12), ds, ts)
+
+
 def _pixel_bytes(path: Path, offset: int | None, ds: Dataset) -> tuple[int | None, str | None]:
     """(native PixelData length, why the file is unreadable)."""
     if offset is None:
         return None, "it has no pixel data"
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts = transfer_syntax(ds)
     try:
-        length, head = pixel_data_length(path, offset, ds)
+        length, head = pixel_data_length(path, offset, ds, ts)
         size = os.path.getsize(path)
     except OSError as e:
         return None, f"cannot be read ({e.strerror or e})"
@@ -426,10 +507,10 @@ def _charset_note(headers: list[Dataset]) -> str | None:
     """Unknown SpecificCharacterSet -> FALLBACK_CHARSET in every header, and a note."""
     unknown: set[str] = set()
     for h in headers:
-        cs = h.get("SpecificCharacterSet")
-        if cs is None:
+        cs = _value(h, "SpecificCharacterSet")
+        if cs is None or cs is BAD:
             continue
-        terms = [str(t) for t in (cs if not isinstance(cs, str) else [cs])]
+        terms = [str(t) for t in (cs if isinstance(cs, list) else [cs])]
         bad = [t for t in terms if t.strip() and t.strip() not in python_encoding]
         if bad:
             unknown.update(bad)
@@ -501,12 +582,13 @@ def check_series(
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         notes.append(f"{len(lost)} unreadable file(s) left out ({shown}{more})")
 
+    values = [header_values(h) for h in headers]
     err = _first_defect(
-        name, files, [_instance_defects(h, n) for h, n in zip(headers, lengths, strict=True)]
+        name, files, [_instance_defects(v, n) for v, n in zip(values, lengths, strict=True)]
     )
     if err is not None:
         raise err
-    _check_consistent(name, files, headers)
+    _check_consistent(name, files, values)
     charset = _charset_note(headers)
     if charset:
         notes.append(charset)
@@ -529,11 +611,11 @@ _SAME = (
 )
 
 
-def _check_consistent(name: str, files: list[Path], headers: list[Dataset]) -> None:
+def _check_consistent(name: str, files: list[Path], values: list[dict[str, Any]]) -> None:
     for code, keywords, what in _SAME:
         seen: dict[tuple, list[int]] = {}
-        for i, h in enumerate(headers):
-            key = tuple(str(_value(h, kw, "") or "") for kw in keywords)
+        for i, v in enumerate(values):
+            key = tuple(str(v.get(kw) or "") for kw in keywords)
             seen.setdefault(key, []).append(i)
         if len(seen) > 1:
             groups = sorted(seen.items(), key=lambda kv: -len(kv[1]))
@@ -551,10 +633,9 @@ def _check_consistent(name: str, files: list[Path], headers: list[Dataset]) -> N
                 "one volume must come from one acquisition",
                 code=code,
             )
-    seen_sop: dict[str, Any] = {}
-    for i, h in enumerate(headers):
-        uid = str(_value(h, "SOPInstanceUID", ""))
-        pos = _value(h, "ImagePositionPatient")
+    seen_sop: dict[str, tuple[int, Any]] = {}
+    for i, v in enumerate(values):
+        uid, pos = str(v["SOPInstanceUID"]), v["ImagePositionPatient"]
         if uid in seen_sop and seen_sop[uid][1] != pos:
             raise SeriesError(
                 f"{name}: two different images share SOPInstanceUID {uid} "
@@ -571,12 +652,12 @@ def frame_of_reference(name: str, headers: list[Dataset]) -> tuple[str, list[str
     regular spacing): different UIDs per slice then are an anonymiser artifact, not different
     coordinate systems.
     """
-    uids = [str(_value(h, "FrameOfReferenceUID", "") or "") for h in headers]
-    valid = [u for u in uids if u and UID(u).is_valid]
+    uids = [str(_value(h, "FrameOfReferenceUID") or "") for h in headers]
+    valid = [u for u in uids if u and valid_uid(u)]
     if not valid:
         from workers.uids import derive_uid
 
-        made = derive_uid(str(_value(headers[0], "SeriesInstanceUID", "")), "frame-of-reference")
+        made = derive_uid(str(_value(headers[0], "SeriesInstanceUID")), "frame-of-reference")
         return made, [
             f"no valid FrameOfReferenceUID in the images: outputs use {made}, derived from the "
             "series (the slice positions and orientations place them)"

@@ -42,12 +42,15 @@ _PROBE_VOXELS = 8_000_000
 class MeshParams(BaseModel, frozen=True, extra="forbid"):
     segment: str = Field(
         "bone",
+        min_length=1,
+        max_length=64,
         description="Segment name: body, bone, lungs (both), right lung, left lung, or any "
         "segment name of a labelmap produced earlier in the job.",
     )
     contour_mm: float = Field(
         1.0,
         ge=0.0,
+        le=20.0,
         description="Contour on blocks of about this size (mm), averaging the mask: fewer, "
         "smoother triangles on thin-slice CT. 0 = full resolution.",
     )
@@ -60,6 +63,7 @@ class MeshParams(BaseModel, frozen=True, extra="forbid"):
     max_triangles: int = Field(
         300_000,
         ge=100,
+        le=5_000_000,
         description="At most this many triangles: contour on larger blocks first, then "
         "quadric decimation if still above.",
     )

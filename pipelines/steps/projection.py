@@ -7,15 +7,17 @@ on a grid block-max-pooled to about ``pixel_mm``. No 3D resampling per view.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field
 
-from pipelines.registry import step
+from pipelines.registry import Shape, Spacing, default_estimate, shape_text, step
 from pipelines.steps._masks import Grid
 from pipelines.steps.mesh import labelmap_for
+from pipelines.steps.reformat import MAX_PIXELS
 from pipelines.types import ImageSeries, Output, StepError, Volume
 
 
@@ -24,28 +26,80 @@ class MipParams(BaseModel, frozen=True, extra="forbid"):
     arc_deg: float = Field(360.0, gt=0.0, le=360.0, description="Total rotation (degrees).")
     pixel_mm: float = Field(
         2.0,
-        gt=0.0,
+        ge=0.1,
+        le=20.0,
         description="Pixel size of the views (mm); slices are pooled to about this too.",
     )
     lower_hu: float | None = Field(
-        None, description="Ignore voxels below this value (HU or source units); None = no limit."
+        None,
+        ge=-1e5,
+        le=1e5,
+        description="Ignore voxels below this value (HU or source units); None = no limit.",
     )
     upper_hu: float | None = Field(
-        None, description="Ignore voxels above this value (HU or source units); None = no limit."
+        None,
+        ge=-1e5,
+        le=1e5,
+        description="Ignore voxels above this value (HU or source units); None = no limit.",
     )
     exclude_segment: str | None = Field(
-        None, description="Remove this segment before projecting (e.g. bone); None = keep all."
+        None,
+        min_length=1,
+        max_length=64,
+        description="Remove this segment before projecting (e.g. bone); None = keep all.",
     )
     only_segment: str | None = Field(
-        None, description="Project only inside this segment (e.g. lungs); None = everywhere."
+        None,
+        min_length=1,
+        max_length=64,
+        description="Project only inside this segment (e.g. lungs); None = everywhere.",
     )
     cine_rate: float = Field(10.0, gt=0.0, le=60.0, description="Cine playback (frames/s).")
 
 
 def _axial(image: sitk.Image) -> bool:
     """Slices are axial: third axis along LPS z, in-plane axes horizontal."""
-    d = np.array(image.GetDirection()).reshape(3, 3)
+    return _axial_direction(np.array(image.GetDirection()).reshape(3, 3))
+
+
+def _axial_direction(d: np.ndarray) -> bool:
     return abs(d[2, 2]) > 0.999 and abs(d[2, 0]) < 1e-3 and abs(d[2, 1]) < 1e-3
+
+
+def _too_wide(params: MipParams, width: int) -> str:
+    return (
+        f"pixel_mm={params.pixel_mm:g} would make views {width} pixels wide over this field of "
+        f"view (at most {MAX_PIXELS})"
+    )
+
+
+def _estimate(
+    params: MipParams, shape_zyx: Shape, spacing_xyz: Spacing, direction=None
+) -> tuple[int, str]:
+    """Largest buffer: the views (int16), the axial resampling of a non-axial source, or a
+    segmentation / masked copy on the source grid."""
+    nz, ny, nx = shape_zyx
+    d = np.eye(3) if direction is None else np.abs(np.array(direction, float).reshape(3, 3))
+    extent = d @ (np.array([nx, ny, nz], float) * np.array(spacing_xyz, float))  # LPS box, mm
+    out: list[tuple[float, str]] = [default_estimate(params, shape_zyx, spacing_xyz)]
+    sz = float(spacing_xyz[2])
+    if direction is not None and not _axial_direction(np.array(direction, float).reshape(3, 3)):
+        sp = float(min(spacing_xyz))
+        grid = np.ceil(extent / sp) + 1
+        out.append((2.0 * float(np.prod(grid)), f"an axial resampling of {shape_text(grid[::-1])}"))
+        sz = sp
+    width = math.ceil((math.hypot(extent[0], extent[1]) + 2 * params.pixel_mm) / params.pixel_mm)
+    rows = max(1, round(extent[2] / max(sz, round(params.pixel_mm / sz) * sz)))
+    if width > MAX_PIXELS:
+        raise StepError(_too_wide(params, width))
+    out.append(
+        (
+            2.0 * params.views * rows * width,
+            f"{params.views} views of {width}x{rows} pixels (pixel_mm={params.pixel_mm:g})",
+        )
+    )
+    n_bytes, what = max(out)
+    return int(n_bytes), what
 
 
 def _to_axial(image: sitk.Image) -> sitk.Image:
@@ -73,7 +127,13 @@ def _to_axial(image: sitk.Image) -> sitk.Image:
     )
 
 
-@step("projection.rotating_mip", version="1.0.0", params=MipParams, produces="series")
+@step(
+    "projection.rotating_mip",
+    version="1.0.0",
+    params=MipParams,
+    produces="series",
+    estimate=_estimate,
+)
 def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()) -> ImageSeries:
     """Rotating MIP about the head-foot axis (default 36 views, 10° apart), played as a cine."""
     image = volume.image
@@ -135,6 +195,8 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     centre = corner_pos.mean(axis=0)
     half = float(np.max(np.hypot(*(corner_pos - centre).T))) + params.pixel_mm
     width = int(np.ceil(2 * half / params.pixel_mm))
+    if width > MAX_PIXELS:
+        raise StepError(_too_wide(params, width))
     # Rows go head -> foot: pooled slices by descending z.
     z_of = origin[2] + d[2, 2] * sz * (np.arange(nz) * fz + (fz - 1) / 2)
     rows = np.argsort(-z_of, kind="stable")
@@ -145,20 +207,24 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     del pooled
     out = np.full((params.views, nz, width), background, dtype=np.int16)
     steps_mm = (np.arange(width) + 0.5) * params.pixel_mm - half
-    chunk = max(1, (8 << 20) // (width * nz * 2))  # ~8 MB of gathered samples at a time
+    # ~8 MB of gathered samples and ~8 MB of ray positions at a time
+    chunk = max(1, min((8 << 20) // (width * nz * 2), (8 << 20) // (width * 16)))
     geometry = []
     for k in range(params.views):
         theta = np.deg2rad(params.arc_deg * k / params.views)
         u = np.array([np.cos(theta), np.sin(theta)])  # view's horizontal axis (row direction)
         w = np.array([-np.sin(theta), np.cos(theta)])  # ray direction (into the screen)
-        p = centre + steps_mm[:, None, None] * u + steps_mm[None, :, None] * w  # (col, depth, 2)
-        q = (p - origin[:2]) @ d2 / (sx, sy)  # continuous fine indices (i, j)
-        ij = np.rint((q - (fxy - 1) / 2) / fxy).astype(np.int64)
-        inside = (ij[..., 0] >= 0) & (ij[..., 0] < nx) & (ij[..., 1] >= 0) & (ij[..., 1] < ny)
-        index = np.where(inside, ij[..., 1] * nx + ij[..., 0], ny * nx)
         view = out[k]
+        # Ray sample positions a few columns at a time: (columns, depth, 2) for the whole view
+        # is width² x 16 bytes, gigabytes when the pixel spacing claimed by a header is absurd.
         for c0 in range(0, width, chunk):
-            block = flat[index[c0 : c0 + chunk].ravel()].reshape(-1, width, nz)
+            cols = steps_mm[c0 : c0 + chunk]
+            p = centre + cols[:, None, None] * u + steps_mm[None, :, None] * w  # (col, depth, 2)
+            q = (p - origin[:2]) @ d2 / (sx, sy)  # continuous fine indices (i, j)
+            ij = np.rint((q - (fxy - 1) / 2) / fxy).astype(np.int64)
+            inside = (ij[..., 0] >= 0) & (ij[..., 0] < nx) & (ij[..., 1] >= 0) & (ij[..., 1] < ny)
+            index = np.where(inside, ij[..., 1] * nx + ij[..., 0], ny * nx)
+            block = flat[index.ravel()].reshape(-1, width, nz)
             view[:, c0 : c0 + chunk] = np.maximum(block.max(axis=1), background).T
         first = np.r_[centre + u * steps_mm[0], z_of[rows[0]]]
         geometry.append(

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pipelines.registry import step
+from pipelines.registry import Shape, Spacing, step
 from pipelines.types import ImageSeries, StepError, Volume
 
 Plane = Literal["axial", "coronal", "sagittal"]
@@ -69,7 +69,8 @@ PresetName = Literal[
     "COR 5mm MinIP",
 ]
 _ALIGN_TOL = 1e-4  # direction cosine tolerance of the fast path: < 0.05 mm over 500 mm
-_MAX_PIXELS = 4096  # per in-plane dimension of an output image
+#: Largest row or column count of an output image (a 4096² int16 image is 32 MB).
+MAX_PIXELS = 4096
 
 
 class Params(BaseModel, frozen=True, extra="forbid"):
@@ -83,16 +84,20 @@ class Params(BaseModel, frozen=True, extra="forbid"):
     planes: tuple[Plane, ...] = Field(
         PLANE_ORDER, description="Planes in patient axes: axial, coronal, sagittal (unitless)."
     )
-    thickness_mm: float = Field(3.0, gt=0.0, le=500.0, description="Slab thickness (mm).")
+    thickness_mm: float = Field(3.0, ge=0.1, le=500.0, description="Slab thickness (mm), 0.1-500.")
     spacing_mm: float | None = Field(
-        None, gt=0.0, le=500.0, description="Distance between slices (mm); default = thickness."
+        None,
+        ge=0.1,
+        le=500.0,
+        description="Distance between slices (mm), 0.1-500; default = thickness.",
     )
     mode: Mode = Field("AVG", description="Slab reduction: AVG, MIP or MinIP (unitless).")
     pixel_spacing_mm: float | None = Field(
         None,
-        gt=0.0,
+        ge=0.1,
         le=50.0,
-        description="In-plane pixel spacing (mm); default = the source's finest voxel spacing.",
+        description="In-plane pixel spacing (mm), 0.1-50; default = the source's finest voxel "
+        "spacing.",
     )
 
     @model_validator(mode="before")
@@ -336,8 +341,8 @@ def _oblique(
     coords = corners @ frame  # corners in (row, column, normal) coordinates
     lo, hi = coords.min(0), coords.max(0)
     n_in = [max(1, int(math.floor((hi[t] - lo[t]) / pixel))) for t in (0, 1)]
-    if max(n_in) > _MAX_PIXELS:
-        raise StepError(f"pixel spacing {pixel:g} mm gives images over {_MAX_PIXELS} pixels wide")
+    if max(n_in) > MAX_PIXELS:
+        raise StepError(f"pixel spacing {pixel:g} mm gives images over {MAX_PIXELS} pixels wide")
     firsts = [lo[t] + (hi[t] - lo[t] - (n_in[t] - 1) * pixel) / 2 for t in (0, 1)]
     finest = min(img.GetSpacing())
     t_eff = max(p.thickness_mm, finest)
@@ -392,6 +397,44 @@ def _oblique(
     return out, (firsts[0], firsts[1], centre0), t_eff
 
 
+def _estimate(
+    params: Params, shape_zyx: Shape, spacing_xyz: Spacing, direction=None
+) -> tuple[int, str]:
+    """Largest plane's image stack, 4 bytes a pixel (AVG slabs and resampled planes are float32).
+
+    The output grid covers the source's box in patient axes: pixels of ``pixel_spacing_mm`` in
+    plane, a slice every ``spacing_mm`` along the normal (oblique sources: every resampled plane).
+    """
+    nz, ny, nx = shape_zyx
+    d = np.eye(3) if direction is None else np.array(direction, float).reshape(3, 3)
+    extent = np.abs(d) @ (np.array([nx, ny, nz], float) * np.array(spacing_xyz, float))
+    finest = float(min(spacing_xyz))
+    pixel = params.pixel_spacing_mm or finest
+    oblique = _axis_map(d) is None
+    best: tuple[float, str] = (0.0, "")
+    for plane in params.planes:
+        frame = np.abs(_plane_frame(plane))
+        e_row, e_col, e_normal = (float(extent @ frame[:, t]) for t in range(3))
+        t_eff = max(params.thickness_mm, finest)
+        n = math.floor(max(e_normal - t_eff, 0.0) / params.spacing + 1e-6) + 1
+        if oblique:  # the planes resampled along the normal, one per finest spacing at least
+            n = max(n, math.ceil(e_normal / finest))
+        cols, rows = math.ceil(e_row / pixel), math.ceil(e_col / pixel)
+        if max(cols, rows) > MAX_PIXELS:
+            raise StepError(
+                f"the {plane} reformat at pixel_spacing_mm={pixel:g} would be {cols}x{rows} pixels"
+                f" (at most {MAX_PIXELS} a side)"
+            )
+        n_bytes = 4.0 * cols * rows * n
+        if n_bytes > best[0]:
+            best = (
+                n_bytes,
+                f"the {plane} reformat of {cols}x{rows}x{n} pixels (spacing_mm={params.spacing:g},"
+                f" pixel_spacing_mm={pixel:g})",
+            )
+    return int(best[0]), best[1]
+
+
 def reformat_plane(image: sitk.Image, plane: str, params: Params) -> ImageSeries:
     """One MPR plane of ``image`` (see :func:`mpr`)."""
     frame = _plane_frame(plane)
@@ -401,9 +444,9 @@ def reformat_plane(image: sitk.Image, plane: str, params: Params) -> ImageSeries
     amap = _axis_map(direction)
     if amap is not None:
         extent = [image.GetSize()[i] * src_spacing[i] for i in range(3)]
-        if max(extent) / pixel > _MAX_PIXELS:
+        if max(extent) / pixel > MAX_PIXELS:
             raise StepError(
-                f"pixel spacing {pixel:g} mm gives images over {_MAX_PIXELS} pixels wide"
+                f"pixel spacing {pixel:g} mm gives images over {MAX_PIXELS} pixels wide"
             )
         pix, first, t_eff = _aligned(image, amap, frame, params, pixel)
     else:
@@ -421,7 +464,7 @@ def reformat_plane(image: sitk.Image, plane: str, params: Params) -> ImageSeries
     )
 
 
-@step("reformat.mpr", version="1.0.0", params=Params, produces="series")
+@step("reformat.mpr", version="1.0.0", params=Params, produces="series", estimate=_estimate)
 def mpr(volume: Volume, params: Params) -> list[ImageSeries]:
     """Axial, coronal and sagittal reformats in patient axes (AVG/MIP/MinIP slabs).
 

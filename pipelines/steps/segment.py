@@ -32,15 +32,21 @@ LUNG = Segment(1, "Lung", ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"))
 RIGHT_LUNG = Segment(1, "Right lung", ANATOMICAL_STRUCTURE, Code("3341006", "SCT", "Right lung"))
 LEFT_LUNG = Segment(2, "Left lung", ANATOMICAL_STRUCTURE, Code("44029006", "SCT", "Left lung"))
 BONE = Segment(1, "Bone", TISSUE, Code("272673000", "SCT", "Bone"))
+#: Bounds of HU thresholds: air to the top of the extended 12-bit CT scale.
+HU_MIN, HU_MAX = -1024.0, 4095.0
 
 
 class BodyParams(BaseModel, frozen=True, extra="forbid"):
     threshold_hu: float = Field(
-        -500.0, description="Voxels above this (HU) are patient (or table, clothing, air excluded)."
+        -500.0,
+        ge=HU_MIN,
+        le=HU_MAX,
+        description="Voxels above this (HU) are patient (or table, clothing, air excluded).",
     )
     opening_mm: float = Field(
         6.0,
         ge=0.0,
+        le=50.0,
         description="In-plane opening radius (mm) that detaches table, cushions and clothing.",
     )
     keep_fraction: float = Field(
@@ -49,13 +55,20 @@ class BodyParams(BaseModel, frozen=True, extra="forbid"):
         le=1.0,
         description="Also keep separate parts (arms) at least this fraction of the largest part.",
     )
-    coarse_mm: float = Field(3.0, gt=0.0, description="Voxel size (mm) of the working grid.")
+    coarse_mm: float = Field(
+        3.0, ge=0.5, le=20.0, description="Voxel size (mm) of the working grid, 0.5-20."
+    )
 
 
 class LungParams(BaseModel, frozen=True, extra="forbid"):
-    threshold_hu: float = Field(-400.0, description="Lung parenchyma and airways are below (HU).")
+    threshold_hu: float = Field(
+        -400.0, ge=HU_MIN, le=HU_MAX, description="Lung parenchyma and airways are below (HU)."
+    )
     min_volume_ml: float = Field(
-        50.0, ge=0.0, description="Air regions smaller than this (mL) are not lung (bowel gas)."
+        50.0,
+        ge=0.0,
+        le=10000.0,
+        description="Air regions smaller than this (mL) are not lung (bowel gas).",
     )
     min_fraction: float = Field(
         0.15,
@@ -66,25 +79,31 @@ class LungParams(BaseModel, frozen=True, extra="forbid"):
     airway_max_area_mm2: float = Field(
         700.0,
         gt=0.0,
+        le=10000.0,
         description="Largest axial cross-section (mm²) traced as trachea or main bronchus.",
     )
     midline_mm: float = Field(
-        30.0, gt=0.0, description="The trachea is sought within this distance (mm) of the midline."
+        30.0,
+        gt=0.0,
+        le=300.0,
+        description="The trachea is sought within this distance (mm) of the midline.",
     )
-    coarse_mm: float = Field(3.0, gt=0.0, description="Voxel size (mm) of the working grid.")
+    coarse_mm: float = Field(
+        3.0, ge=0.5, le=20.0, description="Voxel size (mm) of the working grid, 0.5-20."
+    )
 
 
 class BoneParams(BaseModel, frozen=True, extra="forbid"):
     lower_hu: float = Field(
         300.0,
-        ge=-1024.0,
-        le=3000.0,
+        ge=HU_MIN,
+        le=HU_MAX,
         description="Bone voxels are at or above this (HU), if connected to a core (core_hu).",
     )
     core_hu: float = Field(
         600.0,
-        ge=-1024.0,
-        le=4000.0,
+        ge=HU_MIN,
+        le=HU_MAX,
         description="A bright region is bone only if it holds voxels at or above this (HU): "
         "cortex reaches it, contrast-filled vessels and heart chambers do not.",
     )

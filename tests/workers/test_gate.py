@@ -162,12 +162,12 @@ def test_truncated_file_at_the_end_leaves_a_complete_stack_with_a_note(ct: list[
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        ([math.nan, math.nan], r"PixelSpacing is not finite"),
+        ([math.nan, math.nan], r"PixelSpacing is missing or not finite"),
         ([0.0, 0.0], r"PixelSpacing \[0\.0, 0\.0\] mm is outside 0\.01–30 mm"),
         ([-0.7, -0.7], r"PixelSpacing .* is outside"),
-        ([math.inf, 1.0], r"PixelSpacing is not finite"),
+        ([math.inf, 1.0], r"PixelSpacing is missing or not finite"),
         ([100.0, 100.0], r"PixelSpacing .* is outside"),
-        (None, r"PixelSpacing is missing"),
+        (None, r"PixelSpacing is missing or not finite"),
     ],
     ids=["nan", "zero", "negative", "inf", "100mm", "missing"],
 )
@@ -221,7 +221,7 @@ def test_slices_500mm_apart_are_not_a_volume(tmp_path: Path) -> None:
 
 def test_non_finite_position_is_refused(ct: list[Path]) -> None:
     mutate(ct, lambda ds: setattr(ds, "ImagePositionPatient", ["nan", "0", "0"]), slice(4, 5))
-    refused(ct[0].parent, "geometry", r"1-005\.dcm: ImagePositionPatient is not finite")
+    refused(ct[0].parent, "geometry", r"1-005\.dcm: ImagePositionPatient is missing or not finite")
 
 
 # --- identity ---------------------------------------------------------------------------------
