@@ -159,7 +159,10 @@ def read_header(fp: BinaryIO, transfer_syntax: str) -> tuple[Dataset, bool, int 
     start = fp.tell() + header
     if length == 0xFFFFFFFF:
         fragments, end = _walk_items(fp, start, size)
-        frames = int(ds.get("NumberOfFrames") or 1)
+        try:
+            frames = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError) as e:
+            raise _Unparseable("NumberOfFrames is not a number") from e
         if fragments < frames:
             raise _Unparseable(
                 f"encapsulated pixel data: {fragments} fragments for {frames} frames"
@@ -216,6 +219,8 @@ def judge(fp: BinaryIO, transfer_syntax: str, sop_class: str, sop_instance: str)
         ds, has_pixels, pixel_bytes = read_header(fp, transfer_syntax)
     except _Unparseable as e:
         return Verdict(STATUS_CANNOT_UNDERSTAND, str(e))
+    except Exception as e:  # noqa: BLE001  (never an exception out of the C-STORE handler)
+        return Verdict(STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(e).__name__})")
     try:
         hint = str(ds.get("SeriesInstanceUID") or "")[:64]  # names the series in refusals
     except Exception:  # noqa: BLE001

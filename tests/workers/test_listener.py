@@ -30,6 +30,7 @@ CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+PET_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 
 
 def _wait(pred, timeout: float = 10.0) -> bool:
@@ -258,6 +259,22 @@ def test_failure_status_carries_an_error_comment(listener, ct_files, tmp_path):
     assoc.release()
     assert rsp.Status == 0xA900
     assert rsp.ErrorComment.startswith("Rows 65535") and len(rsp.ErrorComment) <= 64
+
+
+def test_real_pet_slice_and_seg_are_stored_and_only_the_pet_is_routable(listener):
+    pet = SEG_FILE.parents[1] / "PET" / "000000.dcm"
+    [seg] = SEG_FILE.glob("*.dcm")
+    ae = AE("PACS")
+    ae.add_requested_context(PET_STORAGE, [IMPLICIT_LE])
+    ae.add_requested_context(SEG_STORAGE, [EXPLICIT_LE])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="SPRIM")
+    statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in (pet, seg)]
+    assoc.release()
+    assert statuses == [0, 0]
+    study = pydicom.dcmread(seg, stop_before_pixels=True).StudyInstanceUID
+    series = FolderArchive(listener.store.root).series_of_study(study)
+    assert sorted(s["SOPClassUID"] for s in series) == sorted([PET_STORAGE, SEG_STORAGE])
+    assert [s["SOPClassUID"] for s in routable_series(series)] == [PET_STORAGE]
 
 
 def test_every_transfer_syntax_is_judged_without_decoding_pixels(listener, tmp_path):
