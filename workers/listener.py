@@ -2,11 +2,12 @@
 
 - AE-title allow-list: associations from other calling AEs are refused at association.
 - Each instance is judged before it is stored (:func:`judge`): its header is parsed up to the
-  pixel data (pixels are never decoded), its UIDs must be those of its C-STORE request, and an
-  image instance must pass the input gate's per-instance check
-  (:func:`workers.validate.check_instance`). A defect gets a failure status (see ``STATUS_*``)
-  and one log line; the association and the server go on. Non-image SOP classes (SR, SEG, PR,
-  KOS, RT, encapsulated documents...) are stored as received and never routed.
+  pixel data (pixels are never decoded), its UIDs must be those of its C-STORE request, a CT,
+  MR or PET image must pass the input gate's per-instance check
+  (:func:`workers.validate.check_instance`) and any other image must read as an image. A defect
+  gets a failure status (see ``STATUS_*``) and one log line; the association and the server go
+  on. Non-image SOP classes (SR, SEG, PR, KOS, RT, encapsulated documents...) are stored as
+  received and never routed (:func:`routable_series`).
 - An accepted instance is written durably (temp file, fsync, length read back, rename,
   directory fsync) *before* the success status; the bytes received are written as they are
   (no re-encoding). A failed write answers 0xA700 and leaves no partial file.
