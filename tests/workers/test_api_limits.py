@@ -149,6 +149,13 @@ def test_reprocess_names_only_series_of_its_own_study(client, sites, sprim_env):
     r = client.post(f"/studies/{st_a}/reprocess", headers=A, json=TOUCH)
     assert r.status_code == 202, r.text
     assert r.json()["series_uid"] == se_a
+    # a job of B's on A's study does not make B an owner: the study's recorded institution does
+    store.create_job(
+        rule="touch", study_uid=st_a, series_uid=se_a, institution="SITE B", source="local",
+        archive="x", state="done", steps=[],
+    )  # fmt: skip
+    r = client.post(f"/studies/{st_a}/reprocess", headers=B, json=TOUCH)
+    assert r.status_code == 404, r.text
     r = client.post(f"/studies/{st_a}/reprocess", headers=A, json={**TOUCH, "series_uid": se_a})
     assert r.status_code == 202 and r.json()["series_uid"] == se_a
 
