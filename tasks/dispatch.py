@@ -44,8 +44,12 @@ class CeleryDispatcher:
             task_id=f"job-{job.id}-{uuid.uuid4().hex[:8]}",
         )
 
-    def send_retry(self, job: Job, delay_s: float) -> None:
-        self.send_job(job, countdown=delay_s)
+    def send_retry(self, job: Job | None, delay_s: float) -> None:
+        """Release waiting jobs after ``delay_s`` (a retry time comes; workers' periodic
+        release catches up too)."""
+        from tasks.jobs import release
+
+        release.apply_async(countdown=delay_s or None)
 
     def send_route(self, study_uid: str, seq: int, rules: list[str], delay_s: float) -> None:
         from tasks.jobs import route_study

@@ -1,4 +1,10 @@
-"""Thin tasks: run a job, route a study after its quiet period, release waiting jobs."""
+"""Thin tasks: run a job, route a study after its quiet period, release waiting jobs.
+
+Task state tells the truth: a job that ends ``failed`` or ``partial`` makes its task end in
+FAILURE with the job's reason (:class:`JobFailed`, raised after the state is recorded; acked, no
+Celery retry). A job whose state could not be recorded (job store unreachable) is never acked
+without it: the task is retried later, carrying the final state when the outputs are stored.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from tasks.app import app, dead_letter_queue
 from tasks.dispatch import CeleryDispatcher
 from workers import jobs
 from workers.config import settings
-from workers.jobstore import _STORES, open_store
+from workers.jobstore import _STORES, StoreUnavailable, open_store, retrying
 from workers.plugins import load_plugins
 
 log = logging.getLogger("sprim.tasks")
@@ -21,28 +27,60 @@ jobs.set_dispatcher(DISPATCHER)
 load_plugins()  # SPRIM_PLUGINS step modules: registered in every worker process
 
 
-@app.task(name="sprim.run_job", bind=True, acks_late=True, reject_on_worker_lost=True)
-def run_job(self, job_id: int) -> str | None:
-    """Execute a job; transient archive errors come back later (backoff), others fail it."""
+class JobFailed(Exception):
+    """The job ended ``failed`` or ``partial`` (its state is recorded in the job store)."""
+
+
+def _store_retry_delay(retries: int) -> float:
+    return min(60.0, 5.0 * 2 ** min(retries, 4))
+
+
+@app.task(
+    name="sprim.run_job", bind=True, acks_late=True, reject_on_worker_lost=True,
+    throws=(JobFailed,), max_retries=None,
+)  # fmt: skip
+def run_job(self, job_id: int, final: dict | None = None) -> str | None:
+    """Execute a job (or record the final state an earlier delivery could not record)."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
-        job = jobs.execute_job(job_id, disp=DISPATCHER)
-    except jobs.RetryLater as e:
-        job = open_store().get(job_id)
-        if job is not None:
-            DISPATCHER.send_retry(job, e.delay_s)
-        return "retry"
+        if final is not None:
+            job = jobs.record_final(job_id, final, disp=DISPATCHER)
+        else:
+            job = jobs.execute_job(job_id, disp=DISPATCHER, redelivered=redelivered)
+    except jobs.CompletionPending as e:
+        raise self.retry(
+            args=[job_id],
+            kwargs={"final": e.final},
+            countdown=_store_retry_delay(self.request.retries),
+        ) from None
+    except StoreUnavailable as e:
+        log.warning(
+            "job=%s event=store_unreachable retry=%d error=%s", job_id, self.request.retries, e
+        )
+        raise self.retry(
+            args=[job_id], kwargs={}, countdown=_store_retry_delay(self.request.retries)
+        ) from None
+    if job is not None and job.state in ("failed", "partial"):
+        raise JobFailed(f"job {job.id} {job.state}: {job.error}")
     return job.state if job else None
 
 
-@app.task(name="sprim.route_study", acks_late=True)
-def route_study(study_uid: str, seq: int, rules: list[str]) -> int:
+@app.task(name="sprim.route_study", bind=True, acks_late=True, max_retries=None)
+def route_study(self, study_uid: str, seq: int, rules: list[str]) -> int:
     """Route a study whose quiet period elapsed (superseded if it changed since ``seq``)."""
-    return len(jobs.route_due(study_uid, seq, rules, disp=DISPATCHER))
+    try:
+        return len(retrying(jobs.route_due, study_uid, seq, rules, disp=DISPATCHER))
+    except StoreUnavailable:
+        raise self.retry(countdown=_store_retry_delay(self.request.retries)) from None
 
 
 @app.task(name="sprim.release")
 def release() -> int:
-    return len(jobs.release(disp=DISPATCHER))
+    try:
+        return len(jobs.release(disp=DISPATCHER))
+    except Exception as e:  # noqa: BLE001  (store outage: the periodic release catches up)
+        log.warning("event=release_failed error=%s", type(e).__name__)
+        return 0
 
 
 @signals.task_failure.connect
@@ -56,7 +94,10 @@ def _on_failure(sender=None, task_id=None, exception=None, args=None, **_kw) -> 
     if job_id is None:
         return
     msg = f"hard time limit exceeded ({exception})"
-    open_store().transition(job_id, "failed", expect=("running", "queued"), error=msg, detail=msg)
+    open_store().transition(
+        job_id, "failed", expect=("running", "queued"), error=msg, detail=msg,
+        lease_owner=None, lease_expires_at=None,
+    )  # fmt: skip
     log.error("job=%s event=failed error=%s", job_id, msg)
     jobs.release(disp=DISPATCHER)
 
@@ -65,23 +106,39 @@ def _on_failure(sender=None, task_id=None, exception=None, args=None, **_kw) -> 
 def _after_fork(**_kw) -> None:
     for store in _STORES.values():  # never share a parent's DB connections
         store.engine.dispose(close=False)
+    _limit_memory()
+
+
+def _limit_memory() -> None:
+    """``SPRIM_JOB_MEMORY_MB``: RLIMIT_AS of this pool process (see docs/platform.md)."""
+    mb = settings().job_memory_mb
+    if mb:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (mb * 2**20, resource.RLIM_INFINITY))
 
 
 @signals.worker_ready.connect
 def _start_release_loop(**_kw) -> None:
-    """Declare the dead-letter queue; release waiting jobs periodically too (after a restart)."""
+    """Declare the dead-letter queue; sweep dead attempts' work folders; release waiting jobs
+    periodically (after a restart, retry times, lapsed leases)."""
     try:
         with app.connection_for_write() as conn:
             dead_letter_queue()(conn.default_channel).declare()
     except Exception:
         log.exception("event=dead_letter_declare_failed")
 
+    def tick() -> None:
+        try:
+            jobs.sweep_work()
+            jobs.release(disp=DISPATCHER)
+        except Exception as e:  # noqa: BLE001  (store or broker outage: next tick)
+            log.warning("event=release_loop_error error=%s", type(e).__name__)
+
     def loop() -> None:
         stop = threading.Event()
+        tick()
         while not stop.wait(max(1.0, settings().release_interval_s)):
-            try:
-                jobs.release(disp=DISPATCHER)
-            except Exception:
-                log.exception("event=release_loop_error")
+            tick()
 
     threading.Thread(target=loop, name="sprim-release", daemon=True).start()

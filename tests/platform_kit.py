@@ -30,6 +30,8 @@ class TouchParams(BaseModel, frozen=True, extra="forbid"):
     sleep_s: float = Field(0.0, ge=0.0, description="Seconds to sleep (simulates work).")
     label: str = Field("TEST", description="Goes into the output description.")
     fail: bool = Field(False, description="Raise a StepError (deterministic failure).")
+    crash: bool = Field(False, description="Raise a KeyError (a bug inside a step).")
+    alloc_mb: int = Field(0, ge=0, description="Allocate and touch this many MB (memory tests).")
 
 
 @step("test.touch", version="1.0.0", params=TouchParams, produces="series")
@@ -37,6 +39,10 @@ def touch(volume: Volume, params: TouchParams) -> ImageSeries:
     """Test step: sleep a little, return the input as a derived axial series."""
     if params.fail:
         raise StepError("refused on purpose (test)")
+    if params.crash:
+        raise KeyError("not-a-parameter")
+    if params.alloc_mb:
+        np.ones(params.alloc_mb * 2**20, dtype=np.uint8)
     if params.sleep_s:
         time.sleep(params.sleep_s)
     return ImageSeries(description=f"{params.label}", image=sitk.Image(volume.image), plane="axial")

@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from typing import Protocol
 
-from workers.jobstore import Job, JobStore, open_store
+from workers.jobstore import Job, JobStore, StoreUnavailable
 
 log = logging.getLogger("sprim.jobs")
 
@@ -25,12 +25,12 @@ class Dispatcher(Protocol):
     def send_route(self, study_uid: str, seq: int, rules: list[str], delay_s: float) -> None:
         """Run ``route_due(study_uid, seq, rules)`` after ``delay_s`` seconds."""
 
-    def send_retry(self, job: Job, delay_s: float) -> None:
-        """Run ``execute_job(job.id)`` again after ``delay_s`` (transient archive error)."""
+    def send_retry(self, job: Job | None, delay_s: float) -> None:
+        """Release waiting jobs again after ``delay_s`` (a job's retry time comes)."""
 
 
 class RetryLater(Exception):
-    """A transient archive error: run the job again after ``delay_s``."""
+    """Kept for callers of earlier versions: jobs now wait in the store (``not_before``)."""
 
     def __init__(self, job_id: int, delay_s: float, cause: Exception) -> None:
         super().__init__(f"job {job_id}: retry in {delay_s:.0f}s: {cause}")
@@ -41,15 +41,20 @@ class InProcessDispatcher:
     """Embedded default: runs jobs in this process, one at a time, in submission order.
 
     ``background=False`` (CLI) runs them before ``send_*`` returns (re-entrant calls queue up);
-    ``background=True`` runs them in a daemon thread. Delays use timers.
+    ``background=True`` runs them in a daemon thread. Delays use timers. :meth:`start` (long
+    running embedded services) recovers what a previous process left and releases periodically.
     """
 
     def __init__(self, store: JobStore | None = None, *, background: bool = False) -> None:
+        from workers.jobs import process_tag
+
         self.store = store
         self.background = background
+        self.ident = process_tag("p")  # jobs dispatched here die with this process
         self._queue: deque = deque()
         self._lock = threading.Lock()
         self._draining = False
+        self._loop: threading.Thread | None = None
 
     def _push(self, fn, *args) -> None:
         with self._lock:
@@ -63,6 +68,8 @@ class InProcessDispatcher:
             self._drain()
 
     def _drain(self) -> None:
+        from workers.jobs import CompletionPending, execute_job, record_final
+
         while True:
             with self._lock:
                 if not self._queue:
@@ -71,24 +78,29 @@ class InProcessDispatcher:
                 fn, args = self._queue.popleft()
             try:
                 fn(*args)
-            except RetryLater as e:
-                job = (self.store or open_store()).get(e.job_id)
-                if job is not None:
-                    self.send_retry(job, e.delay_s)
+            except CompletionPending as e:  # kept in memory; the lease covers a crash meanwhile
+                self._later(5.0, record_final, e.job_id, e.final, self.store, self)
+            except StoreUnavailable:
+                if fn is execute_job:
+                    self._later(5.0, fn, *args)
+                log.warning("event=inprocess_store_unreachable")
             except Exception:
                 log.exception("event=inprocess_error")
+
+    def _later(self, delay_s: float, fn, *args) -> None:
+        t = threading.Timer(delay_s, self._push, args=(fn, *args))
+        t.daemon = True
+        t.start()
 
     def send_job(self, job: Job) -> None:
         from workers.jobs import execute_job
 
         self._push(execute_job, job.id, self.store, self)
 
-    def send_retry(self, job: Job, delay_s: float) -> None:
-        from workers.jobs import execute_job
+    def send_retry(self, job: Job | None, delay_s: float) -> None:
+        from workers.jobs import release
 
-        t = threading.Timer(delay_s, self._push, args=(execute_job, job.id, self.store, self))
-        t.daemon = True
-        t.start()
+        self._later(max(0.0, delay_s), release, self.store, self)
 
     def send_route(self, study_uid: str, seq: int, rules: list[str], delay_s: float) -> None:
         from workers.jobs import route_due
@@ -97,9 +109,32 @@ class InProcessDispatcher:
         if delay_s <= 0:
             self._push(*args)
             return
-        t = threading.Timer(delay_s, self._push, args=args)
-        t.daemon = True
-        t.start()
+        self._later(delay_s, *args)
+
+    def start(self) -> None:
+        """Recover (work folders, jobs of a previous process), then release every
+        ``SPRIM_RELEASE_INTERVAL_S`` (retry times, lapsed leases) in a daemon thread."""
+        from workers.config import settings
+        from workers.jobs import release, sweep_work
+
+        if self._loop is not None:
+            return
+
+        def tick() -> None:
+            try:
+                sweep_work(self.store)
+                release(self.store, self)
+            except Exception as e:  # noqa: BLE001  (store outage: next tick)
+                log.warning("event=release_loop_error error=%s", type(e).__name__)
+
+        def loop() -> None:
+            stop = threading.Event()
+            while not stop.wait(max(1.0, settings().release_interval_s)):
+                tick()
+
+        tick()
+        self._loop = threading.Thread(target=loop, name="sprim-release", daemon=True)
+        self._loop.start()
 
 
 _default_dispatcher: Dispatcher | None = None

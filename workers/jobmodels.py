@@ -37,6 +37,14 @@ class JobRow(Base):
     outputs: Mapped[list] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text)
     context: Mapped[dict] = mapped_column(JSON, default=dict)
+    # the attempt running the job holds a lease its worker renews (see workers/jobs.py)
+    lease_owner: Mapped[str | None] = mapped_column(String(160))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    dispatched_to: Mapped[str | None] = mapped_column(String(160))
+    not_before: Mapped[float | None] = mapped_column(Float)
+    worker_losses: Mapped[int] = mapped_column(Integer, default=0)
+    last_step: Mapped[str | None] = mapped_column(String(128))
+    peak_rss_mb: Mapped[float | None] = mapped_column(Float)
 
 
 class AuditRow(Base):

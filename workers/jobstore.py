@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    and_,
     case,
     create_engine,
     event,
@@ -31,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import sessionmaker
 
@@ -39,12 +41,15 @@ from workers.jobmodels import AuditRow, JobRow, LockRow, StudyRow
 from workers.phi import stored_series
 
 __all__ = [
-    "ACTIVE", "STATES", "Audit", "AuditRow", "Job", "JobRow", "JobStore", "LockRow", "StudyRow",
-    "default_url", "open_store",
+    "ACTIVE", "FINAL", "STATES", "Audit", "AuditRow", "Job", "JobRow", "JobStore", "LockRow",
+    "StoreUnavailable", "StudyRow", "default_url", "is_outage", "open_store", "retrying",
 ]  # fmt: skip
 
-STATES = ("queued", "running", "done", "failed", "cancelled", "no_match")
+log = logging.getLogger("sprim.jobs")
+
+STATES = ("queued", "running", "done", "partial", "failed", "cancelled", "no_match")
 ACTIVE = ("queued", "running")
+FINAL = ("done", "partial", "failed", "cancelled", "no_match")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,13 @@ class Job:
     outputs: list = field(default_factory=list)
     error: str | None = None
     context: dict = field(default_factory=dict)
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    dispatched_to: str | None = None
+    not_before: float | None = None
+    worker_losses: int = 0
+    last_step: str | None = None
+    peak_rss_mb: float | None = None
 
     @classmethod
     def of(cls, row: JobRow) -> Job:
@@ -109,7 +121,9 @@ class JobStore:
         if url.startswith("sqlite"):
             kw["connect_args"] = {"timeout": 60, "check_same_thread": False}
         else:
+            # an unreachable server fails fast and the caller's retry decides how long to wait
             kw["pool_pre_ping"] = True
+            kw["connect_args"] = {"connect_timeout": 5}
         self.engine = create_engine(url, **kw)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -201,12 +215,14 @@ class JobStore:
         to_state: str,
         *,
         expect: Iterable[str] | None = None,
+        where: dict[str, Any] | None = None,
         actor: str = "",
         detail: str = "",
         **values: Any,
     ) -> Job | None:
         """Atomically move a job to ``to_state`` if its state is in ``expect``; audit it.
 
+        ``where``: columns that must also hold these values (e.g. the attempt's lease owner).
         Returns the updated job, or None when the job is missing or in another state.
         """
         now = time.time()
@@ -214,6 +230,8 @@ class JobStore:
             q = select(JobRow).where(JobRow.id == int(job_id)).with_for_update()
             row = s.scalars(q).first()
             if row is None or (expect is not None and row.state not in tuple(expect)):
+                return None
+            if any(getattr(row, k) != v for k, v in (where or {}).items()):
                 return None
             before = row.state
             row.state, row.updated_at = to_state, now
@@ -223,6 +241,39 @@ class JobStore:
                            to_state=to_state, actor=actor, detail=detail[:2000]))  # fmt: skip
             s.flush()
             return Job.of(row)
+
+    # -- leases --------------------------------------------------------------------------------
+    def renew_lease(self, job_id: int, owner: str, until: float, **values: Any) -> bool:
+        """Extend the lease of the attempt ``owner`` (and record ``values``); False if it lost it."""
+        with self.Session.begin() as s:
+            n = s.execute(
+                update(JobRow)
+                .where(JobRow.id == int(job_id), JobRow.state == "running",
+                       JobRow.lease_owner == owner)
+                .values(lease_expires_at=until, **values)
+            ).rowcount  # fmt: skip
+        return bool(n)
+
+    def lapsed(self, now: float, dead_owners: Callable[[str], bool]) -> list[Job]:
+        """Running jobs whose lease expired or whose owner is known dead; queued jobs dispatched
+        to an in-process queue that is known dead (its process ended)."""
+        with self.Session() as s:
+            rows = s.scalars(
+                select(JobRow).where(
+                    or_(JobRow.state == "running",
+                        and_(JobRow.state == "queued", JobRow.dispatched_at.is_not(None),
+                             JobRow.dispatched_to.is_not(None)))
+                )
+            ).all()  # fmt: skip
+            out = []
+            for r in rows:
+                if r.state == "running":
+                    expired = r.lease_expires_at is not None and r.lease_expires_at < now
+                    if expired or (r.lease_owner and dead_owners(r.lease_owner)):
+                        out.append(Job.of(r))
+                elif dead_owners(r.dispatched_to or ""):
+                    out.append(Job.of(r))
+            return out
 
     # -- audit ---------------------------------------------------------------------------------
     def audit(
@@ -278,10 +329,15 @@ class JobStore:
             return list(s.scalars(select(StudyRow).order_by(StudyRow.last_change_at).limit(limit)))
 
     # -- fair release --------------------------------------------------------------------------
-    def release(self, capacity: int, send: Callable[[Job], None]) -> list[Job]:
+    def release(
+        self, capacity: int, send: Callable[[Job], None], to: str | None = None
+    ) -> list[Job]:
         """Hand waiting jobs to ``send`` until ``capacity`` jobs are in flight; return them.
 
-        In flight = running, or queued and already dispatched. Order: priority (urgent first),
+        ``to`` names the dispatcher (an in-process queue dies with its process: see
+        :meth:`lapsed`). A job waiting for its retry time (``not_before``) is neither in flight
+        nor released before that time. In flight = running, or queued and already dispatched.
+        Order: priority (urgent first),
         then round-robin across institutions (rank of the job within its institution, then the
         institution served least recently), then age. ``send`` is called after the commit; a
         failed send makes the job wait again.
@@ -316,7 +372,11 @@ class JobStore:
             )
             waiting = (
                 select(JobRow.id, JobRow.priority, JobRow.institution, rank.label("rn"))
-                .where(JobRow.state == "queued", JobRow.dispatched_at.is_(None))
+                .where(
+                    JobRow.state == "queued",
+                    JobRow.dispatched_at.is_(None),
+                    or_(JobRow.not_before.is_(None), JobRow.not_before <= now),
+                )
                 .subquery()
             )
             q = (
@@ -334,7 +394,9 @@ class JobStore:
             ids = list(s.scalars(q))
             if not ids:
                 return []
-            s.execute(update(JobRow).where(JobRow.id.in_(ids)).values(dispatched_at=now))
+            s.execute(
+                update(JobRow).where(JobRow.id.in_(ids)).values(dispatched_at=now, dispatched_to=to)
+            )
             rows = s.scalars(select(JobRow).where(JobRow.id.in_(ids))).all()
             order = {j: i for i, j in enumerate(ids)}
             jobs = sorted((Job.of(r) for r in rows), key=lambda j: order[j.id])
@@ -348,6 +410,42 @@ class JobStore:
                     s.execute(update(JobRow).where(JobRow.id == job.id).values(dispatched_at=None))
                 raise
         return sent
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store stayed unreachable for the whole retry budget."""
+
+
+def is_outage(e: BaseException) -> bool:
+    """A database error that may pass (server down, connection lost, SQLite busy)."""
+    if isinstance(e, DBAPIError) and e.connection_invalidated:
+        return True
+    return isinstance(e, OperationalError | InterfaceError)
+
+
+def retrying(fn: Callable[..., Any], *args: Any, budget_s: float | None = None, **kw: Any) -> Any:
+    """``fn(*args, **kw)``, retried with backoff (0.25 s doubling to 5 s) while the store is
+    unreachable, for at most ``budget_s`` (default ``SPRIM_STORE_RETRY_S``); then
+    :class:`StoreUnavailable`. Other errors propagate at once."""
+    if budget_s is None:
+        from workers.config import settings
+
+        budget_s = settings().store_retry_s
+    deadline = time.monotonic() + budget_s
+    delay = 0.25
+    while True:
+        try:
+            return fn(*args, **kw)
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailable(
+                    f"job store unreachable for {budget_s:.0f} s ({type(e).__name__})"
+                ) from e
+            log.warning("event=store_unreachable retry_in=%.2f error=%s", delay, type(e).__name__)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _rec: Any) -> None:
@@ -378,7 +476,7 @@ def open_store(url: str | None = None) -> JobStore:
 
 
 #: Errors that mean "the job store cannot answer now" (down, unreachable, pool exhausted).
-UNREACHABLE = (DBAPIError, SQLAlchemyTimeoutError)
+UNREACHABLE = (DBAPIError, SQLAlchemyTimeoutError, StoreUnavailable)
 
 
 def unreachable(exc: BaseException, url: str | None = None) -> str:
@@ -390,7 +488,7 @@ def unreachable(exc: BaseException, url: str | None = None) -> str:
         where = make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001  (a malformed URL is still worth naming, without secrets)
         where = url.split("@")[-1]
-    cause = exc.__cause__ or exc
+    cause = exc.__cause__ if isinstance(exc, StoreUnavailable) and exc.__cause__ else exc
     reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()
     short = (reason[0] if reason else type(exc).__name__).removeprefix("connection failed: ")
     return f"job store unreachable at {where}: {short[:200]}"

@@ -7,6 +7,7 @@ Load, fairness across institutions, priorities, SIGKILL mid-job. Jobs run the re
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -163,8 +164,7 @@ def test_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(platform, wo
     store = _store()
     [st] = _studies(platform, 1, "SITE KILL", desc="SLOW")
     [job] = _submit(platform, st)
-    _wait(lambda: store.get(job.id).state == "running", 30, "slow job running")
-    time.sleep(0.5)  # mid-step
+    _wait(lambda: store.get(job.id).last_step == "test.touch", 30, "slow job in its step")
     platform.kill(worker)  # SIGKILL the whole worker (main process and pool children)
     assert store.get(job.id).state == "running"
     platform.start_worker("w2", concurrency=2)
@@ -185,8 +185,12 @@ def test_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(platform, wo
     files = [p for p in Path(platform.archive, st, series_uid).glob("*.dcm")]
     assert len(files) == 2
     assert set(_output_files(platform).values()) == {1}
-    trail = [a.to_state for a in store.audit_trail(job_id=job.id) if a.event == "state"]
-    assert trail == ["running", "running", "done"]
+    trail = [(a.to_state, a.detail) for a in store.audit_trail(job_id=job.id) if a.event == "state"]
+    assert [t for t, _ in trail] == ["running", "queued", "running", "done"]
+    assert trail[1][1].startswith("worker lost (worker ")  # the cause of attempt 2, with backoff
+    assert re.search(r"last step test.touch, peak RSS \d+ MB\); retry in", trail[1][1]), trail[1][1]
+    assert trail[2][1].startswith("attempt 2 after: worker lost")
+    assert not list((platform.tmp / "home" / "work").glob(f"job-{job.id}-*"))  # swept
 
 
 def test_pool_child_killed_mid_job_is_redelivered(platform):

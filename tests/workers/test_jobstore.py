@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import threading
 import time
 
 from tests.platform_kit import write_study
+from workers.jobmodels import JobRow
 
 
 def _job(store, inst="A", prio=1, **kw):
@@ -19,7 +23,7 @@ def test_migrations_are_idempotent_and_reach_head(store):
     with store.engine.connect() as c:
         from sqlalchemy import text
 
-        assert c.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert c.execute(text("select version_num from alembic_version")).scalar() == "0002"
 
 
 def test_state_machine_and_audit_trail(store):
@@ -155,7 +159,7 @@ def test_transient_archive_errors_retry_with_backoff_then_fail(sprim_env, store_
     from workers import jobs
     from workers.archive import ArchiveError
     from workers.config import settings
-    from workers.jobstore import open_store
+    from workers.jobstore import JobRow, open_store
 
     class Down:
         name = "down"
@@ -171,14 +175,18 @@ def test_transient_archive_errors_retry_with_backoff_then_fail(sprim_env, store_
                          steps=[{"use": "test.touch"}])  # fmt: skip
     delays = []
     for _ in range(4):
-        try:
-            jobs.execute_job(j.id, store)
-        except jobs.RetryLater as e:
-            delays.append(e.delay_s)
-    assert delays == [2.0, 4.0, 8.0, 16.0]
-    assert store.get(j.id).state == "queued"
+        out = jobs.execute_job(j.id, store)
+        assert out.state == "queued" and out.dispatched_at is None  # its slot is given back
+        assert out.error.startswith("archive transient error: connection refused")
+        delays.append(round(out.not_before - out.updated_at))
+        assert jobs.execute_job(j.id, store).attempts == out.attempts  # not before its time
+        with store.Session.begin() as s:  # its retry time comes
+            s.get(JobRow, j.id).not_before = time.time() - 1
+    assert delays == [2, 4, 8, 16]
     out = jobs.execute_job(j.id, store)
     assert out.state == "failed" and "after 5 attempts" in out.error
+    trail = [a.detail for a in store.audit_trail(job_id=j.id) if a.to_state == "running"]
+    assert trail[1].startswith("attempt 2 after: archive transient error: connection refused")
 
 
 def test_late_series_retriggers_after_quiet_period(sprim_env, store_url):
@@ -245,3 +253,227 @@ def test_destinations_send_outputs_of_an_institution_to_its_archive(
     out_uid = done.outputs[0]["series_uid"]
     assert len(list((regional / st / out_uid).glob("*.dcm"))) == 3
     assert not (sprim_env / "archive" / st / out_uid).exists()
+
+
+# -- leases, retry times, poison jobs, work folders (issue 11) -------------------------------
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _running(store, job, owner: str, lease_in: float, **kw):
+    return store.transition(job.id, "running", expect=("queued",), attempts=job.attempts + 1,
+                            lease_owner=owner, lease_expires_at=time.time() + lease_in, **kw)  # fmt: skip
+
+
+def test_lapsed_lease_requeues_with_backoff_then_fails_as_poison(sprim_env, store_url):
+    from workers import jobs
+    from workers.jobstore import open_store
+
+    store = open_store(store_url)
+    j = _job(store, rule="r")
+    for n in (1, 2):
+        _running(store, store.get(j.id), "w:elsewhere:1:1:abc", -1, last_step="segment.bone",
+                 peak_rss_mb=1234.4)  # fmt: skip
+        assert jobs.recover(store, _NoDisp()) == 1
+        q = store.get(j.id)
+        assert q.state == "queued" and q.worker_losses == n and q.dispatched_at is None
+        assert round(q.not_before - q.updated_at) == 2 * n  # backoff 2, 4 s
+        assert (
+            q.error
+            == "lease expired (worker elsewhere:1:1:abc, last step segment.bone, peak RSS 1234 MB)"
+        )
+        assert store.release(2, lambda _: None) == []  # waiting for its retry time: no slot
+        with store.Session.begin() as s:
+            s.get(JobRow, j.id).not_before = time.time() - 1
+    _running(store, store.get(j.id), f"w:{socket.gethostname()}:{_dead_pid()}:3:abc", 60,
+             last_step="mesh", peak_rss_mb=2048.0)  # fmt: skip
+    assert jobs.recover(store, _NoDisp()) == 1  # a dead local owner is known at once, lease or not
+    out = store.get(j.id)
+    assert out.state == "failed"
+    assert out.error == "worker lost 3 times (last step mesh, peak RSS 2048 MB)"
+    details = [
+        a.detail for a in store.audit_trail(job_id=j.id, event_="state") if a.to_state != "running"
+    ]
+    assert [d.split(" (")[0] for d in details] == [
+        "lease expired",
+        "lease expired",
+        "worker lost; worker lost 3 times",
+    ]
+
+
+def test_window_is_not_held_by_lapsed_or_backing_off_jobs(sprim_env, store_url):
+    from workers import jobs
+    from workers.jobstore import open_store
+
+    store = open_store(store_url)
+    stuck = [_job(store, "A"), _job(store, "A")]
+    for s_ in stuck:
+        store.transition(s_.id, "running", dispatched_at=time.time(), lease_owner="w:x:1:1:a",
+                         lease_expires_at=time.time() - 1)  # fmt: skip
+    waiting = _job(store, "B")
+    store.transition(waiting.id, "queued", not_before=time.time() + 60)
+    fresh = _job(store, "C")
+    sent = []
+
+    class Disp:
+        ident = None
+
+        def send_job(self, job):
+            sent.append(job.id)
+
+        def send_retry(self, job, delay_s):
+            pass
+
+    jobs.release(store, Disp())
+    assert sent == [
+        fresh.id
+    ]  # the lapsed jobs went back to waiting (their retry time), not the window
+    assert {store.get(s_.id).state for s_ in stuck} == {"queued"}
+
+
+def test_retry_works_on_a_running_job_whose_lease_expired(sprim_env, store_url):
+    from workers.jobstore import open_store
+    from workers.reprocess import BadRequest, retry
+
+    store = open_store(store_url)
+    j = _job(store)
+    _running(store, j, "w:x:1:1:a", 30)
+    try:
+        retry(store, j.id, actor="admin", disp=_NoDisp())
+        raise AssertionError("a live lease must not be retried")
+    except BadRequest as e:
+        assert "lease-expired" in str(e)
+    store.transition(j.id, "running", lease_expires_at=time.time() - 1)
+    out = retry(store, j.id, actor="admin", disp=_NoDisp())
+    assert out.state == "queued" and out.attempts == 0 and out.lease_owner is None
+    assert store.audit_trail(job_id=j.id)[-1].detail == "manual retry (lease expired)"
+
+
+class _NoDisp:
+    ident = None
+
+    def send_job(self, job):
+        pass
+
+    def send_retry(self, job, delay_s):
+        pass
+
+
+def _touch_job(store, sprim_env, steps):
+    from workers.archive.folder import FolderArchive
+    from workers.jobs import archive_spec
+
+    archive = FolderArchive(sprim_env / "archive", name="local")
+    st, se = write_study(sprim_env / "archive" / "in")
+    return store.create_job(rule="t", study_uid=st, series_uid=se, institution="A",
+                            archive=archive_spec(archive), steps=steps)  # fmt: skip
+
+
+def test_partial_job_stores_what_it_could_and_lists_each_failure(sprim_env, store_url, caplog):
+    from workers.jobs import execute_job
+    from workers.jobstore import open_store
+    from workers.reprocess import retry
+
+    store = open_store(store_url)
+    j = _touch_job(store, sprim_env, [
+        {"use": "test.touch", "with": {"label": "GOOD"}},
+        {"use": "test.touch", "with": {"label": "BAD", "fail": True}},
+        {"use": "test.touch", "with": {"label": "BUG", "crash": True}},
+    ])  # fmt: skip
+    out = execute_job(j.id, store)
+    assert out.state == "partial"
+    assert [o["series_description"].split(" [")[0] for o in out.outputs] == ["GOOD"]
+    assert out.error == ("test.touch: refused on purpose (test); "
+                         "test.touch: internal error (KeyError) — see worker log")  # fmt: skip
+    assert "not-a-parameter" in caplog.text  # the traceback went to the log, not to the job
+    again = retry(store, j.id, actor="admin", disp=_NoDisp())
+    assert again.state == "queued"
+    assert execute_job(j.id, store).state == "partial"
+
+
+def test_bad_params_and_bugs_are_classified(sprim_env, store_url):
+    from workers.jobs import execute_job
+    from workers.jobstore import open_store
+
+    store = open_store(store_url)
+    bad = _touch_job(store, sprim_env, [{"use": "test.touch", "with": {"sleep_s": -1}}])
+    out = execute_job(bad.id, store)
+    assert out.state == "failed" and out.error.startswith(
+        "bad job parameters: test.touch: 1 validation"
+    )
+    unknown = _touch_job(store, sprim_env, [{"use": "no.such.step"}])
+    assert execute_job(unknown.id, store).error == "bad job parameters: unknown step 'no.such.step'"
+    bug = _touch_job(store, sprim_env, [{"use": "test.touch", "with": {"crash": True}}])
+    out = execute_job(bug.id, store)
+    assert (
+        out.state == "failed"
+        and out.error == "test.touch: internal error (KeyError) — see worker log"
+    )
+
+
+def test_work_folders_of_dead_attempts_are_swept(sprim_env, store_url):
+    from workers import jobs
+    from workers.config import settings
+    from workers.jobstore import open_store
+
+    store = open_store(store_url)
+    live, dead_, done = _job(store), _job(store), _job(store)
+    _running(store, live, f"w:{socket.gethostname()}:{os.getpid()}:1:a", 60)
+    _running(store, dead_, f"w:{socket.gethostname()}:{_dead_pid()}:1:a", 60)
+    _running(store, done, "w:x:1:1:a", 60)
+    store.transition(done.id, "done")
+    root = settings().work_dir
+    names = [f"job-{live.id}-a1-0a0a", f"job-{live.id}-a0-0b0b", f"job-{dead_.id}-a1-0c0c",
+             f"job-{done.id}-a1-0d0d", "job-999999-0e0e", "unrelated"]  # fmt: skip
+    for n in names:
+        (root / n / "in").mkdir(parents=True)
+        (root / n / "in" / "x.dcm").write_bytes(b"PHI")
+    assert jobs.sweep_work(store) == 4
+    assert sorted(p.name for p in root.iterdir()) == sorted([names[0], "unrelated"])
+
+
+def test_embedded_queue_recovers_after_its_process_died(sprim_env, store_url):
+    """A killed embedded `sprim listen` left a job running and one handed to its dead queue."""
+    from workers import jobs
+    from workers.jobstore import open_store
+
+    store = open_store(store_url)
+    gone = _dead_pid()
+    a = _touch_job(store, sprim_env, [{"use": "test.touch"}])
+    _running(store, a, f"w:{socket.gethostname()}:{gone}:1:a", 60)  # lease still "valid"
+    b = _touch_job(store, sprim_env, [{"use": "test.touch"}])
+    store.transition(
+        b.id, "queued", dispatched_at=time.time(), dispatched_to=f"p:{socket.gethostname()}:{gone}"
+    )
+    c = _touch_job(store, sprim_env, [{"use": "test.touch"}])  # waiting behind a full window
+    with _settings(SPRIM_RETRY_BACKOFF_S="0.1", SPRIM_RELEASE_INTERVAL_S="1"):
+        disp = jobs.InProcessDispatcher(store, background=True)
+        disp.start()
+        deadline = time.monotonic() + 30
+        while {store.get(x.id).state for x in (a, b, c)} != {"done"}:
+            assert time.monotonic() < deadline, [store.get(x.id) for x in (a, b, c)]
+            time.sleep(0.1)
+    assert store.get(a.id).attempts == 2 and store.get(b.id).attempts == 1
+
+
+@contextlib.contextmanager
+def _settings(**env):
+    from workers.config import settings
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    settings.cache_clear()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        settings.cache_clear()
