@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ import SimpleITK as sitk
 from pipelines import ImageSeries, Volume, get_step
 from workers.runner import StepCall, run_steps
 from workers.series import read_series, scan
-from workers.source import SourceSeries
+from workers.source import SeriesError, SourceSeries
 from workers.writers import Provenance, WrittenObject, write_output
 from workers.writers.derived_series import sop_class_for
 
@@ -307,3 +308,42 @@ def test_enhanced_mr_source_gives_valid_classic_mr_images(tmp_path: Path) -> Non
     assert [i.ReferencedSOPInstanceUID for i in ds.SourceImageSequence] == [
         str(source.first.SOPInstanceUID)
     ]
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed")
+def test_pet_source_gives_valid_pet_images_in_its_units(tmp_path: Path) -> None:
+    folder = DATA / "pet-seg-qin" / "PET"
+    if not folder.is_dir():
+        pytest.skip("PET data absent")
+    source = read_series(scan(folder)[0])
+    src = source.first
+    written = _run(source, {"planes": ["coronal"], **THIN}, tmp_path)
+    assert {w.sop_class_uid for w in written} == {
+        pydicom.uid.PositronEmissionTomographyImageStorage
+    }
+    assert [e for w in written[::20] for e in _dciodvfy_errors(w.path)] == []
+    # Values: trilinear source values at each pixel's patient point, in the source's units.
+    (diffs,) = _compare(source, written).values()
+    ds = pydicom.dcmread(written[len(written) // 2].path)
+    assert float(ds.RescaleIntercept) == 0.0  # PET Image requires it
+    assert diffs.size > 1000 and diffs.max() <= float(ds.RescaleSlope) + 1e-6
+    for kw in ("Units", "DecayCorrection", "CountsSource", "SeriesDate", "SeriesTime"):
+        assert ds.get(kw) == src.get(kw), kw  # SeriesTime: the decay correction reference
+    dose = ds.RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose
+    assert dose == src.RadiopharmaceuticalInformationSequence[0].RadionuclideTotalDose
+    assert list(ds.ImageType[:2]) == ["DERIVED", "PRIMARY"]
+    assert ds.NumberOfSlices == len(written) and ds.ImageIndex == len(written) // 2 + 1
+
+
+def test_pet_without_units_is_refused_naming_the_attribute(tmp_path: Path) -> None:
+    folder = DATA / "pet-seg-qin" / "PET"
+    if not folder.is_dir():
+        pytest.skip("PET data absent")
+    source = read_series(scan(folder)[0])
+    first = pydicom.Dataset({t: e for t, e in source.first.items() if t != 0x00541001})
+    broken = dataclasses.replace(source, headers=[first, *source.headers[1:]])
+    step = get_step("reformat.mpr")
+    params = step.validate({"planes": ["axial"], "thickness_mm": 20.0})
+    (out,) = step(source.volume, params)
+    with pytest.raises(SeriesError, match=r"series .*PET WB_0.*: cannot write .*Units is missing"):
+        write_output(out, broken, Provenance("test", step, params), tmp_path)

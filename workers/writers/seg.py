@@ -127,17 +127,23 @@ _REPLACED = frozenset(
 
 
 def seg_sources(headers: list[Dataset], patient_study: Dataset, for_uid: str) -> list[Dataset]:
-    """What highdicom sees of the source images: shallow copies of ``headers`` whose patient and
-    study attributes are the sanitized ones and whose FrameOfReferenceUID is the one chosen for
-    every output (highdicom copies the first header's modules as they are and refuses sources
-    with several frames of reference). The SOP instance references stay the real ones."""
-    out = []
-    for h in headers:
+    """What highdicom sees of the source images: ``headers``, the first one (whose modules
+    highdicom copies as they are) as a shallow copy with the sanitized patient and study
+    attributes, and every one with the FrameOfReferenceUID chosen for all outputs (highdicom
+    refuses sources with several frames of reference). The SOP instance references stay the
+    real ones."""
+
+    def normalised(h: Dataset, first: bool) -> Dataset:
         c = Dataset({tag: elem for tag, elem in h.items() if tag not in _REPLACED})
-        c.update(patient_study)
+        if first:
+            c.update(patient_study)
+        else:
+            c.StudyInstanceUID = patient_study.StudyInstanceUID
         c.FrameOfReferenceUID = for_uid
-        out.append(c)
-    return out
+        return c
+
+    one_frame = all(h.get("FrameOfReferenceUID") == for_uid for h in headers)
+    return [normalised(h, i == 0) if i == 0 or not one_frame else h for i, h in enumerate(headers)]
 
 
 def build_seg(
