@@ -147,7 +147,7 @@ class JobStore:
     def _migration_lock(self):
         """A file lock next to a SQLite database (PostgreSQL uses an advisory lock)."""
         db = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
-        if not db or db == ":memory:":
+        if not db or db == ":memory:" or not Path(db).parent.is_dir():  # SQLite says why
             yield
             return
         import fcntl
