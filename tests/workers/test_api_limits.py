@@ -332,3 +332,14 @@ def test_cli_refuses_malformed_job_ids(sprim_env):
         for bad in ("99999999999999999999999", "-1", "0", "abc"):
             r = CliRunner().invoke(app, ["jobs", cmd, "--", bad])
             assert r.exit_code == 2, (cmd, bad, r.output)  # a usage error, not a lookup
+
+
+def test_cli_names_a_sqlite_store_in_a_missing_folder(tmp_path):
+    url = f"sqlite:///{tmp_path / 'no' / 'such' / 'jobs.db'}"
+    env = {**os.environ, "SPRIM_HOME": str(tmp_path), "SPRIM_JOB_STORE_URL": url}
+    p = subprocess.run([str(VENV_BIN / "sprim"), "jobs", "list"], env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 3 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert (
+        p.stderr.strip() == f"error: job store unreachable at {url}: unable to open database file"
+    )
