@@ -270,8 +270,13 @@ def _frame_geometry(ds: Dataset) -> list[tuple[list[float] | None, list[float] |
     ]
 
 
-def instance_summary(ds: Dataset) -> InstanceSummary:
-    """The routing view of one instance's header (see :mod:`pipelines.rules.attributes`)."""
+def image_order(ds: Dataset) -> tuple[int, str]:
+    """Sort key of the instances of a series: the first image has the least."""
+    return (_int(pixels.value(ds, "InstanceNumber")), str(ds.get("SOPInstanceUID", "")))
+
+
+def image_attributes(ds: Dataset) -> dict[str, Any]:
+    """The image keywords of one instance's header (see :mod:`pipelines.rules.attributes`)."""
     attrs: dict[str, Any] = {}
     for kw in IMAGE_KEYWORDS:
         value = ds.get(kw)
@@ -285,20 +290,28 @@ def instance_summary(ds: Dataset) -> InstanceSummary:
         attrs["ImageType"] = [attrs["ImageType"]]
     if isinstance(attrs.get("PixelSpacing"), float):
         attrs["PixelSpacing"] = [attrs["PixelSpacing"]]
-    order = (_int(pixels.value(ds, "InstanceNumber")), str(ds.get("SOPInstanceUID", "")))
-    return InstanceSummary(order, attrs, _frame_geometry(ds))
+    return attrs
+
+
+def instance_summary(ds: Dataset) -> InstanceSummary:
+    """The routing view of one instance, for an archive's index."""
+    return InstanceSummary(image_order(ds), image_attributes(ds), _frame_geometry(ds))
 
 
 def series_routing(instances: list[InstanceSummary]) -> dict[str, Any]:
-    """Routing attributes of a series: its first image's keywords + derived attributes."""
+    """Routing attributes of a series from its instances' summaries (an archive's index)."""
     first = min(instances, key=lambda i: i.order)
     frames = [f for i in instances for f in i.frames]
     return {**first.attributes, **stack_attributes(len(instances), frames)}
 
 
 def series_attributes(headers: list[Dataset]) -> dict[str, Any]:
-    """Routing attributes of a series from its headers (``pipelines.rules.ROUTING_KEYWORDS``)."""
-    return series_routing([instance_summary(h) for h in headers])
+    """Routing attributes of a series from its headers (``pipelines.rules.ROUTING_KEYWORDS``):
+    the first image's keywords and what every image's geometry gives. Only the first header
+    needs the routing keywords; the others, their order and geometry."""
+    first = min(headers, key=image_order)
+    frames = [f for h in headers for f in _frame_geometry(h)]
+    return {**image_attributes(first), **stack_attributes(len(headers), frames)}
 
 
 def read_series(series: SeriesFiles) -> SourceSeries:

@@ -26,24 +26,27 @@ from pydicom.datadict import tag_for_keyword
 from pipelines.rules.attributes import IMAGE_KEYWORDS
 from workers.archive import ArchiveError
 from workers.archive.multipart import boundary_of, iter_parts, parts_of
-from workers.series import instance_summary, series_routing
+from workers.series import image_order, series_attributes
 
 log = logging.getLogger(__name__)
 
-#: What routing reads of each instance's metadata (DICOM JSON tag -> kept): the declared
-#: keywords, the order of instances and each image's geometry.
-_ROUTING_TAGS = frozenset(
-    f"{tag_for_keyword(kw):08X}"
-    for kw in (
-        *IMAGE_KEYWORDS,
-        "InstanceNumber",
-        "SOPInstanceUID",
-        "ImagePositionPatient",
-        "ImageOrientationPatient",
-        "SharedFunctionalGroupsSequence",
-        "PerFrameFunctionalGroupsSequence",
-    )
+
+def _tags(*keywords: str) -> frozenset[str]:
+    return frozenset(f"{tag_for_keyword(kw):08X}" for kw in keywords)
+
+
+#: What routing reads of every instance's metadata (DICOM JSON tags): order and image geometry.
+_GEOMETRY_TAGS = _tags(
+    "InstanceNumber",
+    "SOPInstanceUID",
+    "NumberOfFrames",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
 )
+#: ... and of the series' first image: the declared keywords too.
+_FIRST_IMAGE_TAGS = _GEOMETRY_TAGS | _tags(*IMAGE_KEYWORDS)
 _FAILED_SOP_SEQ = "00081198"
 _REFERENCED_SOP_SEQ = "00081199"
 _FAILURE_REASON = "00081197"
@@ -65,10 +68,20 @@ def _value(item: dict, tag: str):
     return vals[0] if len(vals) == 1 else list(vals)
 
 
-def _header(item: dict) -> Dataset:
-    """The routing part of one instance's DICOM JSON metadata as a pydicom header."""
-    kept = {tag: v for tag, v in item.items() if tag in _ROUTING_TAGS}
-    return Dataset.from_json(kept, bulk_data_uri_handler=lambda *_: b"")
+def _header(item: dict, tags: frozenset[str]) -> Dataset:
+    """The ``tags`` of one instance's DICOM JSON metadata as a pydicom header.
+
+    Element by element: a value the archive encoded oddly is left out (that attribute is then
+    missing for routing), it does not make the whole study unroutable.
+    """
+    ds = Dataset()
+    for tag, value in item.items():
+        if tag in tags:
+            try:
+                ds.update(Dataset.from_json({tag: value}, bulk_data_uri_handler=lambda *_: b""))
+            except Exception as e:  # noqa: BLE001
+                log.warning("event=metadata_value_skipped tag=%s error=%s", tag, e)
+    return ds
 
 
 def _transient_http(status: int) -> bool:
@@ -154,8 +167,8 @@ class DicomWebArchive:
         """Routing attributes of each series of the study, as ``sprim run`` computes them.
 
         QIDO-RS lists the series; WADO-RS Retrieve Metadata of each series gives every
-        instance's header (no pixels), from which :func:`workers.series.series_routing`
-        derives the attributes. With Orthanc, keep the DICOMweb plugin's ``SeriesMetadata``
+        instance's header (no pixels), from which :func:`workers.series.series_attributes`
+        derives the attributes, as for files. With Orthanc, keep the DICOMweb plugin's ``SeriesMetadata``
         at ``Full`` (its default): ``MainDicomTags`` leaves out most routing keywords.
         """
         try:
@@ -168,8 +181,12 @@ class DicomWebArchive:
         for item in found:
             series_uid = _value(item, "0020000E")
             instances = self._series_metadata(study_uid, str(series_uid))
-            if instances:  # none: deleted since the search
-                out.append(series_routing([instance_summary(_header(m)) for m in instances]))
+            if not instances:  # deleted since the search
+                continue
+            headers = [_header(m, _GEOMETRY_TAGS) for m in instances]
+            first = min(range(len(headers)), key=lambda i: image_order(headers[i]))
+            headers[first] = _header(instances[first], _FIRST_IMAGE_TAGS)
+            out.append(series_attributes(headers))
         return out
 
     def _series_metadata(self, study_uid: str, series_uid: str) -> list[dict]:
