@@ -122,6 +122,26 @@ def _by_number(rows: list[dict]) -> dict[int, dict]:
     return {int(r["SeriesNumber"]) - 201: r for r in rows}
 
 
+def _through_listener(paths, tmp_path) -> FolderArchive:
+    """Send the study to ``sprim listen``'s C-STORE SCP; its store, as jobs read it."""
+    from pynetdicom import AE
+
+    from workers.listener import Listener, ListenerStore
+
+    files = [p for ps in paths for p in ps]
+    ae = AE("MODALITY")
+    for cx in {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in files}:
+        ae.add_requested_context(cx, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    store = ListenerStore(tmp_path / "listener")
+    with Listener(store, port=0, allowed_aets=["MODALITY"]) as lst:
+        assoc = ae.associate("127.0.0.1", lst.port, ae_title="SPRIM")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(p).Status) for p in files]
+        assoc.release()
+    assert statuses == [0] * len(files)
+    return FolderArchive(store.root, name="listen:SPRIM")
+
+
 def _picked(ruleset, rows) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {r.name: set() for r in ruleset.rules}
     for m in route(ruleset, rows):
@@ -129,22 +149,26 @@ def _picked(ruleset, rows) -> dict[str, set[int]]:
     return out
 
 
-def test_rules_on_every_keyword_fire_alike_from_folder_listener_store_and_orthanc(study, orthanc):
+def test_rules_on_every_keyword_fire_alike_from_folder_listener_store_and_orthanc(
+    study, orthanc, tmp_path
+):
     uid, folder, paths = study
     rules = load_rules(EVERY_KEYWORD, name="every-keyword.yaml")
     touched = {c.key for r in rules.rules for c in r.match + r.where}
     assert touched == set(ROUTING_KEYWORDS)
 
     run_rows = [s.attributes for s in scan(folder)]  # sprim run / rules explain
-    folder_rows = FolderArchive(folder).series_of_study(uid)  # embedded archive, listener store
+    folder_rows = FolderArchive(folder).series_of_study(uid)  # the embedded archive
+    store_rows = _through_listener(paths, tmp_path).series_of_study(uid)
     web = DicomWebArchive(orthanc.dicomweb_url)
     web.store([p for ps in paths for p in ps])  # STOW-RS: storescu lacks the enhanced classes
     web_rows = web.series_of_study(uid)
 
-    assert len(run_rows) == len(folder_rows) == len(web_rows) == 7
+    assert len(run_rows) == len(folder_rows) == len(store_rows) == len(web_rows) == 7
     assert _by_number(folder_rows) == _by_number(run_rows)
+    assert _by_number(store_rows) == _by_number(run_rows)
     assert _by_number(web_rows) == _by_number(run_rows)
-    for rows in (run_rows, folder_rows, web_rows):
+    for rows in (run_rows, folder_rows, store_rows, web_rows):
         assert _picked(rules, rows) == EXPECTED
     # explain agrees too, reason by reason
 
@@ -273,3 +297,19 @@ def test_an_enhanced_3d_mr_in_orthanc_is_routed_fetched_reformatted_and_stored(
     made = {w.series_uid for w in report.written}
     assert made <= set(stored) and len(made) == 3
     assert _planes(stored[u]["SeriesDescription"] for u in made) == {"AX", "COR", "SAG"}
+
+
+def test_an_oddly_encoded_metadata_value_is_left_out_not_fatal(caplog):
+    from workers.archive.dicomweb import _FIRST_IMAGE_TAGS, _header
+
+    ds = _header(
+        {
+            "00200013": {"vr": "IS", "Value": ["x1"]},  # InstanceNumber not a number
+            "00080060": {"vr": "CS", "Value": ["CT"]},
+            "00280030": {"vr": "DS", "Value": [0.5, 0.5]},
+            "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Not^Kept"}]},  # not routing
+        },
+        _FIRST_IMAGE_TAGS,
+    )
+    assert [e.keyword for e in ds] == ["Modality", "PixelSpacing"]
+    assert "tag=00200013" in caplog.text
