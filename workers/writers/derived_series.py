@@ -1,17 +1,18 @@
 """Writer of derived image series (output kind ``series``): MPR planes, slabs, projections.
 
-IOD choice (DESIGN §5): CT sources (classic, enhanced or legacy-converted) give classic
-**CT Image Storage**, MR sources **MR Image Storage** (the classic IODs every PACS viewer
-reformats and hangs); any other modality (PT, NM, ...) gives **Secondary Capture Image
-Storage** (its geometry attributes are kept for viewers, the PET/NM IODs need acquisition
-modules a reformat cannot honestly fill).
+IOD choice: CT sources (classic, enhanced or legacy-converted) give classic **CT Image
+Storage**, MR sources **MR Image Storage**, PET sources **PET Image Storage** (the classic IODs
+every PACS viewer reformats and hangs; PET keeps its units, tracer and decay-correction
+reference, see ``_pet``); any other modality (NM, ...) gives **Secondary Capture Image
+Storage** (its geometry attributes are kept for viewers).
 
 ImageType is ``DERIVED\\SECONDARY\\AXIAL`` for CT (AXIAL is the defined term for any
-cross-sectional CT image; LOCALIZER is the only other one) and ``DERIVED\\SECONDARY\\OTHER``
-otherwise, with a 4th value ``MIP`` or ``MINIP`` for projections (dciodvfy knows no defined
-terms for CT value 4 and warns about any). Pixels are written as signed 16-bit: int16 volumes
+cross-sectional CT image; LOCALIZER is the only other one), ``DERIVED\\PRIMARY`` for PET (the
+only value 2 its IOD allows) and ``DERIVED\\SECONDARY\\OTHER`` otherwise, with a 4th value
+``MIP`` or ``MINIP`` for CT/MR projections (dciodvfy knows no defined terms for CT value 4 and
+warns about any). Pixels are written as signed 16-bit: int16 volumes
 (CT in HU) as they are with RescaleSlope 1 / RescaleIntercept 0 (RescaleType HU for CT);
-float volumes are scaled into int16 with a RescaleSlope/Intercept.
+float volumes are scaled into int16 with a RescaleSlope/Intercept (PET: a slope alone).
 
 A rotating projection (``ImageSeries.slice_geometry``) is written as an ordered series, one
 instance per view with its own ImagePositionPatient / ImageOrientationPatient; single-frame CT/MR

@@ -2,7 +2,7 @@
 
 A derived series shares almost every attribute between its instances: encode those once with
 pydicom (``encode``), then build each file from bytes (``element``, ``sequence``, ``item``,
-``meta_encoder``) instead of serialising a Dataset per slice (DESIGN §6: pydicom 0.61 s for 256
+``meta_encoder``) instead of serialising a Dataset per slice (pydicom 0.61 s for 256
 slices, raw bytes 0.035 s). Callers keep elements in ascending tag order.
 """
 
