@@ -179,3 +179,20 @@ def test_repairs_are_returned_as_new_elements() -> None:
     defect, fixed = check_element(DataElement(0x00101010, "AS", "3 M"), "PatientAge")
     assert defect is None and fixed.value == "003M"
     assert check_element(DataElement(0x00101010, "AS", "045Y"), "PatientAge") == (None, None)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_malformed_numbers_as_read_from_a_file() -> None:
+    ds = _source(PatientSize="1.80", AcquisitionNumber="15", PatientWeight="70")
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=True)
+    raw = buf.getvalue().replace(b"1.80", b"1,80").replace(b"15", b"1X").replace(b"70", b"7e")
+    src = pydicom.dcmread(io.BytesIO(raw), force=True)
+    dst, notes = Dataset(), []
+    copy_checked(src, dst, ("PatientSize", "AcquisitionNumber", "PatientWeight"), notes)
+    assert dst.AcquisitionNumber == "" and "PatientSize" not in dst and "PatientWeight" not in dst
+    assert notes == [
+        "PatientSize '1,80' is not a decimal number (DS): left out",
+        "AcquisitionNumber '1X' is not an integer (IS): written empty",
+        "PatientWeight '7e' is not a decimal number (DS): left out",
+    ]
