@@ -313,3 +313,24 @@ def test_an_oddly_encoded_metadata_value_is_left_out_not_fatal(caplog):
     )
     assert [e.keyword for e in ds] == ["Modality", "PixelSpacing"]
     assert "tag=00200013" in caplog.text
+
+
+def test_sprim_run_gives_an_enhanced_ct_every_default_ct_output(tmp_path):
+    from workers.run import plan_rules, run
+
+    enh_ct = rk.enhanced_ct()
+    enh_ct.BodyPartExamined = "CHEST"
+    rk.write_study([[enh_ct]], tmp_path / "in", "enh-ct")
+    summary = run([tmp_path / "in"], tmp_path / "out", plan_fn=plan_rules(None))
+    assert {(j.rule, j.state) for j in summary.jobs} == {
+        ("ct-volume-mpr", "done"), ("ct-chest-lungs", "done"), ("ct-bone-3d", "done")
+    }  # fmt: skip
+    outputs = {o["series_uid"]: o for j in summary.jobs for s in j.steps for o in s["outputs"]}
+    kinds = sorted(o["series_description"].split(" [")[0] for o in outputs.values())
+    assert kinds == [
+        "AX 3mm AVG", "COR 3mm AVG", "MIP 36x10deg", "SAG 3mm AVG", "SEG Body", "SEG Bone",
+        "SEG Lungs", "SR volumes Body", "SR volumes Bone", "SR volumes Lungs", "STL 3D Bone",
+        "STL 3D Lungs",
+    ]  # fmt: skip
+    for o in outputs.values():
+        assert _dciodvfy_errors(o["path"]) == [], o["series_description"]
