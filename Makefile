@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export TCP_NODELAY := 1
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test lint bench conformance sysdeps services benchdeps venv clean
+.PHONY: demo test lint bench fuzz conformance sysdeps services benchdeps venv clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -51,6 +51,11 @@ lint: venv
 
 test: venv services lint
 	$(BIN)/pytest -q -rs
+
+# The whole mutation corpus through `sprim run` (docs/dicom.md, "Mutation corpus"): prints and
+# writes the outcome table (.sprim/fuzz/table.md, results.json); exits 1 on any wrong outcome.
+fuzz: venv
+	$(BIN)/python -m tests.mutations --out .sprim/fuzz
 
 # Every shared series and the quirk copies through the default rules, dciodvfy on each output
 # (docs/dicom.md, "Real-world conformance"); then the table of that section regenerated.

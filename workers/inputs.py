@@ -149,7 +149,7 @@ class InputWalk:
             try:
                 total = _stream(zf, m, target, total, max_bytes, cfg.zip_max_ratio)
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError) as e:
-                uid = _series_uid_of(target)
+                uid = series_uid_of(target)
                 target.unlink(missing_ok=True)
                 self.skip(label, f"corrupt zip member ({_short(e)})", uid)
                 continue
@@ -237,7 +237,7 @@ def why_unreadable(path: Path) -> str:
     return "DICOM file without SOPClassUID or SeriesInstanceUID"
 
 
-def _series_uid_of(path: Path) -> str:
+def series_uid_of(path: Path) -> str:
     """SeriesInstanceUID (0020,000E) of a damaged file, by byte search ('' if not found)."""
     try:
         with open(path, "rb") as f:

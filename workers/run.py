@@ -138,7 +138,7 @@ def run(
             )
         jobs, summary.unmatched = plan_fn(found)
         for job in jobs:
-            summary.jobs.append(_run_one(job, out_dir, progress, skipped))
+            summary.jobs.append(_run_one(job, out_dir, progress))
     except Exception as e:  # noqa: BLE001  the summary must say what happened, not a traceback
         log.exception("sprim run failed")
         summary.error = f"internal error ({type(e).__name__}); details in {out_dir / LOG_FILE}"
@@ -163,21 +163,7 @@ def _unlog(handler: logging.Handler) -> None:
     handler.close()
 
 
-def _incomplete(job: PlannedJob, skipped: list[Skipped]) -> str:
-    """Refusal of a series some of whose files could not be read ('' if none)."""
-    uid = job.series.attributes.get("SeriesInstanceUID")
-    lost = [s for s in skipped if s.series_uid and s.series_uid == uid]
-    if not lost:
-        return ""
-    return (
-        f"{job.series.name}: {len(lost)} file(s) of this series could not be read "
-        f"({lost[0].path}: {lost[0].reason}); refused rather than built without them"
-    )
-
-
-def _run_one(
-    job: PlannedJob, out_dir: Path, progress, skipped: Sequence[Skipped] = ()
-) -> JobResult:
+def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
     a = job.series.attributes
     res = JobResult(
         job.rule,
@@ -191,8 +177,6 @@ def _run_one(
     try:
         if progress:
             progress(f"reading {res.series_description}")
-        if incomplete := _incomplete(job, list(skipped)):
-            raise SeriesError(incomplete)
         source = read_series(job.series)
         res.notes = list(source.notes)
         report = run_steps(
@@ -201,6 +185,8 @@ def _run_one(
         res.failures = [asdict(f) for f in report.failures]
         res.error = "; ".join(str(f) for f in report.failures)
         res.state = "done" if report.complete else "partial" if report.written else "failed"
+        # What the writers changed in copied source attributes, each sentence once.
+        res.notes = list(dict.fromkeys(res.notes + [n for w in report.written for n in w.notes]))
         res.steps = [
             {
                 "step": s.name,

@@ -158,6 +158,10 @@ def judge(
             )[:300]
         if code == 1 and got_reason:
             return "refused with a reason", " | ".join(reasons)[:300]
+        unmatched = summary.get("unmatched", [])
+        if code == 0 and not jobs and unmatched and all(u.get("reason") for u in unmatched):
+            # The rules did not take the damaged series (e.g. no longer one stack): said, not silent.
+            return "refused with a reason", "not selected: " + unmatched[0]["reason"][:280]
         return "silent exit", f"exit {code}, nothing written, no reason"
     if case.expect == "partial":
         done = [j for j in jobs if j.get("state") == "done"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -99,3 +100,101 @@ def test_default_rules_give_each_output_its_own_series_number(tmp_path: Path) ->
     assert len(numbers) >= 10  # MPR x3, lungs/body SEG+SR, lung STL, bone SEG+SR+STL, MIP
     assert all(len(uids) == 1 for uids in numbers.values()), numbers
     assert all(n // 1000 == 201 for n in numbers)  # sorted right after source series 201
+
+
+# -- issue 9: bad input never costs the others, never a traceback on the terminal --------------
+
+BUGGY_STEP = '''
+from pydantic import BaseModel
+from pipelines import ImageSeries, Volume, step
+
+
+class Params(BaseModel, frozen=True, extra="forbid"):
+    pass
+
+
+@step("test.buggy", version="1.0.0", params=Params, produces="series")
+def buggy(volume: Volume, params: Params) -> ImageSeries:
+    """A step with a bug."""
+    return {}["missing key"]
+'''
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_input_without_series_exits_1_naming_each_skipped_file(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "notes.txt").write_text("hello")
+    (inp / "empty.dcm").write_bytes(b"")
+    (inp / "cut.dcm").write_bytes(next(DEMO.glob("*.dcm")).read_bytes()[:300])
+    (inp / "study.zip").write_bytes(b"PK\x03\x04 truncated")
+    r = sprim_run(inp, "--out", tmp_path / "out")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    summary = _summary(tmp_path / "out")
+    assert summary["series_found"] == 0
+    assert summary["error"].startswith("no DICOM series found")
+    reasons = {Path(s["path"]).name: s["reason"] for s in summary["skipped"]}
+    assert reasons["notes.txt"] == "not a DICOM file"
+    assert reasons["empty.dcm"] == "empty file"
+    assert "cut short" in reasons["cut.dcm"]
+    assert reasons["study.zip"].startswith("not a readable zip archive")
+    for name in reasons:
+        assert name in r.stdout
+
+
+def test_hostile_series_description_is_printed_escaped(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in DEMO.glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = "[/]\x1b[2J[bold]X\x07"
+        ds.save_as(inp / f.name)
+    out = tmp_path / "out"
+    r = sprim_run(inp, "--out", out, "--step", "reformat.mpr", "--set", "planes=[coronal]")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "[/]\\x1b[2J[bold]X\\x07" in r.stdout.replace("\n", "").replace("│", "").replace(" ", "")
+    assert _summary(out)["jobs"][0]["state"] == "done"
+
+
+def test_internal_error_goes_to_the_log_not_the_terminal(tmp_path: Path) -> None:
+    (tmp_path / "buggy_steps.py").write_text(BUGGY_STEP)
+    env = {**os.environ, "SPRIM_PLUGINS": "buggy_steps", "PYTHONPATH": str(tmp_path)}
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [SPRIM, "run", str(DEMO), "--out", str(out), "--step", "test.buggy"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 1
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "internal error" in r.stdout
+    (job,) = _summary(out)["jobs"]
+    assert "internal error" in job["error"] and "KeyError" in job["error"]
+    log = (out / "sprim-run.log").read_text()
+    assert "Traceback" in log and "missing key" in log
+
+
+def test_unreadable_slice_is_named_and_the_other_series_goes_on(tmp_path: Path) -> None:
+    mr = ROOT.parent / "shared" / "data" / "mr-brain-oblique-ge" / "In"
+    inp = tmp_path / "in"
+    shutil.copytree(DEMO, inp / "ct")
+    shutil.copytree(mr, inp / "mr")
+    victim = sorted((inp / "ct").glob("*.dcm"))[20]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: data.find(b"\xe0\x7f\x10\x00") - 100])  # header cut short
+    r = sprim_run(
+        inp, "--out", tmp_path / "out", "--step", "reformat.mpr", "--set", "planes=[axial]"
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    summary = _summary(tmp_path / "out")
+    jobs = {j["modality"]: j for j in summary["jobs"]}
+    assert jobs["MR"]["state"] == "done"
+    assert jobs["CT"]["state"] == "failed"
+    assert victim.name in jobs["CT"]["error"], jobs["CT"]["error"]
