@@ -34,7 +34,7 @@ from pydicom.valuerep import IS, DSdecimal, DSfloat, PersonName
 from pipelines.rules.attributes import IMAGE_KEYWORDS, stack_attributes
 from pipelines.types import Volume
 from workers import pixels, validate
-from workers.inputs import InputWalk, Skipped, why_unreadable
+from workers.inputs import InputWalk, Skipped, series_uid_of, why_unreadable
 from workers.source import SeriesError, SourceSeries
 from workers.stack import apply_plan, output_shape, plan_stack
 
@@ -153,18 +153,20 @@ def scan(inputs: Path | list[Path], skipped: list[Skipped] | None = None) -> lis
         try:
             got = _read_header(path)
             if got is None:
-                walk.skip(path, why_unreadable(path))
+                walk.skip(path, why_unreadable(path), series_uid_of(path))
                 continue
             ds, offset = got
             sop_class = str(pixels.value(ds, "SOPClassUID", ""))
             uid = pixels.value(ds, "SeriesInstanceUID")
         except Exception as e:  # noqa: BLE001  one malformed header must not stop the scan
-            walk.skip(path, f"unreadable DICOM header ({type(e).__name__}: {e})"[:240])
+            reason = f"unreadable DICOM header ({type(e).__name__}: {e})"[:240]
+            walk.skip(path, reason, series_uid_of(path))
             continue
         if sop_class in _SKIP_SOP_CLASSES:
             walk.skip(path, "DICOMDIR (an index, not an image)")
         elif not uid or not isinstance(uid, str):
-            walk.skip(path, "DICOM file without a SeriesInstanceUID")
+            reason = "DICOM file without a SeriesInstanceUID (cut short, or not an image)"
+            walk.skip(path, reason, series_uid_of(path))
         else:
             groups.setdefault((str(uid), sop_class), []).append((path, ds, offset))
     keepalive = walk.keep or None
