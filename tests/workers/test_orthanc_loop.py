@@ -31,6 +31,12 @@ def test_stow_qido_wado_roundtrip(orthanc, ct_files, tmp_path):
     assert series["SliceThickness"] == pytest.approx(3.0)
     assert series["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.2"
     assert series["BodyPartExamined"]
+    # every routing attribute, as sprim run sees it (from the series' WADO-RS metadata)
+    assert series["ConvolutionKernel"] == "B"
+    assert series["PixelSpacing"] == pytest.approx([1.07421875, 1.07421875])
+    assert (series["Rows"], series["PatientPosition"]) == (512, "HFS")
+    assert series["ManufacturerModelName"] == "Brilliance Big Bore"
+    assert (series["NumberOfImages"], series["IsVolume"]) == (24, True)
     out = archive.fetch_series(study, series["SeriesInstanceUID"], tmp_path / "job" / "in")
     assert len(out) == 24
     assert not list((tmp_path / "job" / "in").glob("*.part"))
