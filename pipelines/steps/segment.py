@@ -308,9 +308,9 @@ def segment_bone(volume: Volume, params: BoneParams) -> Labelmap:
         # Hysteresis: full-resolution components, kept when they hold a core voxel. At coarse
         # resolution the aorta merges with the vertebra it lies on.
         flabels, n = ndimage.label(fine)
-        cored = np.zeros(n + 1, bool)
-        cored[np.unique(flabels[fine & (sub >= params.core_hu)])] = True
-        cored[0] = False
+        cored = np.zeros(n + 1, np.uint8)
+        cored[flabels[fine & (sub >= params.core_hu)]] = 1
+        cored[0] = 0
         del fine
         mask[fs] = cored[flabels]
     if not mask.any():
