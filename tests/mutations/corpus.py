@@ -59,6 +59,8 @@ class Case:
     env: tuple[tuple[str, str], ...] = ()
     #: A name that must appear in summary.json "skipped" (the file reported by name).
     skipped: str = ""
+    #: Text that must appear in the job notes or errors (e.g. the damaged file's name).
+    mentions: str = ""
 
     def make(self, root: Path, seed: int = SEED) -> Path:
         rng = random.Random(seed * 1_000_003 + zlib.crc32(self.name.encode()))
@@ -218,14 +220,22 @@ def _baseline() -> None:
 
 def _truncation() -> None:
     for mod in ("ct", "mr"):
-        for where in ("mid", "last"):
-            case(
-                f"trunc-half-{where}-{mod}",
-                "truncation",
-                "refused",
-                f"{where} slice cut at half its size (pixel data short)",
-                file_bytes(mod, where, truncate(0.5)),
-            )
+        case(
+            f"trunc-half-mid-{mod}",
+            "truncation",
+            "refused",
+            "mid slice cut at half its size (pixel data short): a gap",
+            file_bytes(mod, "mid", truncate(0.5)),
+            mentions="012.dcm",
+        )
+        case(
+            f"trunc-half-last-{mod}",
+            "truncation",
+            "processed",
+            "last slice cut at half its size: left out, named in a note, the rest is a volume",
+            file_bytes(mod, "last", truncate(0.5)),
+            mentions="023.dcm",
+        )
         case(
             f"trunc-header-mid-{mod}",
             "truncation",

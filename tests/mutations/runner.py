@@ -150,6 +150,9 @@ def judge(
         case.skipped in s.get("path", "") for s in summary.get("skipped", [])
     ):
         return "silent exit", f"{case.skipped!r} not reported in summary.json 'skipped'"
+    said = " ".join(reasons + [n for j in jobs for n in j.get("notes", [])])
+    if case.mentions and case.mentions not in said:
+        return "silent exit", f"{case.mentions!r} not named in the job notes or errors"
     got_reason = bool(reasons) and all(r.strip() for r in reasons)
     if case.expect == "refused" or (case.expect == "any" and not outputs):
         if outputs:
