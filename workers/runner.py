@@ -135,9 +135,15 @@ def run_steps(
         except Exception as e:  # noqa: BLE001  (one step never takes the others down)
             failed_steps.add(name)
             report.failures.append(OutputFailure(name, "", _reason(e, name)))
+            if _out_of_time(e):
+                return _not_run(report, calls[i + 1 :])
             continue
         written: list[WrittenObject] = []
+        stop = False
         for j, out in enumerate(outputs):
+            if stop:
+                report.failures.append(OutputFailure(name, out.description, _NOT_RUN))
+                continue
             prov = Provenance(
                 rule,
                 call.step,
@@ -157,6 +163,7 @@ def run_steps(
                 report.failures.append(
                     OutputFailure(name, out.description, _reason(e, f"{name} {out.description}"))
                 )
+                stop = _out_of_time(e)
         # The step's outputs exist even when one could not be written: later steps use them.
         prior += outputs
         report.steps.append(
@@ -168,6 +175,22 @@ def run_steps(
                 written,
             )
         )
+        if stop:
+            return _not_run(report, calls[i + 1 :])
+    return report
+
+
+_NOT_RUN = "not made: the job's time limit was reached"
+
+
+def _out_of_time(e: Exception) -> bool:
+    """The task runner's soft time limit (Celery's, known by name: workers never import
+    Celery): the job's time is used up, the steps after it are not run."""
+    return type(e).__name__ == "SoftTimeLimitExceeded"
+
+
+def _not_run(report: RunReport, calls: Sequence[StepCall]) -> RunReport:
+    report.failures += [OutputFailure(c.step.name, "", _NOT_RUN) for c in calls]
     return report
 
 

@@ -101,3 +101,25 @@ def test_a_job_where_nothing_could_be_made_is_failed_not_partial(tmp_path):
         job.error
         == "segment.lungs: segment.lungs needs a CT series (Hounsfield units); this series is MR"
     )
+
+
+@step("test.times_out", version="1.0.0", params=_NoParams, produces="series")
+def times_out(volume: Volume, params: _NoParams) -> ImageSeries:
+    """What Celery raises inside a job when its soft time limit is reached."""
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    raise SoftTimeLimitExceeded()
+
+
+def test_time_limit_keeps_what_was_made_and_runs_nothing_more(tmp_path):
+    calls = _calls(
+        ("reformat.mpr", {"planes": ["coronal"]}),
+        ("test.times_out", {}),
+        ("reformat.mpr", {"planes": ["sagittal"]}),
+    )
+    report = run_steps(read(MR), calls, "t", tmp_path)
+    assert [s.name for s in report.steps] == ["reformat.mpr"] and report.written
+    assert report.failures == [
+        OutputFailure("test.times_out", "", "internal error (SoftTimeLimitExceeded)"),
+        OutputFailure("reformat.mpr", "", "not made: the job's time limit was reached"),
+    ]
