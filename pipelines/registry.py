@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from pipelines.types import Output, StepError, Volume
 
@@ -52,6 +53,24 @@ def default_estimate(
     """Steps that keep the source grid: one 4-byte working array (labels, float copy) of it."""
     n = int(np.prod(np.asarray(shape_zyx, dtype=np.float64)))
     return 4 * n, f"a working array on the {shape_text(shape_zyx)} source grid"
+
+
+def param_range(field: FieldInfo) -> str:
+    """A param's bounds as `sprim steps` shows them: ``[0.1, 500]``, ``(0, 2]``, ``1-64 chars``."""
+    b: dict[str, object] = {}
+    for m in field.metadata:
+        for k in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            if getattr(m, k, None) is not None:
+                b[k] = getattr(m, k)
+    if "max_length" in b:
+        return f"{b.get('min_length', 0)}-{b['max_length']} chars"
+
+    def num(v: object) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    lo = ("[" + num(b["ge"])) if "ge" in b else ("(" + num(b["gt"])) if "gt" in b else "(-inf"
+    hi = (num(b["le"]) + "]") if "le" in b else (num(b["lt"]) + ")") if "lt" in b else "inf)"
+    return "" if lo == "(-inf" and hi == "inf)" else f"{lo}, {hi}"
 
 
 def params_error_text(e: ValidationError) -> str:

@@ -14,6 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from pipelines import all_steps
+from pipelines.registry import param_range
 
 
 class _Sprim(TyperGroup):
@@ -53,18 +54,19 @@ def _root() -> None:
 
 @app.command("steps")
 def steps_cmd() -> None:
-    """List the registered steps with their params, defaults and units."""
+    """List the registered steps with their params, defaults, ranges and units."""
     for s in all_steps():
         table = Table(title=f"{s.name} {s.version} — {s.summary}", title_justify="left")
         table.add_column("param")
         table.add_column("type")
         table.add_column("default")
+        table.add_column("range")
         table.add_column("description")
         for name, f in s.params.model_fields.items():
             ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace(
                 "typing.", ""
             )
-            table.add_row(name, ann, repr(f.default), f.description or "")
+            table.add_row(name, ann, repr(f.default), param_range(f), f.description or "")
         console.print(table)
 
 

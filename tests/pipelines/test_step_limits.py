@@ -152,3 +152,14 @@ def test_header_pixel_spacing_of_100_mm_is_refused_before_the_views_are_allocate
     tiny = _volume(size=(24, 24, 12), spacing=(1000.0, 1000.0, 3.0))  # 8 m of "patient"
     with pytest.raises(StepError, match="pixels wide"):  # and in the step itself
         st(tiny, p)
+
+
+def test_sprim_steps_shows_each_param_range() -> None:
+    from pipelines.registry import param_range
+
+    fields = get_step("reformat.mpr").params.model_fields
+    assert param_range(fields["spacing_mm"]) == "[0.1, 500]"
+    assert param_range(fields["mode"]) == ""
+    mip = get_step("projection.rotating_mip").params.model_fields
+    assert param_range(mip["arc_deg"]) == "(0, 360]"
+    assert param_range(mip["exclude_segment"]) == "1-64 chars"
