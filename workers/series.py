@@ -274,7 +274,7 @@ def _frame_geometry(ds: Dataset) -> list[tuple[list[float] | None, list[float] |
 
 def image_order(ds: Dataset) -> tuple[int, str]:
     """Sort key of the instances of a series: the first image has the least."""
-    return (_int(pixels.value(ds, "InstanceNumber")), str(ds.get("SOPInstanceUID", "")))
+    return (_instance_number(ds), str(ds.get("SOPInstanceUID", "")))
 
 
 def image_attributes(ds: Dataset) -> dict[str, Any]:
@@ -347,15 +347,12 @@ def read_series(series: SeriesFiles) -> SourceSeries:
     ok = validate.check_series(
         name, series.files, series.headers, series.pixel_offsets, unreadable
     )
-    try:
-        if validate.is_multiframe(ok.headers[0]):
-            from workers.enhanced import read_enhanced
+    if validate.is_multiframe(ok.headers[0]):
+        from workers.enhanced import read_enhanced
 
-            source = read_enhanced(name, ok.files, ok.headers)
-        else:
-            source = read_classic(name, ok.files, ok.headers, ok.offsets)
-    except SeriesError as e:
-        raise ok.refusal(e) from e
+        source = read_enhanced(name, ok.files, ok.headers)
+    else:
+        source = read_classic(name, ok.files, ok.headers, ok.offsets)
     source.notes[:0] = ok.notes
     if series._keepalive is not None:
         source._keepalive = series._keepalive  # type: ignore[attr-defined]

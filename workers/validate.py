@@ -59,7 +59,7 @@ class Accepted:
     Attributes
     ----------
     files, headers, offsets : list
-        The usable files of the series (unreadable ones removed, with a note).
+        The files of the series, their headers and PixelData offsets.
     notes : list[str]
         Quirks accepted, for the run summary and the provenance.
     """
@@ -68,15 +68,6 @@ class Accepted:
     headers: list[Dataset]
     offsets: list[int | None]
     notes: list[str] = field(default_factory=list)
-    #: (file name, why) of the files left out.
-    lost: list[tuple[str, str]] = field(default_factory=list)
-
-    def refusal(self, e: SeriesError) -> SeriesError:
-        """``e`` naming the files left out, which are the likely cause (e.g. missing slices)."""
-        if not self.lost:
-            return e
-        shown = "; ".join(f"{f}: {w}" for f, w in self.lost[:3])
-        return SeriesError(f"{e} (unreadable file(s) of this series: {shown})", code=e.code)
 
 
 # --- reading raw header values safely ---------------------------------------------------------
@@ -566,21 +557,20 @@ def check_series(
         else:
             keep.append(i)
             lengths.append(length)
-    if not keep:
-        f, why = lost[0]
-        if all(w == "it has no pixel data" for _, w in lost):
+    if lost:
+        if not keep and all(w == "it has no pixel data" for _, w in lost):
             raise SeriesError(
                 f"{name}: no pixel data (header-only or float pixel data objects)",
                 code="pixel-format",
             )
-        raise SeriesError(f"{name}: no readable image: {f}: {why}", code="unreadable")
-    files = [files[i] for i in keep]
-    headers = [headers[i] for i in keep]
-    offsets = [offsets[i] for i in keep]
-    if lost:
+        # A series known to be incomplete is not built: outputs would look complete.
         shown = "; ".join(f"{f}: {w}" for f, w in lost[:3])
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
-        notes.append(f"{len(lost)} unreadable file(s) left out ({shown}{more})")
+        raise SeriesError(
+            f"{name}: {len(lost)} of {len(files) + len(unreadable)} file(s) cannot be used "
+            f"({shown}{more}); refused rather than built without them",
+            code="unreadable",
+        )
 
     values = [header_values(h) for h in headers]
     err = _first_defect(
@@ -597,7 +587,7 @@ def check_series(
             "Philips private scale slope (2005,100E) present and not applied: values are "
             "RescaleSlope/Intercept-scaled as displayed"
         )
-    return Accepted(files, headers, offsets, notes, lost)
+    return Accepted(files, headers, offsets, notes)
 
 
 #: Values one volume's images must share (pixel format and identity).
