@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 from pydicom.charset import python_encoding
+from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from workers import pixels
@@ -216,7 +217,8 @@ def _pixel_format_defects(v: dict[str, Any], pixel_bytes: int | None) -> list[tu
     rows, cols = _int(v, "Rows"), _int(v, "Columns")
     for kw, n in (("Rows", rows), ("Columns", cols)):
         if n is None or not 1 <= n <= MAX_MATRIX:
-            bad(f"{kw} {n if n is not None else 'missing'} (1 to {MAX_MATRIX} expected)")
+            shown = n if n is not None else "missing" if v.get(kw) is None else "not a number"
+            bad(f"{kw} {shown} (1 to {MAX_MATRIX} expected)")
     bits = _int(v, "BitsAllocated")
     stored = _int(v, "BitsStored", bits)
     high = _int(v, "HighBit", None if stored is None else stored - 1)
@@ -308,7 +310,12 @@ _FORMAT_KEYS = (
 
 
 def _frozen(v: dict[str, Any], keys: tuple[str, ...]) -> tuple:
-    return tuple((k, tuple(x) if isinstance(x := v.get(k), list) else x) for k in keys)
+    def one(x: Any) -> Any:
+        if isinstance(x, list | MultiValue | tuple):
+            return tuple(x)
+        return x if isinstance(x, str | int | float | _Malformed | None) else repr(x)
+
+    return tuple((k, one(v.get(k))) for k in keys)
 
 
 @lru_cache(maxsize=256)
