@@ -1,8 +1,8 @@
 """What ``sprim run`` is given: folders, files and ``.zip`` archives walked into a list of files.
 
 Zip archives are extracted into a temporary folder under limits set in :mod:`workers.config`:
-total uncompressed size (``SPRIM_ZIP_MAX_MB``), compression ratio of a member
-(``SPRIM_ZIP_MAX_RATIO``), member count (``SPRIM_ZIP_MAX_MEMBERS``) and nesting depth
+uncompressed size of all archives of one scan together (``SPRIM_ZIP_MAX_MB``), compression
+ratio of a member (``SPRIM_ZIP_MAX_RATIO``), member count (``SPRIM_ZIP_MAX_MEMBERS``) and depth
 (``SPRIM_ZIP_MAX_DEPTH``: 1 = a zip inside the given zip is opened, a zip inside that one is
 not). Sizes are counted while streaming, not taken from the member headers: a header that
 understates a member's size cannot put more than the limit into TMPDIR. An archive over a
@@ -58,6 +58,9 @@ class InputWalk:
     keep: list[tempfile.TemporaryDirectory] = field(default_factory=list)
     #: Extracted file -> the name the user knows it by ("study.zip:CT/1.dcm").
     names: dict[Path, str] = field(default_factory=dict)
+    #: Bytes extracted so far from every archive of this walk (nested ones included): the
+    #: ``SPRIM_ZIP_MAX_MB`` budget is shared, so zips inside a zip cannot multiply it.
+    extracted: int = 0
 
     def name(self, path: Path) -> str:
         return self.names.get(path, str(path))
@@ -125,7 +128,7 @@ class InputWalk:
             raise _ZipRefused(
                 f"{len(members)} members, more than SPRIM_ZIP_MAX_MEMBERS={cfg.zip_max_members}"
             )
-        declared = sum(m.file_size for m in members)
+        declared = self.extracted + sum(m.file_size for m in members)
         if declared > max_bytes:
             raise _ZipRefused(_over_total(declared, cfg.zip_max_mb))
         for m in members:
@@ -135,7 +138,7 @@ class InputWalk:
                     f" times, more than SPRIM_ZIP_MAX_RATIO={cfg.zip_max_ratio} (a zip bomb?)"
                 )
         out: list[Path] = []
-        total = 0
+        total = self.extracted
         for k, m in enumerate(members):
             if m.is_dir():
                 continue
@@ -159,6 +162,7 @@ class InputWalk:
                 continue
             self.names[target] = label
             out.append(target)
+        self.extracted = total
         return out
 
 

@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pydicom
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo" / "ct-abdomen"
@@ -198,3 +200,114 @@ def test_unreadable_slice_is_named_and_the_other_series_goes_on(tmp_path: Path) 
     assert jobs["MR"]["state"] == "done"
     assert jobs["CT"]["state"] == "failed"
     assert victim.name in jobs["CT"]["error"], jobs["CT"]["error"]
+
+
+# -- zip inputs (workers.inputs): limits counted while extracting, hostile members refused ----
+
+
+@pytest.fixture
+def zip_env(monkeypatch):
+    from workers.config import settings
+
+    def set_env(**values: str) -> None:
+        for k, v in values.items():
+            monkeypatch.setenv(k, v)
+        settings.cache_clear()
+
+    yield set_env
+    monkeypatch.undo()
+    settings.cache_clear()
+
+
+def _slices(n: int = 3) -> list:
+    from tests.mutations.zips import Member
+
+    return [Member(f"ct/{f.name}", f.read_bytes()) for f in sorted(DEMO.glob("*.dcm"))[:n]]
+
+
+def _scan(path: Path):
+    from workers.series import scan
+
+    skipped: list = []
+    found = scan(path, skipped)
+    return found, {s.path: s.reason for s in skipped}
+
+
+def test_zip_bomb_and_oversized_archives_are_refused_whole(
+    tmp_path: Path, zip_env, monkeypatch
+) -> None:
+    from tests.mutations.zips import write_zip, zeros_bomb
+
+    bomb = write_zip(tmp_path / "bomb.zip", [*_slices(), zeros_bomb("ct/zz.dcm", 300)])
+    found, skipped = _scan(bomb)
+    assert found == []
+    assert "zip bomb" in skipped[str(bomb)] and "SPRIM_ZIP_MAX_RATIO=200" in skipped[str(bomb)]
+
+    lying = _slices()
+    lying[0].declared_size = 0xF0000000
+    lying[1].declared_size = 0xF0000000
+    found, skipped = _scan(write_zip(tmp_path / "declared.zip", lying))
+    assert found == [] and "SPRIM_ZIP_MAX_MB=4096" in skipped[str(tmp_path / "declared.zip")]
+
+    zip_env(SPRIM_ZIP_MAX_MB="1")  # 3 slices of 0.5 MB
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    found, skipped = _scan(write_zip(tmp_path / "big.zip", _slices()))
+    assert found == [] and "SPRIM_ZIP_MAX_MB=1" in skipped[str(tmp_path / "big.zip")]
+    assert list(tmp.iterdir()) == []  # what was extracted before the limit is gone
+
+
+def test_zip_members_with_hostile_names_are_skipped_the_rest_is_read(tmp_path: Path) -> None:
+    from tests.mutations.zips import Member, write_zip
+
+    evil = _slices(1)[0].data
+    z = write_zip(
+        tmp_path / "t.zip",
+        [
+            *_slices(),
+            Member("../../escape.dcm", evil),
+            Member("/tmp/absolute.dcm", evil),
+            Member("ct/link.dcm", b"/etc/passwd", symlink=True),
+        ],
+    )
+    found, skipped = _scan(z)
+    assert [s.attributes["NumberOfSeriesRelatedInstances"] for s in found] == [3]
+    assert "path traversal" in skipped[f"{z}:../../escape.dcm"]
+    assert "absolute path" in skipped[f"{z}:/tmp/absolute.dcm"]
+    assert "link" in skipped[f"{z}:ct/link.dcm"]
+    assert not (tmp_path.parent / "escape.dcm").exists()
+
+
+def test_nested_zips_open_one_level_deep(tmp_path: Path) -> None:
+    from tests.mutations.zips import Member, write_zip
+
+    inner = write_zip(tmp_path / "inner.zip", _slices())
+    one = write_zip(tmp_path / "one.zip", [Member("inner.zip", inner.read_bytes())])
+    two = write_zip(tmp_path / "two.zip", [Member("one.zip", one.read_bytes())])
+    found, _ = _scan(one)
+    assert [s.attributes["NumberOfSeriesRelatedInstances"] for s in found] == [3]
+    found, skipped = _scan(two)
+    assert found == []
+    assert "SPRIM_ZIP_MAX_DEPTH=1" in skipped[f"{two}:one.zip:inner.zip"]
+
+
+def test_corrupt_member_is_named_and_the_other_members_go_on(tmp_path: Path) -> None:
+    import zipfile
+
+    from tests.mutations.zips import write_zip
+
+    z = write_zip(tmp_path / "c.zip", _slices(4))
+    data = bytearray(z.read_bytes())
+    with zipfile.ZipFile(z) as zf:
+        m = zf.infolist()[1]
+    start = m.header_offset + 30 + len(m.filename)
+    data[start + 300 : start + 340] = bytes(40)
+    z.write_bytes(bytes(data))
+    found, skipped = _scan(z)
+    assert [s.attributes["NumberOfSeriesRelatedInstances"] for s in found] == [3]
+    assert skipped[f"{z}:{m.filename}"].startswith("corrupt zip member")
+    truncated = tmp_path / "t.zip"
+    truncated.write_bytes(bytes(data[: len(data) // 2]))
+    found, skipped = _scan(truncated)
+    assert found == [] and skipped[str(truncated)].startswith("not a readable zip archive")
