@@ -101,53 +101,68 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
     from workers.series import display_notes, make_source
 
     frames: list[dict[str, Any]] = []
-    for f, h in enumerate(headers):
-        n = int(h.get("NumberOfFrames") or 1)
-        per_frame = list(h.get("PerFrameFunctionalGroupsSequence") or [])
-        shared_seq = h.get("SharedFunctionalGroupsSequence")
-        shared = shared_seq[0] if shared_seq else None
-        if not per_frame and shared is None:
-            raise SeriesError(
-                f"{name}: multi-frame object without functional groups (no per-frame slice "
-                "positions), cannot place its frames in a volume"
-            )
-        if per_frame and len(per_frame) != n:
-            raise SeriesError(f"{name}: {n} frames but {len(per_frame)} per-frame descriptions")
-        for i in range(n):
-            fr = per_frame[i] if per_frame else None
-            slope = _group_value(fr, shared, "PixelValueTransformationSequence", "RescaleSlope")
-            icpt = _group_value(fr, shared, "PixelValueTransformationSequence", "RescaleIntercept")
-            if slope is None:
-                slope, icpt = pixels.rescale_of(h)
-            rescale = pixels.display_rescale(h, _rescale(name, slope, icpt, h))
-            frames.append(
-                {
-                    "file": f,
-                    "index": i,
-                    "pos": _vec(
-                        _group_value(fr, shared, "PlanePositionSequence", "ImagePositionPatient"),
-                        3,
-                    ),
-                    "iop": _vec(
-                        _group_value(
-                            fr, shared, "PlaneOrientationSequence", "ImageOrientationPatient"
+    try:
+        for f, h in enumerate(headers):
+            n = int(h.get("NumberOfFrames") or 1)
+            per_frame = list(h.get("PerFrameFunctionalGroupsSequence") or [])
+            shared_seq = h.get("SharedFunctionalGroupsSequence")
+            shared = shared_seq[0] if shared_seq else None
+            if not per_frame and shared is None:
+                raise SeriesError(
+                    f"{name}: multi-frame object without functional groups (no per-frame slice "
+                    "positions), cannot place its frames in a volume"
+                )
+            if per_frame and len(per_frame) != n:
+                raise SeriesError(f"{name}: {n} frames but {len(per_frame)} per-frame descriptions")
+            for i in range(n):
+                fr = per_frame[i] if per_frame else None
+                slope = _group_value(fr, shared, "PixelValueTransformationSequence", "RescaleSlope")
+                icpt = _group_value(
+                    fr, shared, "PixelValueTransformationSequence", "RescaleIntercept"
+                )
+                if slope is None:
+                    slope, icpt = pixels.rescale_of(h)
+                rescale = pixels.display_rescale(h, _rescale(name, slope, icpt, h))
+                frames.append(
+                    {
+                        "file": f,
+                        "index": i,
+                        "pos": _vec(
+                            _group_value(
+                                fr, shared, "PlanePositionSequence", "ImagePositionPatient"
+                            ),
+                            3,
                         ),
-                        6,
-                    ),
-                    "spacing": _vec(
-                        _group_value(fr, shared, "PixelMeasuresSequence", "PixelSpacing"), 2
-                    ),
-                    "rescale": rescale,
-                    "temporal": _group_value(
-                        fr, shared, "FrameContentSequence", "TemporalPositionIndex"
-                    ),
-                    "stack": _group_value(fr, shared, "FrameContentSequence", "StackID"),
-                    "echo": _group_value(fr, shared, "MREchoSequence", "EffectiveEchoTime"),
-                    "bvalue": _group_value(fr, shared, "MRDiffusionSequence", "DiffusionBValue"),
-                    "frame_type": _frame_type(fr, shared),
-                    "key": f"{h.get('SOPInstanceUID', f)}:{i}",
-                }
-            )
+                        "iop": _vec(
+                            _group_value(
+                                fr, shared, "PlaneOrientationSequence", "ImageOrientationPatient"
+                            ),
+                            6,
+                        ),
+                        "spacing": _vec(
+                            _group_value(fr, shared, "PixelMeasuresSequence", "PixelSpacing"), 2
+                        ),
+                        "rescale": rescale,
+                        "temporal": _group_value(
+                            fr, shared, "FrameContentSequence", "TemporalPositionIndex"
+                        ),
+                        "stack": _group_value(fr, shared, "FrameContentSequence", "StackID"),
+                        "echo": _group_value(fr, shared, "MREchoSequence", "EffectiveEchoTime"),
+                        "bvalue": _group_value(
+                            fr, shared, "MRDiffusionSequence", "DiffusionBValue"
+                        ),
+                        "frame_type": _frame_type(fr, shared),
+                        "key": f"{h.get('SOPInstanceUID', f)}:{i}",
+                    }
+                )
+    except SeriesError:
+        raise
+    except Exception as e:  # noqa: BLE001  a damaged functional group sequence is an input defect
+        raise SeriesError(
+            f"{name}: the functional groups of {files[f].name} cannot be read "
+            f"({type(e).__name__}: {e})",
+            code="unreadable",
+        ) from e
     if any(np.isnan(fr["pos"]).any() or np.isnan(fr["iop"]).any() for fr in frames):
         raise SeriesError(
             f"{name}: frames without plane position or orientation, cannot place them in a volume",
