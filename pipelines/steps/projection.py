@@ -26,7 +26,7 @@ class MipParams(BaseModel, frozen=True, extra="forbid"):
     arc_deg: float = Field(360.0, gt=0.0, le=360.0, description="Total rotation (degrees).")
     pixel_mm: float = Field(
         2.0,
-        ge=0.1,
+        ge=0.5,  # work grows as 1/pixel² to 1/pixel³: 0.5 mm costs 16-64x the default
         le=20.0,
         description="Pixel size of the views (mm); slices are pooled to about this too.",
     )
