@@ -399,3 +399,28 @@ def test_check_instance_on_real_and_broken_datasets() -> None:
     meta = FileMetaDataset()
     ds.file_meta = meta
     assert validate.check_instance(ds) == []
+
+
+# --- enhanced multi-frame ---------------------------------------------------------------------
+
+PHILIPS = EDGE / "series" / "philips_enhanced" / "anatomical" / "001" / "IM-0001-0170-0001.dcm"
+
+
+@pytest.mark.parametrize(
+    ("group", "keyword", "value", "code", "words"),
+    [
+        ("PixelMeasuresSequence", "PixelSpacing", ["nan", "nan"], "geometry", r"frame 3 of .*"
+         r"PixelSpacing is missing or not finite"),
+        ("PlaneOrientationSequence", "ImageOrientationPatient", [1, 0, 0, 0.5, 0.5, 0],
+         "geometry", r"not two unit vectors"),
+        ("PixelValueTransformationSequence", "RescaleSlope", "nan", "values", r"not finite"),
+    ],
+    ids=["spacing", "orientation", "rescale"],
+)  # fmt: skip
+def test_enhanced_frames_pass_the_same_gate(
+    tmp_path: Path, group: str, keyword: str, value: object, code: str, words: str
+) -> None:
+    ds = pydicom.dcmread(PHILIPS)
+    setattr(ds.PerFrameFunctionalGroupsSequence[2][group][0], keyword, value)
+    ds.save_as(tmp_path / PHILIPS.name)
+    refused(tmp_path, code, words)
