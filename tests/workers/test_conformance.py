@@ -5,7 +5,8 @@ Each series is processed (every output: 0 dciodvfy errors on its first, middle a
 instance), refused with a specific reason (never an internal error), or not selected by the
 rules (with the rules' reason). The quirk copies (per-slice FrameOfReferenceUIDs, ``***`` and
 impossible dates, an empty ProcedureCodeSequence, over-long, lowercase and badly encoded
-strings) must give every output of the default rules.
+strings, non-ASCII text without SpecificCharacterSet) must give every output of the default
+rules.
 
 ``.venv/bin/python -m tests.workers.test_conformance`` regenerates the table of
 ``docs/dicom.md`` (section "Real-world conformance") from the same run.
@@ -79,6 +80,8 @@ def _mr_quirks(ds: pydicom.Dataset) -> None:
     ds.StudyID = "STUDY-ID-TOO-LONG-FOR-SH"
     ds.PatientAge = "45Y"  # repaired to 045Y
     ds.PatientWeight = "70.1234567890123456"  # DS over 16 characters: rounded
+    ds.pop("SpecificCharacterSet", None)  # and non-ASCII text: declared ISO_IR 100
+    ds[0x00080090] = DataElement(0x00080090, "PN", b"M\xfcller^Hans")
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -222,7 +225,13 @@ def test_quirk_copies_get_every_default_output_without_dciodvfy_error(quirks) ->
     ):
         assert expected in ct_notes, expected
     mr_notes = " | ".join(n for j in mr_row["jobs"] for n in j.notes)
-    for expected in ("'20231301' is not a real date", "StudyTime '25:61'", "045Y", "StudyID"):
+    for expected in (
+        "'20231301' is not a real date",
+        "StudyTime '25:61'",
+        "045Y",
+        "StudyID",
+        "ISO_IR 100 (Latin-1, as it was read) declared",
+    ):
         assert expected in mr_notes, expected
 
 

@@ -196,3 +196,20 @@ def test_malformed_numbers_as_read_from_a_file() -> None:
         "AcquisitionNumber '1X' is not an integer (IS): written empty",
         "PatientWeight '7e' is not a decimal number (DS): left out",
     ]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_non_ascii_text_without_character_set_is_declared_latin1() -> None:
+    ds = _source(PatientID="P1")
+    ds[0x00100010] = DataElement(0x00100010, "PN", b"M\xfcller^Hans")
+    src = _roundtrip(ds)
+    dst, notes = Dataset(), []
+    copy_patient_study(src, dst, notes)
+    assert dst.SpecificCharacterSet == "ISO_IR 100" and dst.PatientName == "Müller^Hans"
+    assert notes == [
+        "SpecificCharacterSet missing although the source has non-ASCII text: ISO_IR 100 "
+        "(Latin-1, as it was read) declared"
+    ]
+    buf = io.BytesIO()
+    dst.save_as(buf, implicit_vr=False, little_endian=True)
+    assert b"M\xfcller^Hans" in buf.getvalue()

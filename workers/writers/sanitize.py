@@ -347,9 +347,17 @@ def checked_character_set(src: Dataset, dst: Dataset, notes: list[str]) -> None:
     """SpecificCharacterSet of the source when pydicom knows every term, else ISO_IR 192.
 
     The values were decoded to text with the source's character set (or a fallback pydicom
-    chose); UTF-8 can encode whatever text that gave.
+    chose); UTF-8 can encode whatever text that gave. A source without SpecificCharacterSet but
+    with non-ASCII text (invalid: the default repertoire is ASCII) gets ISO_IR 100, the
+    Latin-1 pydicom decoded it with, so the same bytes become valid.
     """
     if "SpecificCharacterSet" not in src:
+        if _has_non_ascii(src):  # pydicom read it as Latin-1: declare what the bytes will be
+            dst.SpecificCharacterSet = "ISO_IR 100"
+            notes.append(
+                "SpecificCharacterSet missing although the source has non-ASCII text: "
+                "ISO_IR 100 (Latin-1, as it was read) declared"
+            )
         return
     elem = src["SpecificCharacterSet"]
     terms = _as_strings(elem)
@@ -361,6 +369,14 @@ def checked_character_set(src: Dataset, dst: Dataset, notes: list[str]) -> None:
         f"SpecificCharacterSet{_shown(elem)} is not a known character set: "
         "text written as ISO_IR 192 (UTF-8)"
     )
+
+
+def _has_non_ascii(ds: Dataset) -> bool:
+    for elem in ds:
+        if elem.VR in _TEXT_VRS and not elem.tag.is_private and not elem.is_empty:
+            if any(not t.isascii() for t in _as_strings(elem)):
+                return True
+    return False
 
 
 def unique(notes: Iterable[str]) -> tuple[str, ...]:

@@ -191,6 +191,7 @@ def build_seg(
         **geometry,
     )
     seg.SeriesDescription = description
+    seg.update(patient_study)  # highdicom leaves some of it out (SpecificCharacterSet, type 3)
     seg.update(frame)
     seg.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
     return seg, number, description, unique(notes)
