@@ -65,7 +65,7 @@ from workers.writers.common import (
     source_image_item,
 )
 from workers.writers.encode import element, encode, item, meta_encoder, sequence
-from workers.writers.sanitize import unique
+from workers.writers.sanitize import unique, valid_text
 
 CT_LIKE = {
     "1.2.840.10008.5.1.4.1.1.2",
@@ -158,6 +158,12 @@ CONTRAST_KEYWORDS = (
 )
 VOI_KEYWORDS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation")
 VALUE4 = {"MIP": "MIP", "MinIP": "MINIP"}
+# Modality is an enumerated value of the CT / MR / PET IODs (a source's "ct" would not do).
+_MODALITY = {
+    CTImageStorage: "CT",
+    MRImageStorage: "MR",
+    PositronEmissionTomographyImageStorage: "PT",
+}
 DERIVATION_CODE = {
     "MIP": ("113078", "DCM", "Maximum intensity projection"),
     "MinIP": ("113079", "DCM", "Minimum intensity projection"),
@@ -323,7 +329,9 @@ def _template(
     set_general_equipment(ds)
     today, now = dicom_now()
     ds.SOPClassUID = sop_class
-    ds.Modality = source.modality or "OT"
+    ds.Modality = _MODALITY.get(sop_class) or (
+        source.modality if valid_text("CS", source.modality or "") and source.modality else "OT"
+    )
     ds.SeriesInstanceUID = prov.uids(source).series_uid
     ds.SeriesNumber = number
     ds.SeriesDescription = series_description(out.description, src, prov.description_suffix)
