@@ -424,3 +424,15 @@ def test_enhanced_frames_pass_the_same_gate(
     setattr(ds.PerFrameFunctionalGroupsSequence[2][group][0], keyword, value)
     ds.save_as(tmp_path / PHILIPS.name)
     refused(tmp_path, code, words)
+
+
+@pytest.mark.parametrize("after", [100, 400])
+def test_file_cut_inside_its_header_refuses_the_series_naming_it(
+    ct: list[Path], after: int
+) -> None:
+    """Cut after its SeriesInstanceUID: the file is known to belong to the series."""
+    data = ct[4].read_bytes()
+    cut = data.index(b"\x20\x00\x0e\x00") + after
+    ct[4].write_bytes(data[:cut])
+    err = refused(ct[0].parent, "unreadable", r"1 of 12 file\(s\) cannot be used")
+    assert ct[4].name in str(err)
