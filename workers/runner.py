@@ -10,7 +10,11 @@ outputs. A step that needs the output of a failed step (a mesh of the lungs afte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -154,12 +158,9 @@ def run_steps(
                 rule_index=rule_index,
                 description_suffix=description_suffix,
             )
-            before = _files(out_dir)
             try:
-                written += write_output(out, source, prov, out_dir)
+                written += _write(out, source, prov, out_dir)
             except Exception as e:  # noqa: BLE001
-                for f in _files(out_dir) - before:  # no half-written output left behind
-                    f.unlink(missing_ok=True)
                 report.failures.append(
                     OutputFailure(name, out.description, _reason(e, f"{name} {out.description}"))
                 )
@@ -194,5 +195,19 @@ def _not_run(report: RunReport, calls: Sequence[StepCall]) -> RunReport:
     return report
 
 
-def _files(folder: Path) -> set[Path]:
-    return {p for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+def _write(out: Output, source: SourceSeries, prov: Provenance, out_dir: Path) -> list:
+    """Write one output into a staging folder, then move its files into ``out_dir``: an
+    output that fails half-way leaves nothing behind (the staging folder is removed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".writing-", dir=out_dir))
+    try:
+        written = write_output(out, source, prov, stage)
+        moved = []
+        for w in written:
+            target = out_dir / w.path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(w.path, target)
+            moved.append(dataclasses.replace(w, path=target))
+        return moved
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
