@@ -243,9 +243,7 @@ def frame_of_reference(source: SourceSeries) -> tuple[str, str]:
     The reader accepts such a stack when its geometry is one (an anonymizer artifact) and picks
     the first slice's UID in volume order (``SourceSeries.frame_of_reference_uid``).
     """
-    chosen = getattr(source, "frame_of_reference_uid", "") or str(
-        source.first.get("FrameOfReferenceUID") or ""
-    )
+    chosen = source.frame_of_reference_uid or str(source.first.get("FrameOfReferenceUID") or "")
     found = {str(h.get("FrameOfReferenceUID") or "") for h in source.headers} - {""}
     if len(found) <= 1:
         return chosen, ""
