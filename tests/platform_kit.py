@@ -186,3 +186,161 @@ def drop_pg_db(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect("host=127.0.0.1 dbname=postgres user=root", autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- chaos: a cuttable TCP proxy, a private RabbitMQ node ----------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> target. :meth:`cut` closes every connection and refuses new ones
+    (the server is "down" for its clients); :meth:`restore` listens again on the same port."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._socks: list = []
+        self._server = None
+        self.restore()
+
+    def restore(self) -> None:
+        import socket
+        import threading
+
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(64)
+        self._server = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def _accept(self, srv) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b) -> None:
+        import socket
+
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        import socket
+
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    close = cut
+
+
+class RabbitNode:
+    """A private RabbitMQ node (never the machine's one on 5672): own node name, AMQP and
+    distribution ports, data and log folders, no plugins (no management/prometheus listeners).
+    It shares the machine's epmd (names are unique). :meth:`stop` / :meth:`start` keep its data:
+    durable queues and persistent messages survive, as in a broker restart."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = Path(base)
+        self.port, self.dist_port = free_port(), free_port()
+        self.name = f"sprim-chaos-{os.getpid()}-{uuid.uuid4().hex[:4]}@localhost"
+        for d in ("mnesia", "log"):
+            (self.base / d).mkdir(parents=True, exist_ok=True)
+        # the machine's /etc/rabbitmq/rabbitmq.conf would put this node on 5672 too
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (self.base / "enabled_plugins").write_text("[].\n")
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.base / "pid"),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self, timeout: float = 120.0) -> RabbitNode:
+        import socket
+
+        exe = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+        log = open(self.base / "server.out", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([exe], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, (self.base / "server.out").read_text()[-2000:]
+            assert time.monotonic() < deadline, "RabbitMQ node did not start"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # Erlang: a clean shutdown
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    close = stop
+
+
+def rabbit_server_available() -> bool:
+    return Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists()

@@ -46,6 +46,8 @@ def _dispatcher():
             log.warning("event=no_celery_dispatcher broker=set fallback=in-process")
     d = wd.InProcessDispatcher(background=True)
     wd.set_dispatcher(d)
+    # what a previous embedded process left (it was killed): its running job and its queue
+    d.start()
     return d
 
 

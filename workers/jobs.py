@@ -395,22 +395,29 @@ def requeue_lost(
 
 
 def recover(store: JobStore | None = None, disp: Dispatcher | None = None) -> int:
-    """Requeue jobs whose lease lapsed, and jobs handed to an in-process queue that died.
+    """Requeue jobs whose lease lapsed, jobs handed to an in-process queue that died, and jobs
+    handed to the broker ``SPRIM_LEASE_S`` ago that never started (a message lost with a broker:
+    sent again; a duplicate message finds the job running or final and is dropped).
 
     Called before every release (so the window never counts them); returns how many moved.
     """
     store = store or open_store()
+    now = time.time()
     n = 0
-    for job in store.lapsed(time.time(), dead):
+    for job in store.lapsed(now, dead, stale_before=now - settings().lease_s):
         if job.state == "running":
             cause = "worker lost" if dead(job.lease_owner) else "lease expired"
             n += requeue_lost(store, job, cause, disp) is not None
             continue
+        why = (
+            f"sent to the broker {now - (job.dispatched_at or now):.0f} s ago, never started"
+            if job.dispatched_to is None
+            else "its in-process queue ended with its process"
+        )
         out = store.transition(
             job.id, "queued", expect=("queued",),
             where={"dispatched_to": job.dispatched_to, "dispatched_at": job.dispatched_at},
-            detail="its in-process queue ended with its process; released again",
-            dispatched_at=None, dispatched_to=None,
+            detail=f"{why}; released again", dispatched_at=None, dispatched_to=None,
         )  # fmt: skip
         n += out is not None
     return n

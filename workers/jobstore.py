@@ -254,15 +254,19 @@ class JobStore:
             ).rowcount  # fmt: skip
         return bool(n)
 
-    def lapsed(self, now: float, dead_owners: Callable[[str], bool]) -> list[Job]:
+    def lapsed(
+        self, now: float, dead_owners: Callable[[str], bool], stale_before: float = 0.0
+    ) -> list[Job]:
         """Running jobs whose lease expired or whose owner is known dead; queued jobs dispatched
-        to an in-process queue that is known dead (its process ended)."""
+        to an in-process queue that is known dead (its process ended), or to the broker before
+        ``stale_before`` and never started (the message was lost with a broker)."""
         with self.Session() as s:
             rows = s.scalars(
                 select(JobRow).where(
                     or_(JobRow.state == "running",
                         and_(JobRow.state == "queued", JobRow.dispatched_at.is_not(None),
-                             JobRow.dispatched_to.is_not(None)))
+                             or_(JobRow.dispatched_to.is_not(None),
+                                 JobRow.dispatched_at < stale_before)))
                 )
             ).all()  # fmt: skip
             out = []
@@ -271,7 +275,7 @@ class JobStore:
                     expired = r.lease_expires_at is not None and r.lease_expires_at < now
                     if expired or (r.lease_owner and dead_owners(r.lease_owner)):
                         out.append(Job.of(r))
-                elif dead_owners(r.dispatched_to or ""):
+                elif r.dispatched_to is None or dead_owners(r.dispatched_to):
                     out.append(Job.of(r))
             return out
 

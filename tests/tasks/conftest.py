@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,13 +46,17 @@ rules:
     match: {SeriesDescription: {eq: SLOW}}
     run:
       - {use: test.touch, with: {sleep_s: 4, label: "SLOW"}}
+  - name: touch-chaos
+    match: {SeriesDescription: {eq: CHAOS}}
+    run:
+      - {use: test.touch, with: {sleep_s: 1.5, label: "CHAOS"}}
 """
 
 
 class Platform:
     """Environment shared by the test process and its worker processes."""
 
-    def __init__(self, tmp: Path, vhost: str, store_url: str) -> None:
+    def __init__(self, tmp: Path, vhost: str, store_url: str, broker_port: int = 5672) -> None:
         self.tmp, self.vhost = tmp, vhost
         self.archive = tmp / "archive"
         self.rules = tmp / "rules.yaml"
@@ -60,7 +65,7 @@ class Platform:
             **os.environ,
             "PYTHONPATH": str(ROOT),
             "SPRIM_HOME": str(tmp / "home"),
-            "SPRIM_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+            "SPRIM_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{broker_port}/{vhost}",
             "SPRIM_JOB_STORE_URL": store_url,
             "SPRIM_RULES_FILE": str(self.rules),
             "SPRIM_PLUGINS": "tests.platform_kit",
@@ -103,15 +108,9 @@ class Platform:
                     self.kill(p)
 
 
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    if not rabbit_ready():
-        pytest.skip("RabbitMQ not running on 127.0.0.1:5672 (make services)")
-    tmp = tmp_path_factory.mktemp("platform")
-    vhost = make_vhost()
-    pg = make_pg_db()
-    url = pg or f"sqlite:///{tmp / 'jobs.db'}"
-    plat = Platform(tmp, vhost, url)
+@contextlib.contextmanager
+def open_platform(plat: Platform):
+    """The test process joins ``plat``: its SPRIM_* settings, the Celery dispatcher; undone after."""
     saved = dict(os.environ)
     os.environ.update({k: v for k, v in plat.env.items() if k.startswith("SPRIM_")})
     from workers.config import settings
@@ -122,7 +121,9 @@ def platform(tmp_path_factory):
     from workers import jobs
 
     celery_app.conf.broker_url = plat.env["SPRIM_BROKER_URL"]  # if tasks was imported before
-
+    celery_app._pool = None  # connections of an earlier platform's broker: not reused
+    if "amqp" in celery_app.__dict__:
+        celery_app.amqp._producer_pool = None
     jobs.set_dispatcher(CeleryDispatcher())
     try:
         yield plat
@@ -137,6 +138,21 @@ def platform(tmp_path_factory):
         for s in list(_STORES.values()):
             s.dispose()
         _STORES.clear()
+        jobs._ARCHIVES.clear()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    if not rabbit_ready():
+        pytest.skip("RabbitMQ not running on 127.0.0.1:5672 (make services)")
+    tmp = tmp_path_factory.mktemp("platform")
+    vhost = make_vhost()
+    pg = make_pg_db()
+    url = pg or f"sqlite:///{tmp / 'jobs.db'}"
+    try:
+        with open_platform(Platform(tmp, vhost, url)) as plat:
+            yield plat
+    finally:
         if pg:
             drop_pg_db(pg)
         drop_vhost(vhost)

@@ -1,0 +1,250 @@
+"""Chaos: the platform keeps its promises through the faults of a real site.
+
+Each test runs real ``celery -A tasks worker`` processes on a batch of studies, injects one
+fault mid-run and asserts, after recovery: 0 lost (every job ``done``), 0 stuck (nothing
+``queued``/``running`` left), 0 duplicate outputs (each derived SOP instance stored once),
+no ``work/job-*`` folder left, and a drain within a stated time after recovery.
+
+- job store outage: a TCP proxy in front of PostgreSQL is cut for 15 s;
+- broker outage: a private RabbitMQ node (own name, ports, data) stopped and started again;
+- worker SIGKILL: the worker running jobs is killed three times;
+- archive outage: Orthanc stopped and started while another site's jobs keep running.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+
+import pydicom
+import pytest
+
+from tests.platform_kit import (
+    RabbitNode,
+    TcpProxy,
+    drop_pg_db,
+    drop_vhost,
+    make_pg_db,
+    make_vhost,
+    rabbit_ready,
+    rabbit_server_available,
+    write_study,
+)
+from tests.tasks.conftest import Platform, open_platform
+
+pytestmark = pytest.mark.integration
+
+#: after a fault ends, every study must be done within this time (the issue asks 2 min)
+DRAIN_S = 120.0
+FAST = {  # short lease and store-retry budget: the slow paths (lapse, retry message) run too
+    "SPRIM_LEASE_S": "8",
+    "SPRIM_STORE_RETRY_S": "5",
+    "SPRIM_RETRY_BACKOFF_S": "1",
+    "SPRIM_RELEASE_INTERVAL_S": "1",
+}
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timeout ({timeout:.0f} s) waiting for {what}"
+        time.sleep(step)
+
+
+def _store():
+    from workers.jobstore import open_store
+
+    return open_store()
+
+
+def _batch(plat, n: int, institution: str = "SITE CHAOS", archive=None) -> list[int]:
+    from workers.jobs import archive_for, submit_study
+
+    archive = archive or archive_for(str(plat.archive))
+    ids = []
+    for _ in range(n):
+        st, _se = write_study(plat.archive / "in" / institution, institution=institution,
+                              series_description="CHAOS", n_slices=2, size=4)  # fmt: skip
+        ids += [j.id for j in submit_study(st, archive, {})]
+    assert len(ids) == n
+    return ids
+
+
+def _drained(ids: list[int]):
+    jobs = [_store().get(i) for i in ids]
+    return (
+        jobs if all(j.state in ("done", "partial", "failed", "cancelled") for j in jobs) else None
+    )
+
+
+def _assert_promises(plat, ids: list[int], t_recovered: float) -> float:
+    jobs = _wait(lambda: _drained(ids), DRAIN_S, "every job final after recovery", 0.5)
+    drain = time.monotonic() - t_recovered
+    assert [(j.id, j.state, j.error) for j in jobs if j.state != "done"] == []  # 0 lost
+    assert not [j for j in _store().list(state=("queued", "running"), limit=5000) if j.id in ids]
+    c: Counter = Counter()
+    for p in plat.archive.rglob("*.dcm"):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        if "DERIVED" in list(ds.ImageType) and ds.SeriesDescription.startswith("CHAOS"):
+            c[ds.SOPInstanceUID] += 1
+    want = {u for j in jobs for o in j.outputs for u in o["instances"]}
+    assert set(c) >= want and all(c[u] == 1 for u in want)  # 0 duplicates
+    assert not list((plat.tmp / "home" / "work").glob("job-*"))  # no patient data left behind
+    print(f"drained {len(ids)} jobs {drain:.1f} s after recovery; attempts "
+          f"{sorted(Counter(j.attempts for j in jobs).items())}")  # fmt: skip
+    return drain
+
+
+@pytest.fixture
+def chaos_platform(tmp_path):
+    """A platform of its own (vhost, PostgreSQL database); the test starts its workers."""
+    if not rabbit_ready():
+        pytest.skip("RabbitMQ not running on 127.0.0.1:5672 (make services)")
+    vhost, pg = make_vhost(), make_pg_db()
+    if pg is None:
+        drop_vhost(vhost)
+        pytest.skip("PostgreSQL not running on 127.0.0.1:5432 (make services)")
+    plat = Platform(tmp_path, vhost, pg)
+    plat.env.update(FAST)
+    try:
+        yield plat
+    finally:
+        plat.stop_all()
+        drop_pg_db(pg)
+        drop_vhost(vhost)
+
+
+def test_job_store_outage_of_15s_mid_run_drains_without_anyone(chaos_platform):
+    plat = chaos_platform
+    direct = plat.env["SPRIM_JOB_STORE_URL"]
+    proxy = TcpProxy(5432)
+    try:
+        # the workers reach PostgreSQL through the proxy; the test process directly
+        plat.env["SPRIM_JOB_STORE_URL"] = direct.replace(":5432/", f":{proxy.port}/")
+        with open_platform(plat):
+            import os
+
+            os.environ["SPRIM_JOB_STORE_URL"] = direct
+            from workers.config import settings
+
+            settings.cache_clear()
+            plat.start_worker("w1", concurrency=2)
+            ids = _batch(plat, 8)
+            _wait(lambda: sum(_store().get(i).state == "done" for i in ids) >= 1, 60, "a job done")
+            _wait(lambda: any(_store().get(i).state == "running" for i in ids), 30, "a job running")
+            proxy.cut()
+            time.sleep(15)
+            proxy.restore()
+            t_back = time.monotonic()
+            drain = _assert_promises(plat, ids, t_back)
+            assert drain < DRAIN_S
+            log = (plat.tmp / "w1.log").read_text()
+            assert "event=store_unreachable" in log  # the outage was seen, and lived through
+    finally:
+        proxy.close()
+
+
+@pytest.mark.skipif(not rabbit_server_available(), reason="rabbitmq-server not installed")
+def test_broker_stopped_and_started_mid_run_loses_nothing(chaos_platform, tmp_path):
+    plat = chaos_platform
+    node = RabbitNode(tmp_path / "rabbit").start()
+    try:
+        plat.env["SPRIM_BROKER_URL"] = node.url
+        with open_platform(plat):
+            plat.start_worker("w1", concurrency=2)
+            ids = _batch(plat, 8)
+            _wait(lambda: sum(_store().get(i).state == "done" for i in ids) >= 1, 60, "a job done")
+            node.stop()
+            time.sleep(5)
+            node.start()
+            t_back = time.monotonic()
+            _assert_promises(plat, ids, t_back)
+    finally:
+        node.close()
+
+
+def test_worker_sigkilled_three_times_mid_run(chaos_platform):
+    plat = chaos_platform
+    with open_platform(plat):
+        w = plat.start_worker("w1", concurrency=2)
+        ids = _batch(plat, 8)
+        killed: set[str] = set()
+        for k in range(3):
+            # a job in its step on the worker alive now (not one lost with the previous worker)
+            def in_step(gone=frozenset(killed)):
+                return [j for i in ids if (j := _store().get(i)).state == "running"
+                        and j.last_step == "test.touch" and j.lease_owner not in gone]  # fmt: skip
+
+            victim = _wait(in_step, 60, "a job in its step")
+            killed |= {j.lease_owner for j in victim}
+            plat.kill(w)
+            w = plat.start_worker(f"w{k + 2}", concurrency=2)
+        t_back = time.monotonic()
+        _assert_promises(plat, ids, t_back)
+        store = _store()
+        causes = [a.detail for i in ids for a in store.audit_trail(job_id=i, event_="state")
+                  if a.to_state == "queued"]  # fmt: skip
+        assert len(causes) >= 3 and all(
+            c.startswith(("worker lost", "lease expired")) for c in causes
+        )
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    from tests.harness.orthanc import OrthancServer, orthanc_available
+
+    if not orthanc_available() or not shutil.which("storescu"):
+        pytest.skip("Orthanc/DICOMweb plugin/dcmtk not installed (make sysdeps)")
+    server = OrthancServer(tmp_path / "orthanc", stable_age=1).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_archive_outage_backing_off_jobs_give_their_slots_to_other_sites(chaos_platform, orthanc):
+    from workers.jobs import archive_for, submit_study
+
+    plat = chaos_platform
+    plat.env["SPRIM_MAX_ATTEMPTS"] = "12"  # 1, 2, 4 … s: the 20 s outage is survived
+    with open_platform(plat):
+        plat.start_worker("w1", concurrency=2)
+        studies = [write_study(plat.tmp / "pacs" / f"s{k}", institution="SITE PACS",
+                               series_description="CHAOS", n_slices=2, size=4)[0]
+                   for k in range(4)]  # fmt: skip
+        orthanc.storescu(sorted((plat.tmp / "pacs").rglob("*.dcm")))
+        pacs = archive_for(orthanc.dicomweb_url)
+        attrs = {st: pacs.series_of_study(st) for st in studies}
+        orthanc.stop()  # SITE PACS's jobs meet an archive outage
+        t_down = time.monotonic()
+        pacs_ids = [j.id for st in studies for j in submit_study(st, pacs, {}, series=attrs[st])]
+        _wait(lambda: all(_store().get(i).attempts >= 1 for i in pacs_ids), 30, "first attempts")
+        # the window (2) is not held by jobs waiting for their retry time: another site runs
+        local = _batch(plat, 4, "SITE LOCAL")
+        _wait(lambda: all(_store().get(i).state == "done" for i in local), 60, "other site done")
+        assert time.monotonic() - t_down < 20
+        while time.monotonic() - t_down < 20:
+            assert not [i for i in pacs_ids if _store().get(i).state in ("done", "failed")]
+            time.sleep(0.5)
+        orthanc.start()
+        t_back = time.monotonic()
+        jobs = _wait(lambda: _drained(pacs_ids), DRAIN_S, "SITE PACS drained", 0.5)
+        drain = time.monotonic() - t_back
+        assert [(j.id, j.state, j.error) for j in jobs if j.state != "done"] == []
+        for j in jobs:
+            derived = {
+                s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"])
+                for s in orthanc.series_of_study(j.study_uid)
+                if s["MainDicomTags"].get("Manufacturer") == "sprim"
+            }
+            assert derived == {o["series_uid"]: len(o["instances"]) for o in j.outputs}
+            trail = [a.detail for a in _store().audit_trail(job_id=j.id, event_="state")]
+            assert any(d.startswith("archive transient error") for d in trail), trail
+        assert not list((plat.tmp / "home" / "work").glob("job-*"))
+        # the longest wait after the archive is back: one backoff step (<= 16 s here) + release
+        print(f"SITE PACS drained {drain:.1f} s after the archive came back")
+        assert drain < 40
