@@ -24,11 +24,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(".sprim/fuzz"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=corpus.SEED)
-    ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="run only cases whose name contains one of these (comma-separated)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep each case in OUT/cases")
     args = ap.parse_args()
     corpus.SEED = args.seed
-    cases = [c for c in corpus.CASES if args.only in c.name]
+    wanted = args.only.split(",")
+    cases = [c for c in corpus.CASES if any(w in c.name for w in wanted)]
     args.out.mkdir(parents=True, exist_ok=True)
 
     def show(r) -> None:

@@ -43,7 +43,6 @@ SAMPLE = [
     "rescale-intercept-1e12-all-ct",
     "charset-999-all-mr",
     "string-markup-close-desc-ct",
-    "string-control-desc-ct",
     "instance-abc-mid-mr",
     "ts-big-endian-label-on-implicit-ct",
     "deep-seq-400-mid-mr",
