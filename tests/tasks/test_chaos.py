@@ -248,3 +248,34 @@ def test_archive_outage_backing_off_jobs_give_their_slots_to_other_sites(chaos_p
         # the longest wait after the archive is back: one backoff step (<= 16 s here) + release
         print(f"SITE PACS drained {drain:.1f} s after the archive came back")
         assert drain < 40
+
+
+def test_job_over_its_memory_limit_fails_with_its_reason_and_celery_says_failure(chaos_platform):
+    """SPRIM_JOB_MEMORY_MB (RLIMIT_AS of pool processes): a job asking for more fails at the
+    allocation, before the host feels it; the task ends in FAILURE with the job's reason."""
+    from workers.jobs import archive_for, archive_spec, release
+
+    plat = chaos_platform
+    plat.env["SPRIM_JOB_MEMORY_MB"] = "3000"  # a pool process maps ~1 GB before any job
+    with open_platform(plat):
+        w = plat.start_worker("w1", concurrency=1)
+        spec = archive_spec(archive_for(str(plat.archive)))
+        ids = {}
+        for mb in (4000, 200):
+            st, se = write_study(plat.archive / "in" / f"mem{mb}", n_slices=2, size=4)
+            ids[mb] = _store().create_job(
+                rule="mem", study_uid=st, series_uid=se, institution="SITE MEM", archive=spec,
+                steps=[{"use": "test.touch", "with": {"alloc_mb": mb, "label": f"MEM{mb}"}}],
+            ).id  # fmt: skip
+        release()
+        jobs = _wait(lambda: _drained(list(ids.values())), 60, "memory jobs final")
+        big, small = (_store().get(ids[mb]) for mb in (4000, 200))
+        assert big.state == "failed"
+        assert big.error == "test.touch: memory limit of 3000 MB exceeded (SPRIM_JOB_MEMORY_MB)"
+        assert big.peak_rss_mb < 1500  # refused at the allocation, never resident
+        assert small.state == "done", small.error
+        assert w.poll() is None  # the worker lives on
+        log = (plat.tmp / "w1.log").read_text()
+        assert f"Task sprim.run_job[job-{big.id}-" in log
+        assert f"JobFailed('job {big.id} failed: test.touch: memory limit" in log
+        assert len(jobs) == 2
