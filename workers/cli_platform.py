@@ -215,6 +215,8 @@ def reprocess_cmd(
             w = {k.split(".", 1)[1] if "." in k and k.rsplit(".", 1)[0] == name else k: v
                  for k, v in sets.items() if "." not in k or k.rsplit(".", 1)[0] == name}  # fmt: skip
             steps.append({"use": name, "with": w})
+        from workers.jobstore import FINAL
+
         store = open_store()
         job = reprocess(store, study_uid, steps, requester=requester, series_uid=series)
     except (NotFound, BadRequest) as e:
@@ -223,7 +225,7 @@ def reprocess_cmd(
     console.print(f"job {job.id} queued ({', '.join(s['use'] for s in job.steps)})")
     while wait:
         j = store.get(job.id)
-        if j and j.state in ("done", "failed", "cancelled"):
+        if j and j.state in FINAL:
             console.print(f"job {j.id}: {j.state} {j.error or ''}")
             raise typer.Exit(0 if j.state == "done" else 1)
         time.sleep(0.5)
