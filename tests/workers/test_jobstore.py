@@ -477,3 +477,29 @@ def _settings(**env):
             else:
                 os.environ[k] = v
         settings.cache_clear()
+
+
+def test_a_final_state_kept_through_a_store_outage_is_recorded_once(sprim_env, store_url):
+    """CompletionPending.final (carried by a Celery retry message) records the job later;
+    dropped when another attempt started since (that attempt records its own)."""
+    from workers import jobs
+    from workers.jobstore import open_store
+
+    store = open_store(store_url)
+    j = _job(store)
+    _running(store, j, "w:x:1:1:a", 60)
+    final = {"state": "done", "attempt": 1, "detail": "2 objects stored",
+             "values": {"outputs": [{"series_uid": "9", "instances": ["9.1", "9.2"]}],
+                        "timings": {}, "error": None, "finished_at": time.time()}}  # fmt: skip
+    out = jobs.record_final(j.id, final, store, _NoDisp())
+    assert out.state == "done" and out.outputs[0]["instances"] == ["9.1", "9.2"]
+    assert out.lease_owner is None
+    assert jobs.record_final(j.id, final, store, _NoDisp()).state == "done"  # idempotent
+    assert [a.to_state for a in store.audit_trail(job_id=j.id, event_="state")] == [
+        "running",
+        "done",
+    ]
+    k = _job(store)  # its lease lapsed meanwhile and attempt 2 runs: attempt 1's result is dropped
+    _running(store, k, "w:x:1:1:a", 60)
+    store.transition(k.id, "running", attempts=2, lease_owner="w:y:2:2:b")
+    assert jobs.record_final(k.id, final, store, _NoDisp()).state == "running"
