@@ -279,3 +279,80 @@ def test_job_over_its_memory_limit_fails_with_its_reason_and_celery_says_failure
         assert f"Task sprim.run_job[job-{big.id}-" in log
         assert f"JobFailed('job {big.id} failed: test.touch: memory limit" in log
         assert len(jobs) == 2
+
+
+EMBEDDED_RULES = """
+rules:
+  - name: touch-embedded
+    match: {Modality: {in: [CT]}}
+    run:
+      - {use: test.touch, with: {sleep_s: 3, label: "EMBEDDED"}}
+"""
+
+
+def test_embedded_listen_killed_mid_job_drains_after_restart(tmp_path):
+    """`sprim listen` without a broker (jobs in-process), SIGKILLed while a job runs and two
+    more wait in its in-process queue: restarted, it finishes all three by itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.harness.orthanc import free_port, send
+    from tests.platform_kit import ROOT
+    from workers.jobstore import JobStore
+
+    if not shutil.which("storescu"):
+        pytest.skip("dcmtk not installed (make sysdeps)")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(EMBEDDED_RULES)
+    home, port = tmp_path / "home", free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPRIM_HOME": str(home),
+           "SPRIM_RULES_FILE": str(rules), "SPRIM_PLUGINS": "tests.platform_kit",
+           "SPRIM_RETRY_BACKOFF_S": "0.2", "SPRIM_RELEASE_INTERVAL_S": "1"}  # fmt: skip
+    for k in ("SPRIM_BROKER_URL", "SPRIM_JOB_STORE_URL", "SPRIM_ARCHIVE_URL"):
+        env.pop(k, None)
+    exe = str(Path(sys.executable).parent / "sprim")
+    args = [exe, "listen", "--port", str(port), "--host", "127.0.0.1", "--quiet", "0.5"]
+
+    def start(n: int) -> subprocess.Popen:
+        log = tmp_path / f"listen{n}.log"
+        p = subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                             start_new_session=True)  # fmt: skip
+        _wait(lambda: b"event=listen_started" in log.read_bytes(), 60, "listener up")
+        return p
+
+    def jobs():
+        try:
+            return JobStore(f"sqlite:///{home / 'jobs.db'}").list(limit=100)
+        except Exception:  # noqa: BLE001  (schema being created)
+            return []
+
+    p = start(1)
+    try:
+        for k in range(3):
+            write_study(tmp_path / "in" / f"s{k}", n_slices=2, size=4)
+        send(sorted((tmp_path / "in").rglob("*.dcm")), "127.0.0.1", port, called="SPRIM")
+        _wait(lambda: len(jobs()) == 3 and any(j.last_step == "test.touch" for j in jobs()), 60,
+              "3 jobs, one in its step")  # fmt: skip
+        assert list((home / "work").glob("job-*"))  # the running attempt's source data
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        assert {j.state for j in jobs()} == {"running", "queued"}
+        p = start(2)
+        t_back = time.monotonic()
+        done = _wait(lambda: (js := jobs()) and all(j.state == "done" for j in js) and js, 60,
+                     "queue drained after restart")  # fmt: skip
+        print(f"embedded queue drained {time.monotonic() - t_back:.1f} s after restart")
+        assert sorted(j.attempts for j in done) == [1, 1, 2]
+        [again] = [j for j in done if j.attempts == 2]
+        causes = [a.detail for a in JobStore(f"sqlite:///{home / 'jobs.db'}").audit_trail(
+            job_id=again.id, event_="state") if a.to_state == "queued"]  # fmt: skip
+        assert causes and causes[0].startswith("worker lost")
+        assert not list((home / "work").glob("job-*"))
+        outs = Counter(u for j in done for o in j.outputs for u in o["instances"])
+        assert len(outs) == 6 and set(outs.values()) == {1}
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
