@@ -254,7 +254,17 @@ def route_due(
 
 
 # -- execution -------------------------------------------------------------------------------
-_HOST = socket.gethostname()
+def _host_id() -> str:
+    """This host as lease owners name it: hostname and PID namespace (containers sharing a
+    hostname never judge each other's processes)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{socket.gethostname()}~{ns}"
+
+
+_HOST = _host_id()
 
 
 class CompletionPending(Exception):

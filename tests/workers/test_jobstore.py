@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 
 from tests.platform_kit import write_study
 from workers.jobmodels import JobRow
+from workers.jobs import _HOST
 
 
 def _job(store, inst="A", prio=1, **kw):
@@ -290,7 +290,7 @@ def test_lapsed_lease_requeues_with_backoff_then_fails_as_poison(sprim_env, stor
         assert store.release(2, lambda _: None) == []  # waiting for its retry time: no slot
         with store.Session.begin() as s:
             s.get(JobRow, j.id).not_before = time.time() - 1
-    _running(store, store.get(j.id), f"w:{socket.gethostname()}:{_dead_pid()}:3:abc", 60,
+    _running(store, store.get(j.id), f"w:{_HOST}:{_dead_pid()}:3:abc", 60,
              last_step="mesh", peak_rss_mb=2048.0)  # fmt: skip
     assert jobs.recover(store, _NoDisp()) == 1  # a dead local owner is known at once, lease or not
     out = store.get(j.id)
@@ -423,8 +423,8 @@ def test_work_folders_of_dead_attempts_are_swept(sprim_env, store_url):
 
     store = open_store(store_url)
     live, dead_, done = _job(store), _job(store), _job(store)
-    _running(store, live, f"w:{socket.gethostname()}:{os.getpid()}:1:a", 60)
-    _running(store, dead_, f"w:{socket.gethostname()}:{_dead_pid()}:1:a", 60)
+    _running(store, live, f"w:{_HOST}:{os.getpid()}:1:a", 60)
+    _running(store, dead_, f"w:{_HOST}:{_dead_pid()}:1:a", 60)
     _running(store, done, "w:x:1:1:a", 60)
     store.transition(done.id, "done")
     root = settings().work_dir
@@ -445,11 +445,9 @@ def test_embedded_queue_recovers_after_its_process_died(sprim_env, store_url):
     store = open_store(store_url)
     gone = _dead_pid()
     a = _touch_job(store, sprim_env, [{"use": "test.touch"}])
-    _running(store, a, f"w:{socket.gethostname()}:{gone}:1:a", 60)  # lease still "valid"
+    _running(store, a, f"w:{_HOST}:{gone}:1:a", 60)  # lease still "valid"
     b = _touch_job(store, sprim_env, [{"use": "test.touch"}])
-    store.transition(
-        b.id, "queued", dispatched_at=time.time(), dispatched_to=f"p:{socket.gethostname()}:{gone}"
-    )
+    store.transition(b.id, "queued", dispatched_at=time.time(), dispatched_to=f"p:{_HOST}:{gone}")
     c = _touch_job(store, sprim_env, [{"use": "test.touch"}])  # waiting behind a full window
     with _settings(SPRIM_RETRY_BACKOFF_S="0.1", SPRIM_RELEASE_INTERVAL_S="1"):
         disp = jobs.InProcessDispatcher(store, background=True)
