@@ -523,6 +523,11 @@ def execute_job(
     lease = _Lease(store, job.id, owner)
     try:
         final = _attempt(store, started, lease)
+    except Exception as e:  # a bug outside the steps: the job still ends, with a reason
+        log.exception("job=%d event=internal_error", job.id)
+        msg = f"internal error ({type(e).__name__}) — see worker log"
+        final = {"state": "failed", "expect": ("running",), "attempt": attempt, "detail": msg,
+                 "values": {"error": msg, "finished_at": time.time()}}  # fmt: skip
     finally:
         lease.stop()
     final["values"]["peak_rss_mb"] = round(lease.peak, 1)
