@@ -57,8 +57,9 @@ test: venv services lint
 fuzz: venv
 	$(BIN)/python -m tests.mutations --out .sprim/fuzz
 
-# Every shared series and the quirk copies through the default rules, dciodvfy on each output
-# (docs/dicom.md, "Real-world conformance"); then the table of that section regenerated.
+# Every shared series through the default rules and forced through its modality's steps, and
+# the quirk copies, dciodvfy on each output (docs/dicom.md, "Real-world conformance"); then the
+# table of that section regenerated.
 conformance: venv sysdeps
 	$(BIN)/pytest -q -rs tests/workers/test_conformance.py
 	$(BIN)/python -m tests.workers.test_conformance
