@@ -425,6 +425,7 @@ def read_classic(
     order = plan.order
     hs = [headers[i] for i in order]
     for_uid, notes = validate.frame_of_reference(name, hs)
+    notes += _fill_slice_thickness(hs, plan.spacing[2])
     lut = ["ModalityLUTSequence" in h for h in hs]
     rescales = [
         (1.0, 0.0) if lut[k] else pixels.display_rescale(h, pixels.rescale_of(h))
@@ -471,6 +472,22 @@ def read_classic(
         plan.notes + notes + display_notes(hs),
         for_uid,
     )
+
+
+def _fill_slice_thickness(headers: list[Dataset], spacing: float) -> list[str]:
+    """SliceThickness (type 2, may be empty) set to the slice spacing where absent.
+
+    Derived objects describe their pixel measures from it (a SEG's PixelMeasuresSequence).
+    """
+    missing = [h for h in headers if pixels.value(h, "SliceThickness") is None]
+    if not missing:
+        return []
+    for h in missing:
+        h.SliceThickness = f"{spacing:.6g}"
+    return [
+        f"SliceThickness absent in {len(missing)} image(s): the slice spacing ({spacing:.6g} mm) "
+        "is used for derived objects"
+    ]
 
 
 def _native(ds: Dataset, offset: int | None) -> bool:

@@ -436,3 +436,10 @@ def test_file_cut_inside_its_header_refuses_the_series_naming_it(
     ct[4].write_bytes(data[:cut])
     err = refused(ct[0].parent, "unreadable", r"1 of 12 file\(s\) cannot be used")
     assert ct[4].name in str(err)
+
+
+def test_missing_slice_thickness_is_the_slice_spacing_with_a_note(ct: list[Path]) -> None:
+    mutate(ct, lambda ds: delattr(ds, "SliceThickness"))
+    src = accepted(ct[0].parent)
+    assert all(float(h.SliceThickness) == pytest.approx(3.0) for h in src.headers)
+    assert any("SliceThickness absent in 12 image(s)" in n for n in src.notes), src.notes
