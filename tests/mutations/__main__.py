@@ -36,7 +36,12 @@ def main() -> int:
     cases = [c for c in corpus.CASES if any(w in c.name for w in wanted)]
     args.out.mkdir(parents=True, exist_ok=True)
 
+    progress = args.out / "results.jsonl"
+    progress.write_text("")
+
     def show(r) -> None:
+        with open(progress, "a") as f:
+            f.write(json.dumps(asdict(r)) + "\n")
         mark = "ok " if r.ok else "BAD"
         print(
             f"{mark} {r.name:42s} {r.outcome:22s} exit={r.exit_code} {r.seconds:5.1f}s "

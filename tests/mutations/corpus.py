@@ -563,8 +563,8 @@ def _identity() -> None:
         case(
             f"uid-for-missing-all-{mod}",
             "missing UIDs",
-            "refused",
-            "FrameOfReferenceUID absent",
+            "processed",
+            "FrameOfReferenceUID absent on every slice (a note; one derived from the series)",
             header(mod, "all", delete("FrameOfReferenceUID")),
         )
         case(
@@ -661,11 +661,11 @@ def _values() -> None:
         header("ct", "all", set_raw("RescaleSlope", b"1e300")),
     )
     case(
-        "rescale-slope-neg-all-ct",
+        "rescale-slope-neg-all-mr",
         "values",
         "processed",
-        "RescaleSlope -1 (valid, inverts)",
-        header("ct", "all", set_raw("RescaleSlope", b"-1")),
+        "RescaleSlope -1 (valid, inverts; on CT the segmentations would rightly find no patient)",
+        header("mr", "all", set_raw("RescaleSlope", b"-1")),
     )
     case(
         "rescale-slope-text-all-ct",
@@ -849,11 +849,11 @@ def _deep_sequences() -> None:
         header("ct", "all", nested(50)),
     )
     case(
-        "deep-seq-400-mid-mr",
+        "deep-seq-120-mid-mr",
         "deep sequences",
         "any",
-        "sequences nested 400 deep (one slice)",
-        header("mr", "mid", nested(400)),
+        "sequences nested 120 deep (one slice; pydicom cannot write 400)",
+        header("mr", "mid", nested(120)),
     )
 
 

@@ -1,6 +1,7 @@
 """Run a corpus case through ``sprim run`` in a subprocess and judge the outcome.
 
-Peak RSS is the child's own ``ru_maxrss`` (``os.wait4``); the TMPDIR of each run is private and
+Peak RSS is the child's VmHWM, polled every 50 ms, and its ``ru_maxrss`` from ``os.wait4``
+when that exceeds this process's own (see ``run_case``); the TMPDIR of each run is private and
 its size polled, so a zip that puts gigabytes there shows up.
 """
 
@@ -66,15 +67,42 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
+def _vm_hwm_kb(pid: int) -> int:
+    """Peak resident set (VmHWM) of a live process, in kB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def run_case(case: Case, root: Path, keep: bool = False) -> Result:
     """Build ``case`` under ``root``, run ``sprim run`` on it, judge, clean up."""
     work = root / case.name
     shutil.rmtree(work, ignore_errors=True)
-    inp = case.make(root)
+    try:
+        inp = case.make(root)
+    except Exception as e:  # noqa: BLE001  a generator bug is reported, the run goes on
+        shutil.rmtree(work, ignore_errors=True)
+        return Result(
+            case.name,
+            case.family,
+            case.expect,
+            "internal error",
+            None,
+            0.0,
+            0.0,
+            0.0,
+            f"the corpus could not build this case: {type(e).__name__}: {e}",
+        )
     out, tmp = work / "out", work / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "COLUMNS": "200", **dict(case.env)}
     env.pop("SPRIM_RULES_FILE", None)
+    parent_kb = _vm_hwm_kb(os.getpid())
     t0 = time.monotonic()
     with open(work / "stdout", "wb") as so, open(work / "stderr", "wb") as se:
         pid = os.posix_spawn(
@@ -86,11 +114,12 @@ def run_case(case: Case, root: Path, keep: bool = False) -> Result:
                 (os.POSIX_SPAWN_DUP2, se.fileno(), 2),
             ],
         )
-        peak_tmp, hung, status, usage = 0, False, 0, None
+        peak_tmp, peak_hwm, hung, status, usage = 0, 0, False, 0, None
         while True:
             got, status, usage = os.wait4(pid, os.WNOHANG)
             if got:
                 break
+            peak_hwm = max(peak_hwm, _vm_hwm_kb(pid))
             if time.monotonic() - t0 > TIMEOUT_S:
                 os.kill(pid, signal.SIGKILL)
                 _, status, usage = os.wait4(pid, 0)
@@ -100,7 +129,10 @@ def run_case(case: Case, root: Path, keep: bool = False) -> Result:
             time.sleep(0.05)
     seconds = time.monotonic() - t0
     code = os.waitstatus_to_exitcode(status)
-    rss_mb = usage.ru_maxrss / 1024 if usage else 0.0
+    # ru_maxrss also counts this (parent) process's RSS at spawn time (the kernel carries the
+    # pre-exec high-water mark over exec), so it is used only when it exceeds that.
+    maxrss = usage.ru_maxrss if usage else 0
+    rss_mb = max(peak_hwm, maxrss if maxrss > parent_kb * 1.1 else 0) / 1024
     stdout = (work / "stdout").read_text(errors="replace")
     stderr = (work / "stderr").read_text(errors="replace")
     outcome, detail = judge(case, code, hung, rss_mb, stdout, stderr, out)

@@ -45,7 +45,7 @@ SAMPLE = [
     "string-markup-close-desc-ct",
     "instance-abc-mid-mr",
     "ts-big-endian-label-on-implicit-ct",
-    "deep-seq-400-mid-mr",
+    "deep-seq-120-mid-mr",
     "junk-folder",
     "zip-nested-2",
     "zip-bomb-1gb",
