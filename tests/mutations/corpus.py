@@ -231,8 +231,8 @@ def _truncation() -> None:
         case(
             f"trunc-half-last-{mod}",
             "truncation",
-            "processed",
-            "last slice cut at half its size: left out, named in a note, the rest is a volume",
+            "refused",
+            "last slice cut at half its size: the series refused, the file named",
             file_bytes(mod, "last", truncate(0.5)),
             mentions="023.dcm",
         )
