@@ -231,6 +231,9 @@ class TcpProxy:
                 client, _ = srv.accept()
             except OSError:
                 return
+            if self._server is not srv:  # cut meanwhile
+                client.close()
+                return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
@@ -260,9 +263,13 @@ class TcpProxy:
     def cut(self) -> None:
         import socket
 
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        srv, self._server = self._server, None
+        if srv is not None:
+            try:  # wakes the thread blocked in accept(); close() alone would not
+                srv.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            srv.close()
         with self._lock:
             socks, self._socks = self._socks, []
         for s in socks:
