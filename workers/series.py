@@ -344,9 +344,7 @@ def read_series(series: SeriesFiles) -> SourceSeries:
             raise SeriesError(f"{series.name}: no file is readable DICOM", code="unreadable")
         series.files, series.headers, series.pixel_offsets = files, headers, offsets
     name = series.name
-    ok = validate.check_series(
-        name, series.files, series.headers, series.pixel_offsets, unreadable
-    )
+    ok = validate.check_series(name, series.files, series.headers, series.pixel_offsets, unreadable)
     if validate.is_multiframe(ok.headers[0]):
         from workers.enhanced import read_enhanced
 

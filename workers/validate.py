@@ -612,7 +612,7 @@ def _check_consistent(name: str, files: list[Path], values: list[dict[str, Any]]
     for code, keywords, what in _SAME:
         seen: dict[tuple, list[int]] = {}
         for i, v in enumerate(values):
-            key = tuple(str(v.get(kw) or "") for kw in keywords)
+            key = tuple("" if v.get(kw) is None else str(v.get(kw)) for kw in keywords)
             seen.setdefault(key, []).append(i)
         if len(seen) > 1:
             groups = sorted(seen.items(), key=lambda kv: -len(kv[1]))
