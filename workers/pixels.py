@@ -250,8 +250,6 @@ def read_native_into(
     path: Path, offset: int | None, ds: Dataset, dst: np.ndarray, rescale: tuple[float, float]
 ) -> bool:
     """Read uncompressed single-frame pixels straight into ``dst``; False if not applicable."""
-    from workers.validate import pixel_data_header
-
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     bits = value(ds, "BitsAllocated", 0)
     if offset is None or ts not in _NATIVE or bits not in (8, 16, 32):
@@ -340,3 +338,19 @@ def narrow(image: sitk.Image) -> sitk.Image:
     arr = sitk.GetArrayViewFromImage(image)
     fits = arr.min() >= -(2**15) and arr.max() < 2**15
     return sitk.Cast(image, sitk.sitkInt16 if fits else sitk.sitkFloat32)
+
+
+def transfer_syntax(ds: Dataset) -> str | None:
+    meta = getattr(ds, "file_meta", None)
+    return None if meta is None else value(meta, "TransferSyntaxUID")
+
+
+def pixel_data_header(head: bytes, ds: Dataset, ts: str | None = None) -> tuple[int, int]:
+    """(value length, element header length) of a PixelData element starting with ``head``."""
+    ts = ts or transfer_syntax(ds)
+    big = ts == ExplicitVRBigEndian
+    if len(head) < 8:
+        return 0, len(head)
+    if ts != ImplicitVRLittleEndian and head[4:6] in (b"OB", b"OW", b"UN", b"OF", b"OD", b"OL"):
+        return int.from_bytes(head[8:12], "big" if big else "little"), 12
+    return int.from_bytes(head[4:8], "big" if big else "little"), 8

@@ -31,6 +31,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from workers import pixels
 from workers.config import settings
+from workers.pixels import pixel_data_header, transfer_syntax
 from workers.source import SeriesError
 
 #: Rows and Columns of one image (a 2D slice larger than this is not a CT/MR/PET slice).
@@ -451,22 +452,6 @@ def check_slice_spacing(name: str, step: float) -> None:
 
 
 # --- series -----------------------------------------------------------------------------------
-
-
-def transfer_syntax(ds: Dataset) -> str | None:
-    meta = getattr(ds, "file_meta", None)
-    return None if meta is None else pixels.value(meta, "TransferSyntaxUID")
-
-
-def pixel_data_header(head: bytes, ds: Dataset, ts: str | None = None) -> tuple[int, int]:
-    """(value length, element header length) of a PixelData element starting with ``head``."""
-    ts = ts or transfer_syntax(ds)
-    big = ts == ExplicitVRBigEndian
-    if len(head) < 8:
-        return 0, len(head)
-    if ts != ImplicitVRLittleEndian and head[4:6] in (b"OB", b"OW", b"UN", b"OF", b"OD", b"OL"):
-        return int.from_bytes(head[8:12], "big" if big else "little"), 12
-    return int.from_bytes(head[4:8], "big" if big else "little"), 8
 
 
 def pixel_data_length(

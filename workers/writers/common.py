@@ -18,8 +18,8 @@ What each helper is for
     output folder ``<SeriesNumber>_<slug>``.
 ``referenced_series_item`` / ``source_image_item`` / ``code_item``
     Items of ReferencedSeriesSequence, SourceImageSequence and coded sequences.
-``ds_str`` / ``file_meta`` / ``dicom_now``
-    DS values of at most 16 characters, File Meta Information, DA/TM of now.
+``file_meta`` / ``dicom_now``
+    File Meta Information, DA/TM of now (DS values: ``sanitize.ds_str``).
 """
 
 from __future__ import annotations
@@ -134,24 +134,6 @@ def sprim_version() -> str:
         return version("sprim")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def ds_str(x: float) -> str:
-    """A DS value of at most 16 characters (dciodvfy rejects longer ones).
-
-    Uses the most significant digits that fit: ``ds_str(-117.37698364257812) == '-117.37698364258'``.
-    """
-    x = float(x)
-    if x == 0.0:
-        return "0"
-    for digits in range(15, 0, -1):
-        s = f"{x:.{digits}g}"
-        if "e" in s:
-            mant, exp = s.split("e")
-            s = f"{mant}e{int(exp)}"  # e-05 -> e-5 saves characters
-        if len(s) <= 16:
-            return s
-    raise ValueError(f"cannot format {x!r} as DS")  # pragma: no cover - 1 digit always fits
 
 
 def dicom_now() -> tuple[str, str]:

@@ -56,7 +56,6 @@ from workers.writers.common import (
     derivation_description,
     derived_series_number,
     dicom_now,
-    ds_str,
     frame_of_reference,
     series_description,
     series_folder,
@@ -65,7 +64,7 @@ from workers.writers.common import (
     source_image_item,
 )
 from workers.writers.encode import element, encode, item, meta_encoder, sequence
-from workers.writers.sanitize import unique, valid_text
+from workers.writers.sanitize import ds_str, unique, valid_text
 
 CT_LIKE = {
     "1.2.840.10008.5.1.4.1.1.2",

@@ -152,8 +152,6 @@ def _as_strings(elem: DataElement) -> list[str]:
 
 
 def _ds16(text: str) -> str | None:
-    from workers.writers.common import ds_str
-
     try:
         x = float(text)
     except ValueError:
@@ -387,3 +385,21 @@ def unique(notes: Iterable[str]) -> tuple[str, ...]:
 def valid_text(vr: str, text: str) -> bool:
     """Whether ``text`` is a valid single value of ``vr`` as it is (no repair)."""
     return _value_defect(vr, "", text) == (None, None)
+
+
+def ds_str(x: float) -> str:
+    """A DS value of at most 16 characters (dciodvfy rejects longer ones).
+
+    Uses the most significant digits that fit: ``ds_str(-117.37698364257812) == '-117.37698364258'``.
+    """
+    x = float(x)
+    if x == 0.0:
+        return "0"
+    for digits in range(15, 0, -1):
+        s = f"{x:.{digits}g}"
+        if "e" in s:
+            mant, exp = s.split("e")
+            s = f"{mant}e{int(exp)}"  # e-05 -> e-5 saves characters
+        if len(s) <= 16:
+            return s
+    raise ValueError(f"cannot format {x!r} as DS")  # pragma: no cover - 1 digit always fits
