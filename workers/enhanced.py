@@ -215,13 +215,7 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
     padded = [
         pixels.padded_values(headers[fr["file"]], rescales[k], dtype) for k, fr in enumerate(chosen)
     ]
-    if any(p is not None for p in padded):
-        changed = pixels.mask_padding(vol, padded)
-        if changed:
-            notes.append(
-                f"{changed} padding voxels (PixelPaddingValue, outside the scanned field) set to "
-                "the lowest real value"
-            )
+    notes += pixels.mask_padding_noted(vol, padded)
     del vol  # the view must not outlive the image buffer
     image = apply_plan(pixels.narrow(image), plan)
     hs = [headers[f] for f in used]

@@ -354,3 +354,16 @@ def pixel_data_header(head: bytes, ds: Dataset, ts: str | None = None) -> tuple[
     if ts != ImplicitVRLittleEndian and head[4:6] in (b"OB", b"OW", b"UN", b"OF", b"OD", b"OL"):
         return int.from_bytes(head[8:12], "big" if big else "little"), 12
     return int.from_bytes(head[4:8], "big" if big else "little"), 8
+
+
+def mask_padding_noted(vol: np.ndarray, padded: list) -> list[str]:
+    """:func:`mask_padding` and the note saying how many voxels it changed (none: no note)."""
+    if all(p is None for p in padded):
+        return []
+    changed = mask_padding(vol, padded)
+    if not changed:
+        return []
+    return [
+        f"{changed} padding voxels (PixelPaddingValue, outside the scanned field) set to "
+        "the lowest real value"
+    ]

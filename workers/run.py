@@ -21,7 +21,7 @@ from pipelines import StepError, get_step
 from pipelines.rules import RulesError  # noqa: F401  (the CLI catches it from here)
 from workers.inputs import Skipped
 from workers.runner import StepCall, run_steps
-from workers.series import SeriesFiles, read_series, scan
+from workers.series import SeriesFiles, diagnose, read_series, scan
 from workers.source import SeriesError
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,13 @@ def plan_rules(path: Path | None):
                     for sv in v.series
                     if sv.series_uid == uid
                 ]
-                unmatched.append({"series": _label(s), "reason": "; ".join(reasons)})
+                entry = {"series": _label(s), "reason": "; ".join(reasons)}
+                if _is_image_series(s) and "IsVolume" in entry["reason"]:
+                    defect = diagnose(s)
+                    if defect:
+                        entry["defect"] = defect
+                        entry["reason"] += f"; the input gate: {defect}"
+                unmatched.append(entry)
         return jobs, unmatched
 
     return plan

@@ -357,6 +357,34 @@ def read_series(series: SeriesFiles) -> SourceSeries:
     return source
 
 
+def diagnose(series: SeriesFiles) -> str | None:
+    """Why the gate would refuse ``series``, from its headers only (no pixel read); None if not.
+
+    For series the rules left out: a series that is "not a volume" because of a defect (NaN
+    positions, a lying NumberOfFrames...) is then reported with the gate's words.
+    """
+    if not series.headers:
+        return None
+    try:
+        ok = validate.check_series(
+            series.name, series.files, series.headers, series.pixel_offsets,
+            [(Path(k.path).name, k.reason) for k in series.unreadable],
+        )  # fmt: skip
+        if not validate.is_multiframe(ok.headers[0]) and len(ok.headers) > 1:
+            plan_stack(
+                series.name,
+                np.array([_floats(h, "ImagePositionPatient", 3) for h in ok.headers]),
+                np.array([_floats(h, "ImageOrientationPatient", 6) for h in ok.headers]),
+                np.array([_floats(h, "PixelSpacing", 2) for h in ok.headers]),
+                [(pixels.value(h, "Rows", 0), pixels.value(h, "Columns", 0)) for h in ok.headers],
+                [str(pixels.value(h, "SOPInstanceUID", i)) for i, h in enumerate(ok.headers)],
+                labels=[f"image {f.name}" for f in ok.files],
+            )
+    except SeriesError as e:
+        return str(e)
+    return None
+
+
 def _floats(ds: Dataset, keyword: str, n: int) -> list[float]:
     try:
         got = pixels.value(ds, keyword)
@@ -451,13 +479,7 @@ def read_classic(
     padded = [
         None if lut[k] else pixels.padded_values(h, rescales[k], dtype) for k, h in enumerate(hs)
     ]
-    if any(p is not None for p in padded):
-        changed = pixels.mask_padding(vol, padded)
-        if changed:
-            notes.append(
-                f"{changed} padding voxels (PixelPaddingValue, outside the scanned field) set to "
-                "the lowest real value"
-            )
+    notes += pixels.mask_padding_noted(vol, padded)
     del vol  # the view must not outlive the image buffer
     if any(lut):
         notes.append("Modality LUT Sequence applied")

@@ -74,13 +74,8 @@ class Accepted:
 
 # --- reading raw header values safely ---------------------------------------------------------
 
-#: The values the gate reads of every image (once: 400 headers must stay cheap).
-_KEYWORDS = (
-    "SOPClassUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "PatientID",
+#: Pixel format and rescale: checked per distinct combination (one per series, usually).
+_FORMAT_KEYS = (
     "Rows",
     "Columns",
     "SamplesPerPixel",
@@ -92,6 +87,15 @@ _KEYWORDS = (
     "NumberOfFrames",
     "RescaleSlope",
     "RescaleIntercept",
+)
+#: The values the gate reads of every image (once: 400 headers must stay cheap).
+_KEYWORDS = (
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "PatientID",
+    *_FORMAT_KEYS,
     "SliceThickness",
     "ImagePositionPatient",
 )
@@ -293,21 +297,6 @@ def _classic_geometry(ds: Dataset) -> list[tuple[str, str]]:
         got.append(nums)
     found = geometry_defects(np.array([got[0]]), np.array([got[1]]), np.array([got[2]]))
     return [("geometry", w) for _, w in found]
-
-
-_FORMAT_KEYS = (
-    "Rows",
-    "Columns",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
-    "NumberOfFrames",
-    "RescaleSlope",
-    "RescaleIntercept",
-)
 
 
 def _frozen(v: dict[str, Any], keys: tuple[str, ...]) -> tuple:

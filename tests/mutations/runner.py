@@ -26,6 +26,7 @@ RSS_LIMIT_MB = 1536
 OUTCOMES = (
     "processed correctly",
     "refused with a reason",
+    "not selected, defect named",
     "not selected by the rules",
     "wrongly refused",
     "wrong output",
@@ -34,9 +35,9 @@ OUTCOMES = (
     "silent exit",
     "over RSS",
 )
-#: "not selected": the default rules skip a series that is no longer one stack (IsVolume), with
-#: the rule's reason, exit 0; the gate never sees it. Not silent, but not the gate's words either.
-GOOD = OUTCOMES[:3]
+#: "not selected": the default rules skip a series that is no longer one stack (IsVolume), exit 0;
+#: ``sprim run`` then names the defect with the gate's words (headers only, no pixel read).
+GOOD = OUTCOMES[:4]
 
 
 @dataclass
@@ -199,6 +200,8 @@ def judge(
         unmatched = summary.get("unmatched", [])
         if code == 0 and not jobs and unmatched and all(u.get("reason") for u in unmatched):
             # The rules did not take the damaged series (e.g. no longer one stack): said, not silent.
+            if all(u.get("defect") for u in unmatched):
+                return "not selected, defect named", unmatched[0]["defect"][:280]
             return "not selected by the rules", unmatched[0]["reason"][:280]
         return "silent exit", f"exit {code}, nothing written, no reason"
     if case.expect == "partial":

@@ -202,6 +202,26 @@ def test_unreadable_slice_is_named_and_the_other_series_goes_on(tmp_path: Path) 
     assert victim.name in jobs["CT"]["error"], jobs["CT"]["error"]
 
 
+def test_series_left_out_by_the_rules_for_a_defect_is_named_with_the_gate_sentence(
+    tmp_path: Path,
+) -> None:
+    # NaN positions: the default rules no longer see one stack (IsVolume false) and take nothing;
+    # the summary must still say what is wrong with the series, in the gate's words.
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in sorted(DEMO.glob("*.dcm"))[:24]:
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = ["nan", "nan", "nan"]
+        ds.save_as(inp / f.name)
+    out = tmp_path / "out"
+    r = sprim_run(inp, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not list(out.rglob("*.dcm"))
+    (entry,) = _summary(out)["unmatched"]
+    assert "IsVolume" in entry["reason"]
+    assert "PANCREAS" in entry["defect"] and "ImagePositionPatient" in entry["defect"], entry
+
+
 # -- zip inputs (workers.inputs): limits counted while extracting, hostile members refused ----
 
 
