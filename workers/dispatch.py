@@ -116,13 +116,17 @@ class InProcessDispatcher:
         ``SPRIM_RELEASE_INTERVAL_S`` (retry times, lapsed leases) in a daemon thread."""
         from workers.config import settings
         from workers.jobs import release, sweep_work
+        from workers.jobstore import open_store
 
         if self._loop is not None:
             return
+        # Bound now: the loop must never judge one store's work folders by another's jobs.
+        self.store = self.store or open_store()
+        work_dir = settings().work_dir
 
         def tick() -> None:
             try:
-                sweep_work(self.store)
+                sweep_work(self.store, work_dir)
                 release(self.store, self)
             except Exception as e:  # noqa: BLE001  (store outage: next tick)
                 log.warning("event=release_loop_error error=%s", type(e).__name__)

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -687,13 +688,14 @@ def _attempt(store: JobStore, job: Job, lease: _Lease) -> dict:
                  outputs=list(outputs.values()), error=why)  # fmt: skip
 
 
-def sweep_work(store: JobStore | None = None) -> int:
-    """Remove ``SPRIM_HOME/work/job-*`` folders of attempts that are no longer running.
+def sweep_work(store: JobStore | None = None, root: Path | None = None) -> int:
+    """Remove ``SPRIM_HOME/work/job-*`` folders (or ``root``'s) of attempts no longer running.
 
     A folder is kept only while its job is ``running`` that very attempt (``job-<id>-a<n>-…``)
-    and its owner is not known dead. Returns how many folders were removed.
+    and its owner is not known dead. Returns how many folders were removed. A long-running
+    caller passes the store and folder it was started with: the job ids are that store's.
     """
-    root = settings().work_dir
+    root = root or settings().work_dir
     if not root.is_dir():
         return 0
     store = store or open_store()
