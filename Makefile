@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# dcmtk 3.6.7 and Orthanc leave Nagle on: a 40 ms stall per C-STORE without this (DESIGN §6).
+# dcmtk 3.6.7 and Orthanc leave Nagle on: a 40 ms stall per C-STORE without this.
 export TCP_NODELAY := 1
 DEMO_OUT ?= demo-output
 

@@ -1,4 +1,4 @@
-"""Benchmark: DICOM series -> volume on a synthetic 400 x 512² int16 CT (DESIGN §6).
+"""Benchmark: DICOM series -> volume on a synthetic 400 x 512² int16 CT.
 
 Measures ``read_series(scan(folder))`` wall time and peak RSS, each run in a fresh subprocess
 (median of 3, warm page cache), against the ``cat`` floor, the import-only RSS and, when

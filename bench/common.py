@@ -71,7 +71,7 @@ class Stat:
 
 
 def env(**extra: str) -> dict[str, str]:
-    """The environment of children: Nagle off for dcmtk/Orthanc (DESIGN §6), repo on the path."""
+    """The environment of children: Nagle off for dcmtk/Orthanc, repo on the path."""
     e = {**os.environ, "TCP_NODELAY": "1", **extra}
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), e.get("PYTHONPATH", "")]))
     return e

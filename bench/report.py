@@ -266,7 +266,7 @@ NOTES: dict[str, str] = {
     "bytes (per-slice pydicom datasets); reusing one template dataset per series and writing "
     "the pixel element raw (as bench/synthetic.py does) closes most of it.",
     "segment": "issue 3's bench_3d rows give the time per structure; closing it is issue 3's.",
-    "seg_write": "highdicom SEG construction; issue 3's (DESIGN §6: build from a 3D label array).",
+    "seg_write": "highdicom SEG construction; issue 3's (measured: build from a 3D label array).",
     "mesh": "see bench_3d's mesh and STL rows (issue 3).",
     "rss_3d": "see bench_3d's stage rows (issue 3): the label volumes held at once.",
 }

@@ -6,7 +6,7 @@ Anatomy (HU): air -1000 outside, a body ellipse of soft tissue (~30 ± noise), t
 unsigned with RescaleIntercept -1024, the usual CT encoding.
 
 ``lungs_touch_ends=True`` makes the lungs run through the first and last slice: 3D hole filling
-then silently fails unless one pads a slice at each end (DESIGN §6), a trap worth a test.
+then silently fails unless one pads a slice at each end, a trap worth a test.
 
 Files are written from one template dataset: each slice serialises only its small header with
 pydicom and appends the raw pixel element, so 400 x 512² slices take well under a second plus

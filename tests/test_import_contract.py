@@ -1,4 +1,4 @@
-"""The layer contract of DESIGN §2, checked by import-linter (also run by `make lint`)."""
+"""The layer contract (README, Layout), checked by import-linter (also run by `make lint`)."""
 
 import shutil
 import subprocess

@@ -1,4 +1,4 @@
-"""Deterministic UIDs for derived objects (DESIGN §1).
+"""Deterministic UIDs for derived objects (docs/dicom.md).
 
 The same (source series, rule, step, version, params, output) always yields the same UIDs, so a
 retried or repeated job replaces its output in the archive instead of duplicating it.

@@ -1,6 +1,6 @@
 """Mask helpers shared by the segmentation, mesh and projection steps.
 
-Full-resolution 3D morphology on a 512²x400 CT costs seconds (DESIGN §6: closing radius 2 takes
+Full-resolution 3D morphology on a 512²x400 CT costs seconds (measured: closing radius 2 takes
 12.6 s), so the segmentations decide *which* region on a coarse grid (~3 mm voxels, ~50x fewer
 voxels) and only refine the region's boundary at full resolution with a threshold.
 Arrays are numpy in sitk order (z, y, x); masks stay uint8/bool.
@@ -118,7 +118,7 @@ class Grid:
 def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice (background not connected to the slice border in-plane).
 
-    Per-slice filling does not have the 3D trap of DESIGN §6 (lungs touching the first or last
+    Per-slice filling does not have the 3D trap (lungs touching the first or last
     slice leak to the volume border in 3D and are silently left unfilled).
     """
     labels, n = ndimage.label(~mask, structure=_IN_PLANE)

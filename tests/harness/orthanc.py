@@ -40,7 +40,7 @@ def orthanc_available() -> bool:
 
 
 def dcmtk_env() -> dict[str, str]:
-    """The environment for dcmtk tools and Orthanc: Nagle off (DESIGN §6)."""
+    """The environment for dcmtk tools and Orthanc: Nagle off."""
     return {**os.environ, "TCP_NODELAY": "1"}
 
 

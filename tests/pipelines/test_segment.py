@@ -59,7 +59,7 @@ def test_lungs_touching_first_and_last_slice_are_found() -> None:
     assert (ph.lungs[0] > 0).any() and (ph.lungs[-1] > 0).any()
     labels, segs = run("segment.lungs", ph.volume)
     assert len(segs) == 2
-    for z in (0, -1):  # DESIGN §6: 3D hole filling would leave these slices empty
+    for z in (0, -1):  # 3D hole filling would leave these slices empty
         assert dice(labels[z] > 0, ph.lungs[z] > 0) > 0.95
     assert dice(labels > 0, ph.lungs > 0) > 0.97
 

@@ -178,7 +178,7 @@ class DimseArchive:
 
 
 def _nodelay(event) -> None:
-    """Nagle off on the association's socket (a stall per PDU otherwise, DESIGN §6)."""
+    """Nagle off on the association's socket (a stall per PDU otherwise)."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
