@@ -39,7 +39,12 @@ from workers.config import settings
 from workers.source import SourceSeries
 from workers.uids import derive_uid
 from workers.writers import Provenance
-from workers.writers.sanitize import checked_character_set, copy_checked, valid_text
+from workers.writers.sanitize import (
+    PATIENT_STUDY_TYPE2,
+    checked_character_set,
+    copy_checked,
+    valid_text,
+)
 
 # Patient module (C.7.1.1); SpecificCharacterSet travels with the names it encodes.
 PATIENT_KEYWORDS = (
@@ -154,18 +159,6 @@ def copy_attributes(
     copy_checked(src, dst, keywords, notes, required)
 
 
-#: Type 2 Patient / General Study attributes: present (maybe empty) in every object we write.
-PATIENT_STUDY_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 # Clinical Trial Subject module: present only with its type 1 attributes, type 2 ones filled.
 _TRIAL_TYPE1 = ("ClinicalTrialSponsorName", "ClinicalTrialProtocolID")
 _TRIAL_SUBJECT = ("ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID")

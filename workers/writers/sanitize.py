@@ -41,19 +41,24 @@ from workers.source import SeriesError
 #: Copied attributes a derived object cannot exist without: invalid means no derived object.
 TYPE1 = frozenset({"StudyInstanceUID", "FrameOfReferenceUID"})
 
+#: Type 2 Patient / General Study attributes: present (maybe empty) in every object we write.
+PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
 #: Type 2 (or 2C) in the modules sprim copies: an invalid value is written empty.
 TYPE2 = frozenset(
     {
         # Patient, General Study, Clinical Trial Subject / Study
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-        "AccessionNumber",
+        *PATIENT_STUDY_TYPE2,
         "ClinicalTrialProtocolName",
         "ClinicalTrialSiteID",
         "ClinicalTrialSiteName",
