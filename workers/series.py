@@ -36,7 +36,7 @@ from pipelines.types import Volume
 from workers import pixels, validate
 from workers.inputs import InputWalk, Skipped, series_uid_of, why_unreadable
 from workers.source import SeriesError, SourceSeries
-from workers.stack import apply_plan, output_shape, plan_stack
+from workers.stack import StackPlan, apply_plan, output_shape, plan_stack
 
 log = logging.getLogger(__name__)
 
@@ -371,15 +371,7 @@ def diagnose(series: SeriesFiles) -> str | None:
             [(Path(k.path).name, k.reason) for k in series.unreadable],
         )  # fmt: skip
         if not validate.is_multiframe(ok.headers[0]) and len(ok.headers) > 1:
-            plan_stack(
-                series.name,
-                np.array([_floats(h, "ImagePositionPatient", 3) for h in ok.headers]),
-                np.array([_floats(h, "ImageOrientationPatient", 6) for h in ok.headers]),
-                np.array([_floats(h, "PixelSpacing", 2) for h in ok.headers]),
-                [(pixels.value(h, "Rows", 0), pixels.value(h, "Columns", 0)) for h in ok.headers],
-                [str(pixels.value(h, "SOPInstanceUID", i)) for i, h in enumerate(ok.headers)],
-                labels=[f"image {f.name}" for f in ok.files],
-            )
+            _plan_classic(series.name, ok.files, ok.headers)
     except SeriesError as e:
         return str(e)
     return None
@@ -433,13 +425,9 @@ def display_notes(headers: list[Dataset]) -> list[str]:
     return ["MONOCHROME1 images inverted into MONOCHROME2 sense (high values bright)"]
 
 
-def read_classic(
-    name: str, files: list[Path], headers: list[Dataset], offsets: list[int | None]
-) -> SourceSeries:
-    """A volume from single-frame images (one file per slice)."""
-    if len(headers) == 1:
-        raise SeriesError(f"{name}: a single image, not a volume")
-    plan = plan_stack(
+def _plan_classic(name: str, files: list[Path], headers: list[Dataset]) -> StackPlan:
+    """The stack plan of single-frame images (headers only; refuses with SeriesError)."""
+    return plan_stack(
         name,
         np.array([_floats(h, "ImagePositionPatient", 3) for h in headers]),
         np.array([_floats(h, "ImageOrientationPatient", 6) for h in headers]),
@@ -448,6 +436,15 @@ def read_classic(
         [str(pixels.value(h, "SOPInstanceUID", i)) for i, h in enumerate(headers)],
         labels=[f"image {f.name}" for f in files],
     )
+
+
+def read_classic(
+    name: str, files: list[Path], headers: list[Dataset], offsets: list[int | None]
+) -> SourceSeries:
+    """A volume from single-frame images (one file per slice)."""
+    if len(headers) == 1:
+        raise SeriesError(f"{name}: a single image, not a volume")
+    plan = _plan_classic(name, files, headers)
     order = plan.order
     hs = [headers[i] for i in order]
     for_uid, notes = validate.frame_of_reference(name, hs)
