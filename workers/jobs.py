@@ -640,8 +640,8 @@ def _attempt(store: JobStore, job: Job, lease: _Lease) -> dict:
         )  # fmt: skip
         for sr in report.steps:
             timings[sr.name] = timings.get(sr.name, 0.0) + sr.seconds
-        written = report.written
-        failures = [_plain(str(f)) for f in getattr(report, "failures", [])]
+        written, state = report.written, report.state
+        failures = [_plain(str(f)) for f in report.failures]
         lease.at("store")
         t0 = time.perf_counter()
         if written:
@@ -680,10 +680,9 @@ def _attempt(store: JobStore, job: Job, lease: _Lease) -> dict:
         })  # fmt: skip
         o["instances"].append(w.sop_instance_uid)
     stored = f"{len(written)} objects stored"
-    if not failures:
+    if state == "done":
         return final("done", stored, outputs=list(outputs.values()), error=None)
     why = "; ".join(failures)
-    state = "partial" if written else "failed"
     return final(state, f"{stored}; failed: {why}" if written else why,
                  outputs=list(outputs.values()), error=why)  # fmt: skip
 

@@ -184,7 +184,7 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
         )
         res.failures = [asdict(f) for f in report.failures]
         res.error = "; ".join(str(f) for f in report.failures)
-        res.state = "done" if report.complete else "partial" if report.written else "failed"
+        res.state = report.state
         # What the writers changed in copied source attributes, each sentence once.
         res.notes = list(dict.fromkeys(res.notes + [n for w in report.written for n in w.notes]))
         res.steps = [

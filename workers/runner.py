@@ -75,6 +75,11 @@ class RunReport:
         """Every step ran and every output was written."""
         return not self.failures
 
+    @property
+    def state(self) -> str:
+        """``done``, ``partial`` (some outputs written, some failed) or ``failed`` (none)."""
+        return "done" if self.complete else "partial" if self.written else "failed"
+
 
 Progress = Callable[[str], None]
 
