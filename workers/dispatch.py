@@ -29,14 +29,6 @@ class Dispatcher(Protocol):
         """Release waiting jobs again after ``delay_s`` (a job's retry time comes)."""
 
 
-class RetryLater(Exception):
-    """Kept for callers of earlier versions: jobs now wait in the store (``not_before``)."""
-
-    def __init__(self, job_id: int, delay_s: float, cause: Exception) -> None:
-        super().__init__(f"job {job_id}: retry in {delay_s:.0f}s: {cause}")
-        self.job_id, self.delay_s, self.cause = job_id, delay_s, cause
-
-
 class InProcessDispatcher:
     """Embedded default: runs jobs in this process, one at a time, in submission order.
 

@@ -36,7 +36,7 @@ from pipelines import StepError, canonical_params, get_step
 from pipelines.rules import Match, explain, route
 from workers.archive import Archive, ArchiveError, destination_for, open_archive
 from workers.config import settings
-from workers.dispatch import Dispatcher, InProcessDispatcher, RetryLater, dispatcher, set_dispatcher
+from workers.dispatch import Dispatcher, InProcessDispatcher, dispatcher, set_dispatcher
 from workers.jobstore import FINAL, Job, JobStore, StoreUnavailable, open_store, retrying
 from workers.rulesource import current_rules
 from workers.source import SeriesError
@@ -45,7 +45,6 @@ __all__ = [
     "CompletionPending",
     "Dispatcher",
     "InProcessDispatcher",
-    "RetryLater",
     "archive_for",
     "dispatcher",
     "execute_job",
