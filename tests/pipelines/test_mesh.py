@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipelines import Code, Labelmap, Segment, StepError, Volume, get_step
-from tests.pipelines.phantom3d import chest
+from pipelines.testing import chest_ct
 
 # 30° about z, then a mirrored third axis (det = -1): exercises the index -> LPS transform.
 C, S = np.cos(np.pi / 6), np.sin(np.pi / 6)
@@ -76,7 +76,7 @@ def test_triangle_budget() -> None:
 
 
 def test_segment_is_computed_when_not_in_prior_and_missing_names_fail() -> None:
-    ph = chest(n_slices=24, size=96, spacing=(3.0, 3.0, 3.0))
+    ph = chest_ct(n_slices=24, size=96, spacing=(3.0, 3.0, 3.0))
     st = get_step("mesh.surface")
     (mesh,) = st(ph.volume, st.validate({"segment": "lungs"}))
     assert mesh.segment.name == "Lungs"

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipelines import StepError, Volume, get_step
-from tests.pipelines.phantom3d import chest
+from pipelines.testing import chest_ct
 
 
 def run(name: str, volume: Volume, **params) -> tuple[np.ndarray, list]:
@@ -27,7 +27,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def phantom():
-    return chest()
+    return chest_ct()
 
 
 def test_body_is_the_patient_without_the_table(phantom) -> None:
@@ -55,7 +55,7 @@ def test_lungs_left_right_and_airways_excluded(phantom) -> None:
 
 
 def test_lungs_touching_first_and_last_slice_are_found() -> None:
-    ph = chest(lungs_touch_ends=True)
+    ph = chest_ct(lungs_touch_ends=True)
     assert (ph.lungs[0] > 0).any() and (ph.lungs[-1] > 0).any()
     labels, segs = run("segment.lungs", ph.volume)
     assert len(segs) == 2
@@ -84,10 +84,10 @@ def test_nothing_found_is_an_error_not_an_empty_labelmap() -> None:
     air = sitk.Image(64, 64, 20, sitk.sitkInt16) - 1000
     with pytest.raises(StepError, match="no patient found"):
         run("segment.body", Volume(air, "CT"))
-    no_lungs = chest(n_slices=20, size=96, spacing=(3.0, 3.0, 3.0), with_lungs=False)
+    no_lungs = chest_ct(n_slices=20, size=96, spacing=(3.0, 3.0, 3.0), with_lungs=False)
     with pytest.raises(StepError, match="no lungs found"):
         run("segment.lungs", no_lungs.volume)
-    no_bone = chest(n_slices=20, size=96, spacing=(3.0, 3.0, 3.0), with_bone=False)
+    no_bone = chest_ct(n_slices=20, size=96, spacing=(3.0, 3.0, 3.0), with_bone=False)
     with pytest.raises(StepError, match="no bone found"):
         run("segment.bone", no_bone.volume)
 
