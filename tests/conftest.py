@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.browser import browser  # noqa: F401
 from tests.harness.fixtures import ct_files, dcmtk, orthanc, orthanc_server  # noqa: F401
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
