@@ -1,14 +1,32 @@
 """Pure post-processing: volumes in, typed results out. No I/O, no Celery, no DICOM files."""
 
-from pipelines.registry import Step, all_steps, canonical_params, get_step, step
-from pipelines.types import Code, ImageSeries, Labelmap, Mesh, Output, Segment, StepError, Volume
+from pipelines.catalog import all_steps, get_step
+from pipelines.registry import Step, canonical_params, step
+from pipelines.types import (
+    Code,
+    ImageSeries,
+    Labelmap,
+    Measurement,
+    Measurements,
+    Mesh,
+    Output,
+    SegAlgorithm,
+    Segment,
+    StepError,
+    Volume,
+    output_kind,
+    output_kinds,
+)
 
 __all__ = [
     "Code",
     "ImageSeries",
     "Labelmap",
+    "Measurement",
+    "Measurements",
     "Mesh",
     "Output",
+    "SegAlgorithm",
     "Segment",
     "Step",
     "StepError",
@@ -16,5 +34,7 @@ __all__ = [
     "all_steps",
     "canonical_params",
     "get_step",
+    "output_kind",
+    "output_kinds",
     "step",
 ]

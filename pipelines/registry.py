@@ -4,6 +4,8 @@ A step is a pure function ``fn(volume, params, prior=()) -> Output | list[Output
 what earlier steps of the same job returned, for steps that build on them (a mesh of a labelmap).
 Before it runs, its largest buffer is estimated from the source geometry
 (:meth:`Step.check_output_size`), so absurd params are refused before memory is asked for.
+
+This module only records steps; :mod:`pipelines.catalog` loads the built-in and plugin steps.
 """
 
 from __future__ import annotations
@@ -12,20 +14,22 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from importlib.metadata import entry_points
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from pipelines.types import Output, StepError, Volume
+from pipelines.queues import QUEUES
+from pipelines.types import Output, SegAlgorithm, StepError, Volume, output_kinds
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
-KINDS = ("series", "labelmap", "mesh")
 
-StepFn = Callable[..., Output | list[Output]]
+#: A step function: ``fn(volume, params, prior=())`` or ``fn(volume, params)``, returning one
+#: output or a list (of any Output subclasses: the registry checks the kinds at run time).
+StepFn = Callable[..., Any]
 #: ``estimate(params, shape_zyx, spacing_xyz, direction)`` -> (bytes, what): the step's largest
 #: buffer for a source volume of that geometry, and a noun phrase naming it and the params that
 #: size it ("an axial reformat of 480x480x300000 pixels (spacing_mm=0.001)").
@@ -48,7 +52,10 @@ def size_text(n_bytes: float) -> str:
 
 
 def default_estimate(
-    params: BaseModel, shape_zyx: Shape, spacing_xyz: Spacing, direction=None
+    params: BaseModel,
+    shape_zyx: Shape,
+    spacing_xyz: Spacing,
+    direction: Sequence[float] | None = None,
 ) -> tuple[int, str]:
     """Steps that keep the source grid: one 4-byte working array (labels, float copy) of it."""
     n = int(np.prod(np.asarray(shape_zyx, dtype=np.float64)))
@@ -86,7 +93,11 @@ def params_error_text(e: ValidationError) -> str:
 
 @dataclass(frozen=True)
 class Step:
-    """A registered step."""
+    """A registered step.
+
+    ``fn`` is the author's function as written; ``seg_algorithm`` describes how its labelmaps are
+    made (SEG segment descriptions); ``drop_empty`` leaves empty outputs out instead of failing.
+    """
 
     name: str
     version: str
@@ -96,8 +107,15 @@ class Step:
     summary: str
     resource: str = "cpu"
     estimate: Estimator = default_estimate
+    seg_algorithm: SegAlgorithm = field(default_factory=SegAlgorithm)
+    drop_empty: bool = False
 
-    def validate(self, values: dict | None = None) -> BaseModel:
+    @property
+    def origin(self) -> str:
+        """``module.qualname`` of the step function: who registered it."""
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    def validate(self, values: dict[str, Any] | None = None) -> BaseModel:
         """Validate raw params (from YAML, CLI or API) into the step's params model.
 
         Raises pydantic's ``ValidationError``; :func:`params_error_text` words it for users.
@@ -117,8 +135,8 @@ class Step:
         ``shape_zyx`` and ``spacing_xyz`` are the source volume's (as read, or as the header
         claims); ``direction`` its 9 direction cosines when known (oblique sources resample).
         """
-        shape = tuple(int(n) for n in shape_zyx)
-        spacing = tuple(float(s) for s in spacing_xyz)
+        shape = (int(shape_zyx[0]), int(shape_zyx[1]), int(shape_zyx[2]))
+        spacing = (float(spacing_xyz[0]), float(spacing_xyz[1]), float(spacing_xyz[2]))
         n_bytes, what = self.estimate(params, shape, spacing, direction)
         if n_bytes > max_bytes:
             raise StepError(
@@ -129,12 +147,25 @@ class Step:
     def __call__(
         self, volume: Volume, params: BaseModel, prior: Sequence[Output] = ()
     ) -> list[Output]:
-        out = self.fn(volume, params, prior)
-        outs = out if isinstance(out, list) else [out]
+        """Run the step; its outputs, each of a declared kind and none empty.
+
+        StepError naming what is missing when an output is empty (every step gets this: a SEG
+        without a voxel or an SR without a number is not written); with ``drop_empty`` empty
+        outputs are left out, and only a step left with none fails.
+        """
+        if len(inspect.signature(self.fn).parameters) >= 3:
+            out = self.fn(volume, params, prior)
+        else:
+            out = self.fn(volume, params)
+        outs: list[Output] = out if isinstance(out, list) else [out]
         for o in outs:
-            if o.kind not in self.produces:
-                raise TypeError(f"step {self.name} returned {o.kind}, declared {self.produces}")
-        return outs
+            if not isinstance(o, Output) or o.kind not in self.produces:
+                got = o.kind if isinstance(o, Output) else type(o).__name__
+                raise TypeError(f"step {self.name} returned {got}, declared {self.produces}")
+        reasons = [(o, r) for o in outs if (r := o.empty_reason())]
+        if reasons and (not self.drop_empty or len(reasons) == len(outs)):
+            raise StepError(f"{self.name} produced nothing to write: {reasons[0][1]}")
+        return [o for o in outs if all(o is not e for e, _ in reasons)]
 
 
 def canonical_params(params: BaseModel) -> str:
@@ -153,12 +184,21 @@ def step(
     produces: str | tuple[str, ...],
     resource: str = "cpu",
     estimate: Estimator | None = None,
+    seg_algorithm: SegAlgorithm | None = None,
+    drop_empty: bool = False,
 ) -> Callable[[StepFn], StepFn]:
     """Register a pure step; validates name, version, params model and docstring at import.
 
+    ``produces`` names registered output kinds (:func:`pipelines.types.output_kinds`).
+    ``resource`` is the queue its jobs run on (:data:`pipelines.queues.QUEUES`).
     ``estimate`` sizes the step's largest buffer (see :data:`Estimator`); by default one 4-byte
     array on the source grid. Give one when the output grid follows the params (reformats,
     projections) so absurd params are refused before any memory is asked for.
+    ``seg_algorithm`` (labelmap steps) is the SEG algorithm family and type; by default
+    Morphological Operations, AUTOMATIC. ``drop_empty``: see :class:`Step`.
+
+    Registering the same function again (its module imported twice) replaces it silently;
+    another function under a registered name is refused, naming both modules.
     """
     produces_t = (produces,) if isinstance(produces, str) else tuple(produces)
 
@@ -169,59 +209,53 @@ def step(
             raise ValueError(f"step {name}: version {version!r} is not semver (1.2.3)")
         if not (isinstance(params, type) and issubclass(params, BaseModel)):
             raise TypeError(f"step {name}: params must be a pydantic model class")
-        if bad := [k for k in produces_t if k not in KINDS]:
-            raise ValueError(f"step {name}: unknown output kind(s) {bad}; known: {KINDS}")
+        kinds = output_kinds()
+        if not produces_t or (bad := [k for k in produces_t if k not in kinds]):
+            raise ValueError(
+                f"step {name}: unknown output kind(s) {bad if produces_t else '(none)'}; known: "
+                f"{', '.join(sorted(kinds))} (a new kind is an Output subclass registered "
+                "with pipelines.types.output_kind)"
+            )
+        if resource not in QUEUES:
+            raise ValueError(
+                f"step {name}: resource {resource!r} is not a queue; one of {', '.join(QUEUES)}"
+            )
+        if seg_algorithm is not None and "labelmap" not in produces_t:
+            raise ValueError(f"step {name}: seg_algorithm is for steps that produce a labelmap")
         doc = inspect.getdoc(fn)
         if not doc:
             raise ValueError(f"step {name}: a docstring is required (it is shown by `sprim steps`)")
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"step {name} is registered twice")
         sig = inspect.signature(fn)
         if len(sig.parameters) < 2:
             raise TypeError(f"step {name}: signature must be fn(volume, params, prior=())")
-        n_args = len(sig.parameters)
-        call = fn if n_args >= 3 else (lambda v, p, prior=(): fn(v, p))
-        _REGISTRY[name] = Step(
+        new = Step(
             name,
             version,
             params,
             produces_t,
-            call,
+            fn,
             doc.splitlines()[0],
             resource,
             estimate or default_estimate,
+            seg_algorithm or SegAlgorithm(),
+            drop_empty,
         )
+        old = _REGISTRY.get(name)
+        if old is not None and old.origin != new.origin:
+            raise ValueError(
+                f"step {name} is registered twice: by {old.origin} and by {new.origin}"
+            )
+        _REGISTRY[name] = new
         return fn
 
     return register
 
 
-_loaded = False
+def registered(name: str) -> Step:
+    """The step registered as ``name`` so far (no loading: see :func:`pipelines.catalog.get_step`)."""
+    return _REGISTRY[name]
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import pipelines.steps  # noqa: F401  (built-in steps register on import)
-
-    for ep in entry_points(group="sprim.steps"):
-        ep.load()
-
-
-def get_step(name: str) -> Step:
-    """The registered step called ``name``; KeyError with the known names otherwise."""
-    _load()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown step {name!r}; known steps: {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def all_steps() -> list[Step]:
-    """Every registered step, sorted by name."""
-    _load()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+def registered_steps() -> dict[str, Step]:
+    """Every step registered so far, by name (no loading)."""
+    return dict(_REGISTRY)

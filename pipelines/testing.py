@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from pipelines.registry import get_step
+from pipelines.catalog import get_step
 from pipelines.types import Output, Volume
 
 #: Hounsfield units of the chest CT phantom's tissues (before noise).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,13 +44,56 @@ class Volume:
 
 @dataclass
 class Output:
-    """Base of everything a step returns."""
+    """Base of everything a step returns.
+
+    A subclass is a new output kind once registered with :func:`output_kind`; `workers/` needs a
+    writer for it before its outputs can become DICOM objects.
+    """
 
     kind: ClassVar[str] = "output"
     #: Short radiologist-readable label, becomes (part of) SeriesDescription: "COR 3mm AVG".
     description: str
 
+    def empty_reason(self) -> str | None:
+        """Why this output holds nothing worth writing (None = it holds something).
 
+        The step registry turns a non-None answer into a :class:`StepError` for every step.
+        """
+        return None
+
+
+_O = TypeVar("_O", bound=type[Output])
+_KINDS: dict[str, type[Output]] = {}
+
+
+def output_kind(cls: _O) -> _O:
+    """Class decorator: ``cls.kind`` becomes a kind steps may declare in ``produces``.
+
+    Registering the same class again (a module imported twice) is harmless; another class under
+    a kind already registered is refused, naming both.
+    """
+    kind = cls.kind
+    if not isinstance(kind, str) or not kind.isidentifier() or kind == Output.kind:
+        raise ValueError(f"{cls.__qualname__}: kind must be a lower-case word, got {kind!r}")
+    known = _KINDS.get(kind)
+    if known is not None and _origin(known) != _origin(cls):
+        raise ValueError(
+            f"output kind {kind!r} is registered twice: {_origin(known)} and {_origin(cls)}"
+        )
+    _KINDS[kind] = cls
+    return cls
+
+
+def _origin(obj: type | object) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+
+
+def output_kinds() -> dict[str, type[Output]]:
+    """Every registered output kind and its class."""
+    return dict(_KINDS)
+
+
+@output_kind
 @dataclass
 class ImageSeries(Output):
     """A derived image series (reformat, slab, projection) on its own regular grid.
@@ -79,7 +122,12 @@ class ImageSeries(Output):
     slab_thickness_mm: float | None = None
     slab_mode: str = "NONE"
     cine_rate: float | None = None
-    slice_geometry: Sequence[tuple[tuple[float, float, float], tuple[float, ...]]] | None = None
+    slice_geometry: Sequence[tuple[tuple[float, ...], tuple[float, ...]]] | None = None
+
+    def empty_reason(self) -> str | None:
+        if self.image is None or 0 in self.image.GetSize():
+            return f"the series {self.description!r} has no image"
+        return None
 
 
 @dataclass(frozen=True)
@@ -92,6 +140,7 @@ class Segment:
     type: Code
 
 
+@output_kind
 @dataclass
 class Labelmap(Output):
     """Segmentation on the source grid: voxel value = Segment.label, 0 = background.
@@ -104,7 +153,17 @@ class Labelmap(Output):
     image: sitk.Image = None  # type: ignore[assignment]
     segments: Sequence[Segment] = field(default_factory=tuple)
 
+    def empty_reason(self) -> str | None:
+        names = " or ".join(s.name for s in self.segments) or "any segment"
+        if self.image is None or not self.segments:
+            return f"the labelmap {self.description!r} has no segments"
+        labels = sitk.GetArrayViewFromImage(self.image)
+        if not labels.any() or not any((labels == s.label).any() for s in self.segments):
+            return f"no voxel of {names} was found in this series"
+        return None
 
+
+@output_kind
 @dataclass
 class Mesh(Output):
     """Triangle surface in patient coordinates (LPS, mm)."""
@@ -113,6 +172,110 @@ class Mesh(Output):
     vertices: np.ndarray = None  # type: ignore[assignment]  # (N, 3) float32
     faces: np.ndarray = None  # type: ignore[assignment]  # (M, 3) int32 vertex indices
     segment: Segment | None = None
+
+    def empty_reason(self) -> str | None:
+        if self.vertices is None or self.faces is None or len(self.faces) == 0:
+            what = f"segment {self.segment.name!r}" if self.segment else repr(self.description)
+            return f"the surface of {what} has no triangles"
+        return None
+
+
+#: UCUM units common in imaging measurements (scheme "UCUM"; value = the UCUM expression).
+MILLILITER = Code("ml", "UCUM", "milliliter")
+MILLIMETER = Code("mm", "UCUM", "millimeter")
+SQUARE_MILLIMETER = Code("mm2", "UCUM", "square millimeter")
+HOUNSFIELD_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+NO_UNITS = Code("1", "UCUM", "no units")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One numeric measurement, as a TID 300 Measurement of a TID 1500 report.
+
+    Attributes
+    ----------
+    name : Code
+        What is measured (concept name), e.g. SNOMED CT ``("118565006", "SCT", "Volume")`` or
+        DCM ``("112031", "DCM", "Attenuation Coefficient")`` for a CT density.
+    value : float
+        The number, in ``unit``. Must be finite.
+    unit : Code
+        A UCUM unit (scheme ``UCUM``), e.g. :data:`MILLILITER`, :data:`HOUNSFIELD_UNIT`.
+    segment : Segment or None
+        The structure measured: a segment of a labelmap (of this job when the SR should reference
+        its SEG). None = the measurement is of the whole series.
+    method : Code or None
+        How it was measured (CID 6147 / 7474), e.g. DCM ``("126030", "DCM", "Sum of segmented
+        voxel volumes")``.
+    derivation : Code or None
+        A statistic over the region (CID 7464), e.g. SCT ``("255619001", "SCT", "Mean")``.
+    """
+
+    name: Code
+    value: float
+    unit: Code
+    segment: Segment | None = None
+    method: Code | None = None
+    derivation: Code | None = None
+
+
+@output_kind
+@dataclass
+class Measurements(Output):
+    """Numeric measurements of the source series (and of segments), written as a TID 1500 SR.
+
+    Measurements of one segment are grouped (one Volumetric ROI group, referencing the segment
+    in the SEG when the same job wrote it); those without a segment form one group of their own.
+    """
+
+    kind: ClassVar[str] = "measurements"
+    measurements: Sequence[Measurement] = field(default_factory=tuple)
+
+    def empty_reason(self) -> str | None:
+        if not self.measurements:
+            return f"{self.description!r} holds no measurement"
+        return None
+
+    def __post_init__(self) -> None:
+        for m in self.measurements:
+            if m.unit.scheme != "UCUM":
+                raise ValueError(f"measurement {m.name.meaning}: unit {m.unit} is not UCUM")
+            if not np.isfinite(m.value):
+                raise StepError(f"measurement {m.name.meaning} is not a number ({m.value})")
+
+    def by_segment(self) -> dict[Segment | None, list[Measurement]]:
+        """Measurements grouped by segment (None first when present), in order of appearance."""
+        groups: dict[Segment | None, list[Measurement]] = {}
+        for m in sorted(self.measurements, key=lambda m: m.segment is not None):
+            groups.setdefault(m.segment, []).append(m)
+        return groups
+
+
+#: SEG algorithm types (SegmentAlgorithmType) a step may declare; MANUAL is not a step's.
+SEG_ALGORITHM_TYPES = ("AUTOMATIC", "SEMIAUTOMATIC")
+#: CID 7162 "Surface Processing Algorithm Families": thresholds, components, morphology.
+MORPHOLOGICAL_OPERATIONS = Code("123104", "DCM", "Morphological Operations")
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
+
+
+@dataclass(frozen=True)
+class SegAlgorithm:
+    """How a step's labelmaps were made, for the SEG's segment descriptions.
+
+    ``family`` is a CID 7162 code (:data:`MORPHOLOGICAL_OPERATIONS`,
+    :data:`ARTIFICIAL_INTELLIGENCE`, ...); ``type`` is ``AUTOMATIC`` or ``SEMIAUTOMATIC``.
+    """
+
+    family: Code = MORPHOLOGICAL_OPERATIONS
+    type: str = "AUTOMATIC"
+
+    def __post_init__(self) -> None:
+        if self.type not in SEG_ALGORITHM_TYPES:
+            raise ValueError(
+                f"SEG algorithm type {self.type!r}: one of {', '.join(SEG_ALGORITHM_TYPES)}"
+            )
+        if self.family.scheme != "DCM":
+            raise ValueError(f"SEG algorithm family {self.family} is not a CID 7162 (DCM) code")
 
 
 class StepError(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipelines.registry import get_step
+from pipelines.catalog import get_step
 from pipelines.rules.attributes import ROUTING_KEYWORDS
 from pipelines.rules.conditions import Condition, compile_condition
 from pipelines.rules.model import (

@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from pipelines.queues import PRIORITIES
 from pipelines.registry import Step
 from pipelines.rules.conditions import Condition
 
-PRIORITIES = {"urgent": 2, "normal": 1, "low": 0}
 PREFER = ("thinnest", "most_images", "first", "all")
 TRIGGERS = ("study_stable", "series_stable")
 CONTEXT_KEYS = ("calling_ae", "source", "institution")

@@ -21,7 +21,8 @@ from vtkmodules.vtkFiltersCore import (
     vtkWindowedSincPolyDataFilter,
 )
 
-from pipelines.registry import get_step, step
+from pipelines.registry import registered, step
+from pipelines.steps import segment as _segment  # noqa: F401  (registers SEGMENT_STEPS' steps)
 from pipelines.types import Code, Labelmap, Mesh, Output, Segment, StepError, Volume
 
 #: Segment name (lower case) -> the step that produces it; "lungs" selects every lung segment.
@@ -99,7 +100,7 @@ def labelmap_for(
                 f"no segment {name!r} in earlier outputs of this job and no step makes it; "
                 f"known: {', '.join(sorted(SEGMENT_STEPS))}"
             )
-        seg_step = get_step(step_name)
+        seg_step = registered(step_name)
         found = _select(seg_step(volume, seg_step.validate({})), name)
         if found is None:
             raise StepError(f"{step_name} found no segment {name!r}")
