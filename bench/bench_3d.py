@@ -22,7 +22,7 @@ _CHILD = r"""
 import json, resource, sys, tempfile, time
 from pathlib import Path
 from pipelines import get_step
-from workers.series import read_series, scan
+from workers.reading.series import read_series, scan
 from workers.writers import Provenance, write_output
 from workers.writers.seg import build_seg, unvalidated
 from workers.writers.sr import write_volume_report

@@ -120,7 +120,7 @@ def receive(series: Path, runs: int, tmp: Path) -> dict:
 
 # -- 2. fetch ------------------------------------------------------------------------------------
 def fetch(orthanc: OrthancServer, study: str, series_uid: str, mb: float, runs: int, tmp: Path):
-    from workers.archive.dicomweb import DicomWebArchive
+    from workers.archives.dicomweb import DicomWebArchive
 
     archive = DicomWebArchive(orthanc.dicomweb_url)
     res: dict[str, list[float]] = {"dicomweb_archive": [], "wado_raw_stream": [], "orthanc_zip": []}
@@ -151,7 +151,7 @@ def fetch(orthanc: OrthancServer, study: str, series_uid: str, mb: float, runs: 
 # -- 3. loop latency ------------------------------------------------------------------------------
 def loop_latency(series_list: list[Path], tmp: Path) -> dict:
     from tests.platform_kit import drop_vhost, make_vhost, rabbit_ready
-    from workers.jobstore import JobStore
+    from workers.platform.jobstore import JobStore
 
     if not rabbit_ready():
         return {"skipped": "RabbitMQ not running on 127.0.0.1:5672"}
@@ -244,8 +244,8 @@ def loop_latency(series_list: list[Path], tmp: Path) -> dict:
 # -- 4. store peers ------------------------------------------------------------------------------
 def store_peers(series: Path, tmp: Path) -> dict:
     """The MPR rule's outputs (written by ``sprim run``) into a fresh Orthanc three ways."""
-    from workers.archive.dicomweb import DicomWebArchive
-    from workers.archive.dimse import DimseArchive
+    from workers.archives.dicomweb import DicomWebArchive
+    from workers.archives.dimse import DimseArchive
 
     rules = tmp / "rules-store.yaml"
     rules.write_text(RULES)

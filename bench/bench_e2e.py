@@ -50,9 +50,9 @@ COST = """
 import json, sys, tempfile, time
 from pathlib import Path
 t0 = time.perf_counter()
-from workers.run import plan_rules
-from workers.runner import run_steps
-from workers.series import read_series, scan
+from workers.processing.offline import plan_rules
+from workers.processing.runner import run_steps
+from workers.reading.series import read_series, scan
 import workers.writers._builtin  # noqa: F401
 plan = plan_rules(None)  # built-in rules, every step imported: start-up, not per-series cost
 startup = time.perf_counter() - t0
@@ -84,7 +84,7 @@ STAGE = """
 import json, sys, tempfile, time
 from pathlib import Path
 from pipelines import get_step
-from workers.series import read_series, scan
+from workers.reading.series import read_series, scan
 from workers.writers import Provenance, write_output
 import workers.writers._builtin  # noqa: F401
 try:
@@ -244,7 +244,7 @@ def _cost_rows(cost: dict[str, Any], cmd: str) -> list[dict]:
 FETCH = """
 import json, sys, tempfile, time
 from pathlib import Path
-from workers.archive.dicomweb import DicomWebArchive
+from workers.archives.dicomweb import DicomWebArchive
 with tempfile.TemporaryDirectory(prefix="sprim-bench-fetch-") as d:
     t0 = time.perf_counter()
     files = DicomWebArchive(sys.argv[1]).fetch_series(sys.argv[2], sys.argv[3], Path(d))

@@ -23,7 +23,7 @@ CHILD = r"""
 import json, shutil, sys, tempfile, time
 from pathlib import Path
 from pipelines import get_step
-from workers.series import read_series, scan
+from workers.reading.series import read_series, scan
 from workers.writers import Provenance, write_output
 
 source = read_series(scan(Path(sys.argv[1]))[0])

@@ -42,19 +42,19 @@ from bench.common import (
 
 READ = """
 import json, sys, time
-from workers.series import read_series, scan
+from workers.reading.series import read_series, scan
 t0 = time.perf_counter()
 img = read_series(scan(sys.argv[1])[0]).volume.image
 print(json.dumps({"seconds": time.perf_counter() - t0, "size": list(img.GetSize()),
                   "pixel": img.GetPixelIDTypeAsString()}))
 """
-IMPORTS = "import json; from workers.series import read_series, scan; print('{}')"
+IMPORTS = "import json; from workers.reading.series import read_series, scan; print('{}')"
 MPR2 = """
 import json, sys, tempfile, time
 from pathlib import Path
-from workers.run import parse_sets
-from workers.runner import run_steps
-from workers.series import read_series, scan
+from workers.processing.offline import parse_sets
+from workers.processing.runner import run_steps
+from workers.reading.series import read_series, scan
 import workers.writers._builtin  # noqa: F401  (imports excluded from the timing)
 calls = parse_sets(["reformat.mpr"], ["planes=[axial]", "thickness_mm=2", "spacing_mm=2",
                                       "pixel_spacing_mm=2"])
@@ -308,7 +308,7 @@ def main() -> None:
         for tag, folder in sets.items():
             raw["read"].append(read_vs_peers(folder, runs, tag))
     if "reformat" not in args.skip:
-        code = "import pipelines.steps, workers.writers._builtin, workers.cli"
+        code = "import pipelines.steps, workers.writers._builtin, workers.interfaces.cli"
         raw["startup"] = repeat(lambda: run_python(code), runs)[0].to_dict()
         for tag, folder in sets.items():
             raw["reformat"][tag] = reformat_vs_plastimatch(folder, runs)

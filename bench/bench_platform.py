@@ -123,18 +123,18 @@ def bench_latency(n: int = 30) -> dict:
             time.sleep(0.1)
         from tasks.app import app as capp
         from tasks.dispatch import CeleryDispatcher
-        from workers import jobs
-        from workers.archive.folder import FolderArchive
-        from workers.jobstore import open_store
+        from workers.archives.folder import FolderArchive
+        from workers.platform import dispatcher, submission
+        from workers.platform.jobstore import open_store
 
         capp.conf.broker_url = env["SPRIM_BROKER_URL"]
-        jobs.set_dispatcher(CeleryDispatcher())
+        dispatcher.set_dispatcher(CeleryDispatcher())
         archive = FolderArchive(tmp / "archive", name="bench")
         store = open_store()
         lat, total = [], []
         for i in range(n + 3):
             st, _ = write_study(tmp / "archive" / "in", n_slices=2, size=4)
-            [j] = jobs.submit_study(st, archive, {})
+            [j] = submission.submit_study(st, archive, {})
             while (d := store.get(j.id)).state not in ("done", "failed"):
                 time.sleep(0.002)
             if i >= 3:  # warm-up: imports in the pool process

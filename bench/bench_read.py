@@ -37,12 +37,12 @@ print(json.dumps({{"seconds": seconds, "cpu_s": cpu, "max_rss_mb": rss, "extra":
 """
 
 _READ = (
-    "from workers.series import read_series, scan",
+    "from workers.reading.series import read_series, scan",
     "src = read_series(scan(sys.argv[1])[0]); img = src.volume.image\n"
     "extra = [img.GetPixelIDTypeAsString(), list(img.GetSize())]",
 )
 _IMPORT_ONLY = (
-    "from workers.series import read_series, scan",
+    "from workers.reading.series import read_series, scan",
     "extra = None",
 )
 

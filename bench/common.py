@@ -332,7 +332,7 @@ class Platform:
                 raise RuntimeError("celery worker did not start: see " + str(self.root))
             time.sleep(0.2)
         threading.Thread(target=self._watch_rss, daemon=True).start()
-        from workers.jobstore import default_url, open_store
+        from workers.platform.jobstore import default_url, open_store
 
         self.store = open_store(default_url(self.home))
         self.since = self.orthanc.get("/changes", params={"last": ""}).json().get("Last", 0)

@@ -3,7 +3,7 @@
 Queues (``SPRIM_QUEUE_PREFIX``, default ``sprim``): ``<p>.cpu`` runs jobs, ``<p>.io`` routes
 studies and releases jobs; both are priority queues (``x-max-priority`` 10: urgent 9, normal 5,
 low 1) dead-lettering to ``<p>.dead``. Fairness across institutions is done before the broker,
-by the job store's release (see :mod:`workers.jobstore`): the broker never holds more than
+by the job store's release (see :mod:`workers.platform.jobstore`): the broker never holds more than
 ``SPRIM_DISPATCH_WINDOW`` jobs, so a burst waits in the store, not in RabbitMQ.
 
 ``celery -A tasks worker -l info`` consumes both queues; ``celery -A tasks flower`` can watch
@@ -15,8 +15,8 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from workers.config import settings
-from workers.phi import quiet_phi_warnings
+from workers.core.config import settings
+from workers.core.phi import quiet_phi_warnings
 
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 PRIORITY = {2: 9, 1: 5, 0: 1}  # job priority (urgent, normal, low) -> AMQP priority

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import typer
 
-from workers.cli import app
-from workers.config import settings
+from workers.core.config import settings
+from workers.interfaces.cli import app
 
 
 def _wire() -> None:
+    """Install the dispatcher every command submits jobs through (this is the composition root)."""
+    from workers.interfaces import cli_ingest
+    from workers.platform.dispatcher import set_dispatcher
+
     if settings().broker_url:
         from tasks.dispatch import CeleryDispatcher
-        from workers.jobs import set_dispatcher
 
         set_dispatcher(CeleryDispatcher())
+        cli_ingest.BROKER_DISPATCHER = CeleryDispatcher
+    else:
+        from workers.platform.inprocess import InProcessDispatcher
+
+        set_dispatcher(InProcessDispatcher())
 
 
 @app.command(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from tasks.app import PRIORITY, queue_name
-from workers.config import settings
-from workers.jobstore import Job
+from tasks.app import PRIORITY, app, queue_name
+from workers.core.config import settings
+from workers.platform.jobstore import Job
 
 
 def _limits(job: Job) -> tuple[float, float]:
@@ -28,13 +28,12 @@ def _resource(job: Job) -> str:
 
 
 class CeleryDispatcher:
-    """Implements :class:`workers.dispatch.Dispatcher` with Celery tasks over RabbitMQ."""
+    """Implements :class:`workers.platform.dispatcher.Dispatcher` with Celery tasks over RabbitMQ."""
 
     def send_job(self, job: Job, countdown: float | None = None) -> None:
-        from tasks.jobs import run_job
-
         soft, hard = _limits(job)
-        run_job.apply_async(
+        app.send_task(  # by name: the task module (tasks.jobs) installs this dispatcher
+            "sprim.run_job",
             args=[job.id],
             queue=queue_name(_resource(job)),
             priority=PRIORITY.get(job.priority, 5),
@@ -47,11 +46,7 @@ class CeleryDispatcher:
     def send_retry(self, job: Job | None, delay_s: float) -> None:
         """Release waiting jobs after ``delay_s`` (a retry time comes; workers' periodic
         release catches up too)."""
-        from tasks.jobs import release
-
-        release.apply_async(countdown=delay_s or None)
+        app.send_task("sprim.release", countdown=delay_s or None)
 
     def send_route(self, study_uid: str, seq: int, rules: list[str], delay_s: float) -> None:
-        from tasks.jobs import route_study
-
-        route_study.apply_async(args=[study_uid, seq, rules], countdown=delay_s or None)
+        app.send_task("sprim.route_study", args=[study_uid, seq, rules], countdown=delay_s or None)

@@ -16,14 +16,14 @@ from celery.exceptions import TimeLimitExceeded
 
 from tasks.app import app, dead_letter_queue
 from tasks.dispatch import CeleryDispatcher
-from workers import jobs
-from workers.config import settings
-from workers.jobstore import _STORES, StoreUnavailable, open_store, retrying
-from workers.plugins import load_plugins
+from workers.core.config import settings
+from workers.core.plugins import load_plugins
+from workers.platform import dispatcher, executor, leases, submission
+from workers.platform.jobstore import StoreUnavailable, after_fork, open_store, retrying
 
 log = logging.getLogger("sprim.tasks")
 DISPATCHER = CeleryDispatcher()
-jobs.set_dispatcher(DISPATCHER)
+dispatcher.set_dispatcher(DISPATCHER)
 load_plugins()  # SPRIM_PLUGINS step modules: registered in every worker process
 
 
@@ -44,10 +44,10 @@ def run_job(self, job_id: int, final: dict | None = None) -> str | None:
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     try:
         if final is not None:
-            job = jobs.record_final(job_id, final, disp=DISPATCHER)
+            job = executor.record_final(job_id, final, disp=DISPATCHER)
         else:
-            job = jobs.execute_job(job_id, disp=DISPATCHER, redelivered=redelivered)
-    except jobs.CompletionPending as e:
+            job = executor.execute_job(job_id, disp=DISPATCHER, redelivered=redelivered)
+    except executor.CompletionPending as e:
         raise self.retry(
             args=[job_id],
             kwargs={"final": e.final},
@@ -69,7 +69,7 @@ def run_job(self, job_id: int, final: dict | None = None) -> str | None:
 def route_study(self, study_uid: str, seq: int, rules: list[str]) -> int:
     """Route a study whose quiet period elapsed (superseded if it changed since ``seq``)."""
     try:
-        return len(retrying(jobs.route_due, study_uid, seq, rules, disp=DISPATCHER))
+        return len(retrying(submission.route_due, study_uid, seq, rules, disp=DISPATCHER))
     except StoreUnavailable:
         raise self.retry(countdown=_store_retry_delay(self.request.retries)) from None
 
@@ -77,7 +77,7 @@ def route_study(self, study_uid: str, seq: int, rules: list[str]) -> int:
 @app.task(name="sprim.release")
 def release() -> int:
     try:
-        return len(jobs.release(disp=DISPATCHER))
+        return len(submission.release(disp=DISPATCHER))
     except Exception as e:  # noqa: BLE001  (store outage: the periodic release catches up)
         log.warning("event=release_failed error=%s", type(e).__name__)
         return 0
@@ -99,13 +99,12 @@ def _on_failure(sender=None, task_id=None, exception=None, args=None, **_kw) -> 
         lease_owner=None, lease_expires_at=None,
     )  # fmt: skip
     log.error("job=%s event=failed error=%s", job_id, msg)
-    jobs.release(disp=DISPATCHER)
+    submission.release(disp=DISPATCHER)
 
 
 @signals.worker_process_init.connect
 def _after_fork(**_kw) -> None:
-    for store in _STORES.values():  # never share a parent's DB connections
-        store.engine.dispose(close=False)
+    after_fork()
     _limit_memory()
 
 
@@ -130,8 +129,8 @@ def _start_release_loop(**_kw) -> None:
 
     def tick() -> None:
         try:
-            jobs.sweep_work()
-            jobs.release(disp=DISPATCHER)
+            leases.sweep_work()
+            submission.release(disp=DISPATCHER)
         except Exception as e:  # noqa: BLE001  (store or broker outage: next tick)
             log.warning("event=release_loop_error error=%s", type(e).__name__)
 

@@ -48,45 +48,6 @@ def touch(volume: Volume, params: TouchParams) -> ImageSeries:
     return ImageSeries(description=f"{params.label}", image=sitk.Image(volume.image), plane="axial")
 
 
-def _fallback_writer() -> None:
-    """Until the real series writer lands: a minimal one (same UIDs scheme: Provenance.uids)."""
-    from workers.writers import (
-        _WRITERS,
-        WrittenObject,
-        _builtin,  # noqa: F401
-        writer,
-    )
-
-    if "series" in _WRITERS:
-        return
-
-    @writer("series")
-    def _write(output, source, prov, out_dir):
-        uids = prov.uids(source)
-        arr = sitk.GetArrayFromImage(output.image).astype(np.int16)
-        folder = out_dir / uids.series_uid
-        folder.mkdir(parents=True, exist_ok=True)
-        out = []
-        for k in range(arr.shape[0]):
-            ds = pydicom.dcmread(source.files[0]) if source.files else pydicom.Dataset()
-            ds.SeriesInstanceUID = uids.series_uid
-            ds.SOPInstanceUID = uids.instance_uid(k)
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.SeriesDescription = output.description
-            ds.SeriesNumber = 1000 + prov.step_index * 10 + prov.output_index
-            ds.InstanceNumber = k + 1
-            ds.ImageType = ["DERIVED", "SECONDARY"]
-            ds.PixelData = arr[k].tobytes()
-            p = folder / f"{k:04d}.dcm"
-            ds.save_as(p, enforce_file_format=True)
-            out.append(WrittenObject(p, "series", ds.SOPClassUID, ds.SOPInstanceUID,
-                                     uids.series_uid, ds.SeriesNumber, output.description))  # fmt: skip
-        return out
-
-
-_fallback_writer()
-
-
 def write_study(
     folder: Path,
     *,

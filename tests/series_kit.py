@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 from pydicom import Dataset
 
-from workers.series import SeriesFiles, read_series, scan
-from workers.source import SourceSeries
+from workers.reading.series import SeriesFiles, read_series, scan
+from workers.reading.source import SourceSeries
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EDGE = DATA / "edge-cases"

@@ -43,7 +43,7 @@ def test_adding_a_step_example_runs(tmp_path: Path) -> None:
 
 
 def test_configuration_doc_lists_every_setting() -> None:
-    from workers.config import Settings
+    from workers.core.config import Settings
 
     text = (ROOT / "docs" / "configuration.md").read_text()
     missing = [n for n in Settings.model_fields if f"`SPRIM_{n.upper()}`" not in text]

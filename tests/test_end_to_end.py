@@ -22,7 +22,7 @@ import pytest
 from tests.harness.orthanc import OrthancServer, orthanc_available
 from tests.harness.studies import copy_as_new_study
 from tests.platform_kit import ROOT, VENV_BIN, drop_vhost, make_vhost, rabbit_ready
-from workers.archive.dicomweb import DicomWebArchive
+from workers.archives.dicomweb import DicomWebArchive
 
 pytestmark = pytest.mark.integration
 #: Orthanc outage during a job: 30 s, as the acceptance asks (SPRIM_TEST_OUTAGE_S to change).
@@ -108,7 +108,7 @@ class Loop:
                 p.wait(10)
 
     def jobs(self, study_uid: str):
-        from workers.jobstore import JobStore
+        from workers.platform.jobstore import JobStore
 
         store = JobStore(self.store_url)
         try:

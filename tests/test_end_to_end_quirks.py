@@ -20,9 +20,11 @@ import pytest
 from tests.harness.studies import copy_as_new_study
 from tests.test_end_to_end import _dciodvfy_errors, _until, loop  # noqa: F401  (fixture)
 from tests.workers.test_conformance import _ct_quirks
-from workers.run import load_ruleset
+from workers.processing.offline import load_ruleset
 
-DEFAULT_RULES = Path(__file__).resolve().parents[1] / "workers" / "default_rules.yaml"
+DEFAULT_RULES = (
+    Path(__file__).resolve().parents[1] / "workers" / "processing" / "default_rules.yaml"
+)
 FINAL = ("done", "partial", "failed")
 FOR_NOTE = "134 different FrameOfReferenceUIDs"
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]

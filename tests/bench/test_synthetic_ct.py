@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from bench.synthetic import HU_BONE, HU_LUNG, HU_SOFT, HU_TABLE, write_synthetic_ct
-from workers.series import read_series, scan
-from workers.source import SeriesError
+from workers.reading.series import read_series, scan
+from workers.reading.source import SeriesError
 
 SMALL = {"n_slices": 24, "size": 128, "spacing": (3.6, 3.6, 5.0)}
 

@@ -161,7 +161,7 @@ def test_explain_text_lists_picked_series():
 
 
 def test_default_rules_file_is_valid():
-    from workers.rulesource import DEFAULT_RULES, load_rules_file
+    from workers.processing.routing import DEFAULT_RULES, load_rules_file
 
     rs = load_rules_file(DEFAULT_RULES)
     assert {s.use for r in rs.rules for s in r.run} == {
@@ -177,8 +177,8 @@ def test_default_rules_file_is_valid():
 def test_hot_reload_keeps_good_rules_on_a_bad_edit(tmp_path):
     import os
 
-    from workers.jobstore import JobStore
-    from workers.rulesource import RuleSource
+    from workers.platform.jobstore import JobStore
+    from workers.processing.routing import RuleSource
 
     store = JobStore(f"sqlite:///{tmp_path / 'j.db'}")
     store.migrate()
@@ -206,7 +206,7 @@ def test_rules_doc_tables_every_routing_attribute_and_default_rules_point_at_it(
     rows = {kw for line in doc.splitlines() if line.startswith("| `") for kw in
             re.findall(r"`([A-Za-z]+)`", line.split("|")[1])}  # fmt: skip
     assert set(ROUTING_KEYWORDS) <= rows, set(ROUTING_KEYWORDS) - rows
-    assert "docs/rules.md" in (ROOT / "workers" / "default_rules.yaml").read_text()
+    assert "docs/rules.md" in (ROOT / "workers" / "processing" / "default_rules.yaml").read_text()
 
 
 def test_is_volume_is_one_stack_of_at_least_three_images():

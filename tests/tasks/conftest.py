@@ -113,18 +113,18 @@ def open_platform(plat: Platform):
     """The test process joins ``plat``: its SPRIM_* settings, the Celery dispatcher; undone after."""
     saved = dict(os.environ)
     os.environ.update({k: v for k, v in plat.env.items() if k.startswith("SPRIM_")})
-    from workers.config import settings
+    from workers.core.config import settings
 
     settings.cache_clear()
     from tasks.app import app as celery_app
     from tasks.dispatch import CeleryDispatcher
-    from workers import jobs
+    from workers.platform import dispatcher, inprocess, submission
 
     celery_app.conf.broker_url = plat.env["SPRIM_BROKER_URL"]  # if tasks was imported before
     celery_app._pool = None  # connections of an earlier platform's broker: not reused
     if "amqp" in celery_app.__dict__:
         celery_app.amqp._producer_pool = None
-    jobs.set_dispatcher(CeleryDispatcher())
+    dispatcher.set_dispatcher(CeleryDispatcher())
     try:
         yield plat
     finally:
@@ -132,13 +132,13 @@ def open_platform(plat: Platform):
         os.environ.clear()
         os.environ.update(saved)
         settings.cache_clear()
-        jobs.set_dispatcher(jobs.InProcessDispatcher())
-        from workers.jobstore import _STORES
+        dispatcher.set_dispatcher(inprocess.InProcessDispatcher())
+        from workers.platform.jobstore import _STORES
 
         for s in list(_STORES.values()):
             s.dispose()
         _STORES.clear()
-        jobs._ARCHIVES.clear()
+        submission._ARCHIVES.clear()
 
 
 @pytest.fixture(scope="module")

@@ -56,13 +56,13 @@ def _wait(pred, timeout: float, what: str, step: float = 0.2):
 
 
 def _store():
-    from workers.jobstore import open_store
+    from workers.platform.jobstore import open_store
 
     return open_store()
 
 
 def _batch(plat, n: int, institution: str = "SITE CHAOS", archive=None) -> list[int]:
-    from workers.jobs import archive_for, submit_study
+    from workers.platform.submission import archive_for, submit_study
 
     archive = archive or archive_for(str(plat.archive))
     ids = []
@@ -129,7 +129,7 @@ def test_job_store_outage_of_15s_mid_run_drains_without_anyone(chaos_platform):
             import os
 
             os.environ["SPRIM_JOB_STORE_URL"] = direct
-            from workers.config import settings
+            from workers.core.config import settings
 
             settings.cache_clear()
             plat.start_worker("w1", concurrency=2)
@@ -207,7 +207,7 @@ def orthanc(tmp_path):
 
 
 def test_archive_outage_backing_off_jobs_give_their_slots_to_other_sites(chaos_platform, orthanc):
-    from workers.jobs import archive_for, submit_study
+    from workers.platform.submission import archive_for, submit_study
 
     plat = chaos_platform
     plat.env["SPRIM_MAX_ATTEMPTS"] = "12"  # 1, 2, 4 … s: the 20 s outage is survived
@@ -253,7 +253,7 @@ def test_archive_outage_backing_off_jobs_give_their_slots_to_other_sites(chaos_p
 def test_job_over_its_memory_limit_fails_with_its_reason_and_celery_says_failure(chaos_platform):
     """SPRIM_JOB_MEMORY_MB (RLIMIT_AS of pool processes): a job asking for more fails at the
     allocation, before the host feels it; the task ends in FAILURE with the job's reason."""
-    from workers.jobs import archive_for, archive_spec, release
+    from workers.platform.submission import archive_for, archive_spec, release
 
     plat = chaos_platform
     plat.env["SPRIM_JOB_MEMORY_MB"] = "3000"  # a pool process maps ~1 GB before any job
@@ -301,7 +301,7 @@ def test_embedded_listen_killed_mid_job_drains_after_restart(tmp_path):
 
     from tests.harness.orthanc import free_port, send
     from tests.platform_kit import ROOT
-    from workers.jobstore import JobStore
+    from workers.platform.jobstore import JobStore
 
     if not shutil.which("storescu"):
         pytest.skip("dcmtk not installed (make sysdeps)")

@@ -31,19 +31,19 @@ def _wait(pred, timeout: float, what: str, step: float = 0.05):
 
 
 def _archive(platform):
-    from workers.jobs import archive_for
+    from workers.platform.submission import archive_for
 
     return archive_for(str(platform.archive))
 
 
 def _submit(platform, study_uid: str, **ctx):
-    from workers.jobs import submit_study
+    from workers.platform.submission import submit_study
 
     return submit_study(study_uid, _archive(platform), ctx)
 
 
 def _store():
-    from workers.jobstore import open_store
+    from workers.platform.jobstore import open_store
 
     return open_store()
 
@@ -104,7 +104,7 @@ def _started_between(store, t_from: float, t_to: float, among: set[int]) -> list
 
 
 def _cancel_rest(store, ids) -> None:
-    from workers.reprocess import BadRequest, cancel
+    from workers.platform.reprocess import BadRequest, cancel
 
     for j in store.list(state="queued", limit=5000):
         if j.id in ids:
@@ -175,7 +175,7 @@ def test_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(platform, wo
     assert done.attempts == 2
     series_uid = done.outputs[0]["series_uid"]
     # run it a third time (a repeated job): the same UIDs replace, never duplicate
-    from workers.reprocess import reprocess
+    from workers.platform.reprocess import reprocess
 
     again = reprocess(store, st, ["test.touch"], requester="test")
     again = _wait(
@@ -219,7 +219,7 @@ def test_pool_child_killed_mid_job_is_redelivered(platform):
 
 def test_quiet_period_and_late_series_through_rabbitmq(platform, worker):
     """Routing waits for the rule's quiet period (a Celery countdown); a late series supersedes."""
-    from workers.jobs import notify_study
+    from workers.platform.submission import notify_study
 
     store = _store()
     folder = platform.archive / "in" / "QUIET"

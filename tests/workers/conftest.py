@@ -30,7 +30,7 @@ def store_url(request, tmp_path_factory):
     if url is None:
         pytest.skip("PostgreSQL not running on 127.0.0.1:5432")
     yield url
-    from workers.jobstore import _STORES
+    from workers.platform.jobstore import _STORES
 
     if url in _STORES:
         _STORES.pop(url).dispose()
@@ -40,7 +40,7 @@ def store_url(request, tmp_path_factory):
 @pytest.fixture
 def store(store_url):
     """A migrated, emptied store."""
-    from workers.jobstore import AuditRow, JobRow, JobStore, StudyRow
+    from workers.platform.jobstore import AuditRow, JobRow, JobStore, StudyRow
 
     s = JobStore(store_url)
     s.migrate()
@@ -54,8 +54,8 @@ def store(store_url):
 @pytest.fixture
 def sprim_env(tmp_path, store_url, store, monkeypatch):
     """Embedded sprim on ``store_url`` with test rules, the test step and an in-process dispatcher."""
-    from workers import jobs
-    from workers.config import settings
+    from workers.core.config import settings
+    from workers.platform import dispatcher, inprocess, submission
 
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
@@ -70,8 +70,8 @@ def sprim_env(tmp_path, store_url, store, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("SPRIM_BROKER_URL", raising=False)
     settings.cache_clear()
-    jobs.set_dispatcher(jobs.InProcessDispatcher())
-    jobs._ARCHIVES.clear()
+    dispatcher.set_dispatcher(inprocess.InProcessDispatcher())
+    submission._ARCHIVES.clear()
     yield tmp_path
     settings.cache_clear()
     assert os.environ.get("SPRIM_RULES_FILE") == str(rules)

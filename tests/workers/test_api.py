@@ -10,20 +10,20 @@ from tests.platform_kit import write_study
 
 @pytest.fixture
 def client(sprim_env, store_url):
-    from workers.api import create_app
-    from workers.jobstore import open_store
+    from workers.interfaces.api import create_app
+    from workers.platform.jobstore import open_store
 
     return TestClient(create_app(open_store(store_url)))
 
 
 @pytest.fixture
 def study(sprim_env):
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
+    from workers.archives.folder import FolderArchive
+    from workers.platform import submission
 
     archive = FolderArchive(sprim_env / "archive", name="local")
     st, _ = write_study(sprim_env / "archive" / "in", institution="SITE A")
-    [j] = jobs.submit_study(st, archive, {})
+    [j] = submission.submit_study(st, archive, {})
     return st, j.id
 
 

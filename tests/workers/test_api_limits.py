@@ -28,8 +28,8 @@ TOUCH = {"steps": [{"use": "test.touch"}]}
 
 @pytest.fixture
 def app(sprim_env, store_url):
-    from workers.api import create_app
-    from workers.jobstore import open_store
+    from workers.interfaces.api import create_app
+    from workers.platform.jobstore import open_store
 
     return create_app(open_store(store_url))
 
@@ -42,14 +42,14 @@ def client(app):
 @pytest.fixture
 def sites(sprim_env):
     """One processed study per institution: {"A": (study, series, job id), "B": (...)}."""
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
+    from workers.archives.folder import FolderArchive
+    from workers.platform import submission
 
     archive = FolderArchive(sprim_env / "archive", name="local")
     out = {}
     for site in ("A", "B"):
         st, se = write_study(sprim_env / "archive" / f"in-{site}", institution=f"SITE {site}")
-        [j] = jobs.submit_study(st, archive, {})
+        [j] = submission.submit_study(st, archive, {})
         assert j.state in ("queued", "done")
         out[site] = (st, se, j.id)
     return out
@@ -128,7 +128,7 @@ def test_authz_matrix_has_no_gap(app, client, sites):
 
 def test_reprocess_names_only_series_of_its_own_study(client, sites, sprim_env):
     """B's series under A's study: 404, for A and for the "*" token; later defaults stay in A."""
-    from workers.jobstore import open_store
+    from workers.platform.jobstore import open_store
 
     st_a, se_a, _ = sites["A"]
     st_b, se_b, _ = sites["B"]
@@ -161,7 +161,7 @@ def test_reprocess_names_only_series_of_its_own_study(client, sites, sprim_env):
 
 
 def test_request_size_is_bounded(client, sites, sprim_env):
-    from workers.jobstore import open_store
+    from workers.platform.jobstore import open_store
 
     st_a = sites["A"][0]
     store = open_store(os.environ["SPRIM_JOB_STORE_URL"])
@@ -198,7 +198,7 @@ def test_request_size_is_bounded(client, sites, sprim_env):
 def test_output_size_is_checked_before_a_job_exists(client, sprim_env):
     """A series recorded as 512x512x2000 at 0.5 mm: a 0.1 mm reformat would need far too much."""
     from pipelines import get_step
-    from workers.jobstore import open_store
+    from workers.platform.jobstore import open_store
 
     if not hasattr(get_step("reformat.mpr"), "check_output_size"):
         pytest.skip("Step.check_output_size not available yet")
@@ -285,9 +285,9 @@ def _closed_port() -> int:
 
 
 def test_api_answers_503_when_the_store_is_unreachable(sprim_env, monkeypatch):
-    from workers.api import create_app
-    from workers.config import settings
-    from workers.jobstore import JobStore
+    from workers.core.config import settings
+    from workers.interfaces.api import create_app
+    from workers.platform.jobstore import JobStore
 
     url = f"postgresql+psycopg://root:s3cret@127.0.0.1:{_closed_port()}/sprim"
     for app in (create_app(JobStore(url)), None):
@@ -326,7 +326,7 @@ def test_cli_says_one_line_when_the_store_is_unreachable(tmp_path):
 def test_cli_refuses_malformed_job_ids(sprim_env):
     from typer.testing import CliRunner
 
-    from workers.cli import app
+    from workers.interfaces.cli import app
 
     for cmd in ("show", "cancel", "retry"):
         for bad in ("99999999999999999999999", "-1", "0", "abc"):

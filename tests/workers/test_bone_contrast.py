@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from pipelines import Volume, get_step
-from workers.series import read_series, scan
+from workers.reading.series import read_series, scan
 
 CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-tcia" / "series"
 pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="shared data absent")

@@ -30,10 +30,10 @@ from pydicom.uid import generate_uid
 
 from pipelines import get_step
 from pipelines.rules import RuleSet, explain
-from workers.run import JobResult, PlannedJob, load_ruleset, plan_rules, run
-from workers.runner import StepCall
-from workers.series import SeriesFiles, read_series
-from workers.source import SeriesError
+from workers.processing.offline import JobResult, PlannedJob, load_ruleset, plan_rules, run
+from workers.processing.runner import StepCall
+from workers.reading.series import SeriesFiles, read_series
+from workers.reading.source import SeriesError
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 CT = DATA / "ct-abdomen-tcia" / "series"
@@ -93,7 +93,7 @@ def _mr_quirks(ds: pydicom.Dataset) -> None:
 #: CT series up to this many images get the 3D steps of the default CT rules in the forced pass
 #: (segment, mesh, rotating MIP): the cost of the test is there. Every shared CT is below it.
 FORCED_3D_MAX_IMAGES = 150
-#: SeriesError codes (workers.source).
+#: SeriesError codes (workers.reading.source).
 CODES = {
     "pixel-format",
     "geometry",

@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 
 from pipelines import ImageSeries, Volume, get_step
-from workers.runner import StepCall, run_steps
-from workers.series import read_series, scan
-from workers.source import SeriesError, SourceSeries
+from workers.processing.runner import StepCall, run_steps
+from workers.reading.series import read_series, scan
+from workers.reading.source import SeriesError, SourceSeries
 from workers.writers import Provenance, WrittenObject, write_output
 from workers.writers.derived_series import sop_class_for
 

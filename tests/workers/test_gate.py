@@ -1,4 +1,4 @@
-"""The input gate (workers/validate.py) on mutated copies of real series: each defect family is
+"""The input gate (workers/reading/validate.py) on mutated copies of real series: each defect family is
 refused with its code and a message naming the series; tolerable quirks are accepted with a note.
 """
 
@@ -19,10 +19,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import generate_uid
 
 from tests.series_kit import DATA, EDGE, needs_data, only, rescaled
-from workers import validate
-from workers.config import settings
-from workers.series import read_series
-from workers.source import SeriesError, SourceSeries
+from workers.core.config import settings
+from workers.reading import validate
+from workers.reading.series import read_series
+from workers.reading.source import SeriesError, SourceSeries
 
 pytestmark = needs_data
 

@@ -9,8 +9,8 @@ import threading
 import time
 
 from tests.platform_kit import write_study
-from workers.jobmodels import JobRow
-from workers.jobs import _HOST
+from workers.platform.jobmodels import JobRow
+from workers.platform.leases import _HOST
 
 
 def _job(store, inst="A", prio=1, **kw):
@@ -96,29 +96,29 @@ def test_failed_send_puts_the_job_back(store):
 
 
 def test_study_matching_no_rule_is_recorded_not_an_error(sprim_env, store_url):
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
-    from workers.jobstore import open_store
+    from workers.archives.folder import FolderArchive
+    from workers.platform import submission
+    from workers.platform.jobstore import open_store
 
     archive = FolderArchive(sprim_env / "archive", name="local")
     st, _ = write_study(sprim_env / "archive" / "in", modality="MR", institution="SITE A")
-    [rec] = jobs.submit_study(st, archive, {"calling_ae": "MRI1"})
+    [rec] = submission.submit_study(st, archive, {"calling_ae": "MRI1"})
     assert rec.state == "no_match" and rec.error is None and rec.steps == []
     assert "Modality: 'MR' not in ['CT']" in rec.context["why"]
-    assert jobs.submit_study(st, archive, {}) == []  # recorded once
+    assert submission.submit_study(st, archive, {}) == []  # recorded once
     store = open_store(store_url)
     assert store.list(state="failed", study_uid=st) == []
 
 
 def test_job_runs_real_path_in_process_and_repeat_replaces(sprim_env, store_url):
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
-    from workers.jobstore import open_store
-    from workers.reprocess import reprocess
+    from workers.archives.folder import FolderArchive
+    from workers.platform import submission
+    from workers.platform.jobstore import open_store
+    from workers.platform.reprocess import reprocess
 
     archive = FolderArchive(sprim_env / "archive", name="local")
     st, se = write_study(sprim_env / "archive" / "in", institution="SITE A")
-    [j] = jobs.submit_study(st, archive, {})
+    [j] = submission.submit_study(st, archive, {})
     store = open_store(store_url)
     done = store.get(j.id)
     assert done.state == "done", done.error
@@ -137,9 +137,10 @@ def test_job_runs_real_path_in_process_and_repeat_replaces(sprim_env, store_url)
 
 
 def test_step_error_fails_without_retry(sprim_env, store_url):
-    from workers.archive.folder import FolderArchive
-    from workers.jobs import archive_spec, execute_job
-    from workers.jobstore import open_store
+    from workers.archives.folder import FolderArchive
+    from workers.platform.executor import execute_job
+    from workers.platform.jobstore import open_store
+    from workers.platform.submission import archive_spec
 
     archive = FolderArchive(sprim_env / "archive", name="local")
     st, se = write_study(sprim_env / "archive" / "in")
@@ -156,10 +157,10 @@ def test_step_error_fails_without_retry(sprim_env, store_url):
 
 
 def test_transient_archive_errors_retry_with_backoff_then_fail(sprim_env, store_url, monkeypatch):
-    from workers import jobs
-    from workers.archive import ArchiveError
-    from workers.config import settings
-    from workers.jobstore import JobRow, open_store
+    from workers.archives import ArchiveError
+    from workers.core.config import settings
+    from workers.platform import executor, submission
+    from workers.platform.jobstore import JobRow, open_store
 
     class Down:
         name = "down"
@@ -167,7 +168,7 @@ def test_transient_archive_errors_retry_with_backoff_then_fail(sprim_env, store_
         def fetch_series(self, *a):
             raise ArchiveError("connection refused", transient=True)
 
-    monkeypatch.setitem(jobs._ARCHIVES, "down://", Down())
+    monkeypatch.setitem(submission._ARCHIVES, "down://", Down())
     monkeypatch.setenv("SPRIM_MAX_ATTEMPTS", "5")
     settings.cache_clear()
     store = open_store(store_url)
@@ -175,32 +176,32 @@ def test_transient_archive_errors_retry_with_backoff_then_fail(sprim_env, store_
                          steps=[{"use": "test.touch"}])  # fmt: skip
     delays = []
     for _ in range(4):
-        out = jobs.execute_job(j.id, store)
+        out = executor.execute_job(j.id, store)
         assert out.state == "queued" and out.dispatched_at is None  # its slot is given back
         assert out.error.startswith("archive transient error: connection refused")
         delays.append(round(out.not_before - out.updated_at))
-        assert jobs.execute_job(j.id, store).attempts == out.attempts  # not before its time
+        assert executor.execute_job(j.id, store).attempts == out.attempts  # not before its time
         with store.Session.begin() as s:  # its retry time comes
             s.get(JobRow, j.id).not_before = time.time() - 1
     assert delays == [2, 4, 8, 16]
-    out = jobs.execute_job(j.id, store)
+    out = executor.execute_job(j.id, store)
     assert out.state == "failed" and "after 5 attempts" in out.error
     trail = [a.detail for a in store.audit_trail(job_id=j.id) if a.to_state == "running"]
     assert trail[1].startswith("attempt 2 after: archive transient error: connection refused")
 
 
 def test_late_series_retriggers_after_quiet_period(sprim_env, store_url):
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
-    from workers.jobstore import open_store
+    from workers.archives.folder import FolderArchive
+    from workers.platform import inprocess, submission
+    from workers.platform.jobstore import open_store
 
-    disp = jobs.InProcessDispatcher(background=True)
+    disp = inprocess.InProcessDispatcher(background=True)
     archive = FolderArchive(sprim_env / "archive", name="local")
     st, first = write_study(sprim_env / "archive" / "in", slice_thickness=2.0)
     store = open_store(store_url)
-    seq1 = jobs.notify_study(st, archive, {}, disp=disp)
+    seq1 = submission.notify_study(st, archive, {}, disp=disp)
     write_study(sprim_env / "archive" / "late", study_uid=st, slice_thickness=1.0)  # late, thinner
-    seq2 = jobs.notify_study(st, archive, {}, disp=disp)
+    seq2 = submission.notify_study(st, archive, {}, disp=disp)
     assert seq2 == seq1 + 1
     deadline = time.monotonic() + 20
     while not [j for j in store.list(study_uid=st) if j.state == "done"]:
@@ -216,14 +217,14 @@ def test_rules_simulate_over_known_studies(sprim_env, store_url):
     from typer.testing import CliRunner
 
     from tasks.cli import app
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
+    from workers.archives.folder import FolderArchive
+    from workers.platform import submission
 
     archive = FolderArchive(sprim_env / "archive", name="local")
     ct, _ = write_study(sprim_env / "archive" / "ct", institution="SITE A")
     mr, _ = write_study(sprim_env / "archive" / "mr", modality="MR", institution="SITE B")
-    jobs.submit_study(ct, archive, {})
-    jobs.submit_study(mr, archive, {})
+    submission.submit_study(ct, archive, {})
+    submission.submit_study(mr, archive, {})
     new = sprim_env / "new.yaml"
     new.write_text("rules:\n  - name: mr-new\n    match: {Modality: MR}\n    run: [test.touch]\n")
     r = CliRunner().invoke(app, ["rules", "simulate", str(new)], env={"COLUMNS": "300"})
@@ -237,17 +238,17 @@ def test_rules_simulate_over_known_studies(sprim_env, store_url):
 def test_destinations_send_outputs_of_an_institution_to_its_archive(
     sprim_env, store_url, monkeypatch
 ):
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
-    from workers.config import settings
-    from workers.jobstore import open_store
+    from workers.archives.folder import FolderArchive
+    from workers.core.config import settings
+    from workers.platform import submission
+    from workers.platform.jobstore import open_store
 
     regional = sprim_env / "regional"
     monkeypatch.setenv("SPRIM_DESTINATIONS", json.dumps({"SITE B": str(regional)}))
     settings.cache_clear()
     archive = FolderArchive(sprim_env / "archive", name="local")
     st, _ = write_study(sprim_env / "archive" / "in", institution="SITE B")
-    [j] = jobs.submit_study(st, archive, {})
+    [j] = submission.submit_study(st, archive, {})
     done = open_store(store_url).get(j.id)
     assert done.state == "done", done.error
     out_uid = done.outputs[0]["series_uid"]
@@ -271,15 +272,15 @@ def _running(store, job, owner: str, lease_in: float, **kw):
 
 
 def test_lapsed_lease_requeues_with_backoff_then_fails_as_poison(sprim_env, store_url):
-    from workers import jobs
-    from workers.jobstore import open_store
+    from workers.platform import leases
+    from workers.platform.jobstore import open_store
 
     store = open_store(store_url)
     j = _job(store, rule="r")
     for n in (1, 2):
         _running(store, store.get(j.id), "w:elsewhere:1:1:abc", -1, last_step="segment.bone",
                  peak_rss_mb=1234.4)  # fmt: skip
-        assert jobs.recover(store, _NoDisp()) == 1
+        assert leases.recover(store, _NoDisp()) == 1
         q = store.get(j.id)
         assert q.state == "queued" and q.worker_losses == n and q.dispatched_at is None
         assert round(q.not_before - q.updated_at) == 2 * n  # backoff 2, 4 s
@@ -292,7 +293,9 @@ def test_lapsed_lease_requeues_with_backoff_then_fails_as_poison(sprim_env, stor
             s.get(JobRow, j.id).not_before = time.time() - 1
     _running(store, store.get(j.id), f"w:{_HOST}:{_dead_pid()}:3:abc", 60,
              last_step="mesh", peak_rss_mb=2048.0)  # fmt: skip
-    assert jobs.recover(store, _NoDisp()) == 1  # a dead local owner is known at once, lease or not
+    assert (
+        leases.recover(store, _NoDisp()) == 1
+    )  # a dead local owner is known at once, lease or not
     out = store.get(j.id)
     assert out.state == "failed"
     assert out.error == "worker lost 3 times (last step mesh, peak RSS 2048 MB)"
@@ -307,8 +310,8 @@ def test_lapsed_lease_requeues_with_backoff_then_fails_as_poison(sprim_env, stor
 
 
 def test_window_is_not_held_by_lapsed_or_backing_off_jobs(sprim_env, store_url):
-    from workers import jobs
-    from workers.jobstore import open_store
+    from workers.platform import submission
+    from workers.platform.jobstore import open_store
 
     store = open_store(store_url)
     stuck = [_job(store, "A"), _job(store, "A")]
@@ -329,7 +332,7 @@ def test_window_is_not_held_by_lapsed_or_backing_off_jobs(sprim_env, store_url):
         def send_retry(self, job, delay_s):
             pass
 
-    jobs.release(store, Disp())
+    submission.release(store, Disp())
     assert sent == [
         fresh.id
     ]  # the lapsed jobs went back to waiting (their retry time), not the window
@@ -337,8 +340,8 @@ def test_window_is_not_held_by_lapsed_or_backing_off_jobs(sprim_env, store_url):
 
 
 def test_retry_works_on_a_running_job_whose_lease_expired(sprim_env, store_url):
-    from workers.jobstore import open_store
-    from workers.reprocess import BadRequest, retry
+    from workers.platform.jobstore import open_store
+    from workers.platform.reprocess import BadRequest, retry
 
     store = open_store(store_url)
     j = _job(store)
@@ -365,8 +368,8 @@ class _NoDisp:
 
 
 def _touch_job(store, sprim_env, steps):
-    from workers.archive.folder import FolderArchive
-    from workers.jobs import archive_spec
+    from workers.archives.folder import FolderArchive
+    from workers.platform.submission import archive_spec
 
     archive = FolderArchive(sprim_env / "archive", name="local")
     st, se = write_study(sprim_env / "archive" / "in")
@@ -375,9 +378,9 @@ def _touch_job(store, sprim_env, steps):
 
 
 def test_partial_job_stores_what_it_could_and_lists_each_failure(sprim_env, store_url, caplog):
-    from workers.jobs import execute_job
-    from workers.jobstore import open_store
-    from workers.reprocess import retry
+    from workers.platform.executor import execute_job
+    from workers.platform.jobstore import open_store
+    from workers.platform.reprocess import retry
 
     store = open_store(store_url)
     j = _touch_job(store, sprim_env, [
@@ -397,8 +400,8 @@ def test_partial_job_stores_what_it_could_and_lists_each_failure(sprim_env, stor
 
 
 def test_bad_params_and_bugs_are_classified(sprim_env, store_url):
-    from workers.jobs import execute_job
-    from workers.jobstore import open_store
+    from workers.platform.executor import execute_job
+    from workers.platform.jobstore import open_store
 
     store = open_store(store_url)
     bad = _touch_job(store, sprim_env, [{"use": "test.touch", "with": {"sleep_s": -1}}])
@@ -417,9 +420,9 @@ def test_bad_params_and_bugs_are_classified(sprim_env, store_url):
 
 
 def test_work_folders_of_dead_attempts_are_swept(sprim_env, store_url):
-    from workers import jobs
-    from workers.config import settings
-    from workers.jobstore import open_store
+    from workers.core.config import settings
+    from workers.platform import leases
+    from workers.platform.jobstore import open_store
 
     store = open_store(store_url)
     live, dead_, done = _job(store), _job(store), _job(store)
@@ -433,14 +436,14 @@ def test_work_folders_of_dead_attempts_are_swept(sprim_env, store_url):
     for n in names:
         (root / n / "in").mkdir(parents=True)
         (root / n / "in" / "x.dcm").write_bytes(b"PHI")
-    assert jobs.sweep_work(store) == 4
+    assert leases.sweep_work(store) == 4
     assert sorted(p.name for p in root.iterdir()) == sorted([names[0], "unrelated"])
 
 
 def test_embedded_queue_recovers_after_its_process_died(sprim_env, store_url):
     """A killed embedded `sprim listen` left a job running and one handed to its dead queue."""
-    from workers import jobs
-    from workers.jobstore import open_store
+    from workers.platform import inprocess
+    from workers.platform.jobstore import open_store
 
     store = open_store(store_url)
     gone = _dead_pid()
@@ -450,7 +453,7 @@ def test_embedded_queue_recovers_after_its_process_died(sprim_env, store_url):
     store.transition(b.id, "queued", dispatched_at=time.time(), dispatched_to=f"p:{_HOST}:{gone}")
     c = _touch_job(store, sprim_env, [{"use": "test.touch"}])  # waiting behind a full window
     with _settings(SPRIM_RETRY_BACKOFF_S="0.1", SPRIM_RELEASE_INTERVAL_S="1"):
-        disp = jobs.InProcessDispatcher(store, background=True)
+        disp = inprocess.InProcessDispatcher(store, background=True)
         disp.start()
         deadline = time.monotonic() + 30
         while {store.get(x.id).state for x in (a, b, c)} != {"done"}:
@@ -461,7 +464,7 @@ def test_embedded_queue_recovers_after_its_process_died(sprim_env, store_url):
 
 @contextlib.contextmanager
 def _settings(**env):
-    from workers.config import settings
+    from workers.core.config import settings
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -480,8 +483,8 @@ def _settings(**env):
 def test_a_final_state_kept_through_a_store_outage_is_recorded_once(sprim_env, store_url):
     """CompletionPending.final (carried by a Celery retry message) records the job later;
     dropped when another attempt started since (that attempt records its own)."""
-    from workers import jobs
-    from workers.jobstore import open_store
+    from workers.platform import executor
+    from workers.platform.jobstore import open_store
 
     store = open_store(store_url)
     j = _job(store)
@@ -489,10 +492,10 @@ def test_a_final_state_kept_through_a_store_outage_is_recorded_once(sprim_env, s
     final = {"state": "done", "attempt": 1, "detail": "2 objects stored",
              "values": {"outputs": [{"series_uid": "9", "instances": ["9.1", "9.2"]}],
                         "timings": {}, "error": None, "finished_at": time.time()}}  # fmt: skip
-    out = jobs.record_final(j.id, final, store, _NoDisp())
+    out = executor.record_final(j.id, final, store, _NoDisp())
     assert out.state == "done" and out.outputs[0]["instances"] == ["9.1", "9.2"]
     assert out.lease_owner is None
-    assert jobs.record_final(j.id, final, store, _NoDisp()).state == "done"  # idempotent
+    assert executor.record_final(j.id, final, store, _NoDisp()).state == "done"  # idempotent
     assert [a.to_state for a in store.audit_trail(job_id=j.id, event_="state")] == [
         "running",
         "done",
@@ -500,4 +503,4 @@ def test_a_final_state_kept_through_a_store_outage_is_recorded_once(sprim_env, s
     k = _job(store)  # its lease lapsed meanwhile and attempt 2 runs: attempt 1's result is dropped
     _running(store, k, "w:x:1:1:a", 60)
     store.transition(k.id, "running", attempts=2, lease_owner="w:y:2:2:b")
-    assert jobs.record_final(k.id, final, store, _NoDisp()).state == "running"
+    assert executor.record_final(k.id, final, store, _NoDisp()).state == "running"

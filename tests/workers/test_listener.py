@@ -22,8 +22,8 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config
 
 from tests.harness.orthanc import send
-from workers.archive.folder import FolderArchive
-from workers.listener import PENDING_MARK, Listener, ListenerStore, routable_series
+from workers.archives.folder import FolderArchive
+from workers.ingest.listener import PENDING_MARK, Listener, ListenerStore, routable_series
 
 pytestmark = pytest.mark.integration
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -74,7 +74,7 @@ def test_allowed_ae_stores_every_instance_before_success(listener, ct_files, dcm
 
 
 def test_unknown_ae_is_refused_at_association(listener, ct_files, dcmtk, caplog):
-    caplog.set_level(logging.INFO, logger="workers.listener")
+    caplog.set_level(logging.INFO, logger="workers.ingest.listener")
     r = send(
         ct_files[:2], "127.0.0.1", listener.port, called="SPRIM", calling="INTRUDER", check=False
     )
@@ -226,7 +226,7 @@ def _send_raw(port: int, files: list[Path], calling: str = "PACS") -> list[int]:
 def test_malformed_datasets_get_failure_statuses_and_nothing_unusable_is_stored(
     listener, ct_files, tmp_path, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="workers.listener")
+    caplog.set_level(logging.WARNING, logger="workers.ingest.listener")
     cases = [_case_file(tmp_path, i, ct_files[60], c[1]) for i, c in enumerate(CASES)]
     files, sops = [c[0] for c in cases], [c[1] for c in cases]
     statuses = _send_raw(listener.port, files)
@@ -333,7 +333,7 @@ def test_write_failure_answers_out_of_resources_and_leaves_no_partial_file(
 ):
     """A real write failure: the process may not write files over 64 kB (EFBIG), as a full
     disk would refuse the write. The partial file is removed; the next instance is stored."""
-    caplog.set_level(logging.ERROR, logger="workers.listener")
+    caplog.set_level(logging.ERROR, logger="workers.ingest.listener")
     ae = AE("PACS")
     ae.add_requested_context(CT_STORAGE, [IMPLICIT_LE])
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="SPRIM")
@@ -441,7 +441,7 @@ def test_sprim_listen_routes_a_quiet_study_and_writes_back_into_its_store(
     import sys
 
     from tests.harness.orthanc import free_port
-    from workers.jobstore import JobStore
+    from workers.platform.jobstore import JobStore
 
     rules = tmp_path / "rules.yaml"
     rules.write_text(MPR_RULES)

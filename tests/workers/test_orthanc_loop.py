@@ -10,10 +10,10 @@ import pytest
 from tests.harness.fixtures import REJECTED_DESCRIPTION
 from tests.harness.orthanc import free_port
 from tests.harness.studies import copy_as_new_study
-from workers.archive import ArchiveError, destination_for, open_archive
-from workers.archive.dicomweb import DicomWebArchive
-from workers.archive.dimse import DimseArchive
-from workers.config import settings
+from workers.archives import ArchiveError, destination_for, open_archive
+from workers.archives.dicomweb import DicomWebArchive
+from workers.archives.dimse import DimseArchive
+from workers.core.config import settings
 
 INTEGRATION = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def test_open_archive_names_and_destinations(monkeypatch, orthanc):
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
 @pytest.mark.parametrize("with_length", [True, False])
 def test_multipart_stream_is_split_into_parts_whatever_the_chunking(chunk, with_length):
-    from workers.archive.multipart import iter_parts
+    from workers.archives.multipart import iter_parts
 
     parts = [b"DICM" + bytes([i]) * (i * 37) + b"\r\n--not-the-boundary" for i in range(5)]
     body = b""
@@ -146,7 +146,7 @@ def test_multipart_stream_is_split_into_parts_whatever_the_chunking(chunk, with_
 @INTEGRATION
 def test_c_store_refusal_status_is_a_permanent_error_with_its_meaning(ct_files, tmp_path):
     """sprim's own listener as the C-STORE peer: it answers 0xA900 to a data set without UIDs."""
-    from workers.listener import Listener, ListenerStore
+    from workers.ingest.listener import Listener, ListenerStore
 
     ds = pydicom.dcmread(ct_files[0])
     del ds.StudyInstanceUID

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipelines import get_step
-from workers.config import settings
-from workers.runner import StepCall, run_steps
-from workers.series import read_series, scan
+from workers.core.config import settings
+from workers.processing.runner import StepCall, run_steps
+from workers.reading.series import read_series, scan
 
 CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "ct-abdomen-tcia" / "series"
 pytestmark = pytest.mark.skipif(not CT.is_dir(), reason="shared data absent")

@@ -82,7 +82,7 @@ def file_leaks(*roots: Path) -> tuple[list[str], int]:
 
 def store_dump(url: str) -> str:
     """Every row of every job-store table, as text."""
-    from workers.jobstore import JobStore
+    from workers.platform.jobstore import JobStore
 
     st = JobStore(url)
     meta = MetaData()
@@ -98,8 +98,8 @@ def store_dump(url: str) -> str:
 
 def api_leaks(url: str, study_uid: str) -> list[str]:
     """Every API answer a token of the study's institution (and the "*" token) can get."""
-    from workers.api import create_app
-    from workers.jobstore import open_store
+    from workers.interfaces.api import create_app
+    from workers.platform.jobstore import open_store
 
     client = TestClient(create_app(open_store(url)))
     found = []
@@ -153,8 +153,8 @@ def _free_port() -> int:
 
 
 def test_listener_store_and_api_keep_no_canary(canary_ct, tmp_path, dcmtk, monkeypatch):
-    from workers.config import settings
-    from workers.jobstore import JobStore
+    from workers.core.config import settings
+    from workers.platform.jobstore import JobStore
 
     home, rules = tmp_path / "home", tmp_path / "rules.yaml"
     rules.write_text(RULES)
@@ -208,9 +208,9 @@ def test_listener_store_and_api_keep_no_canary(canary_ct, tmp_path, dcmtk, monke
 
 def test_platform_store_and_api_keep_no_canary(canary_ct, sprim_env, store_url, caplog, recwarn):
     """In-process job store + dispatcher + folder archive: the platform path of a worker."""
-    from workers import jobs
-    from workers.archive.folder import FolderArchive
-    from workers.phi import STORED_SERIES_KEYWORDS, quiet_phi_warnings
+    from workers.archives.folder import FolderArchive
+    from workers.core.phi import STORED_SERIES_KEYWORDS, quiet_phi_warnings
+    from workers.platform import submission
 
     quiet_phi_warnings()  # what every sprim process does at start-up
     (sprim_env / "rules.yaml").write_text(RULES)
@@ -218,8 +218,8 @@ def test_platform_store_and_api_keep_no_canary(canary_ct, sprim_env, store_url, 
     archive = FolderArchive(sprim_env / "archive", name="local")
     study = pydicom.dcmread(next(canary_ct.iterdir()), stop_before_pixels=True).StudyInstanceUID
     caplog.set_level("DEBUG")
-    [job] = jobs.submit_study(study, archive, {})
-    from workers.jobstore import open_store
+    [job] = submission.submit_study(study, archive, {})
+    from workers.platform.jobstore import open_store
 
     store = open_store(store_url)
     assert store.get(job.id).state == "done", store.get(job.id)
@@ -237,7 +237,7 @@ def test_platform_store_and_api_keep_no_canary(canary_ct, sprim_env, store_url, 
 
 def test_every_routing_keyword_is_stored_or_declared_phi():
     """A new routing keyword needs a decision: stored, or named as not stored."""
-    from workers.phi import NOT_STORED_ROUTING_KEYWORDS, STORED_SERIES_KEYWORDS
+    from workers.core.phi import NOT_STORED_ROUTING_KEYWORDS, STORED_SERIES_KEYWORDS
 
     attributes = pytest.importorskip("pipelines.rules.attributes")
     routing = set(attributes.ROUTING_KEYWORDS)

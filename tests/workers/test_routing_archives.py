@@ -13,10 +13,10 @@ import pytest
 
 from pipelines.rules import ROUTING_KEYWORDS, explain, load_rules, route
 from tests import routing_kit as rk
-from workers.archive.dicomweb import DicomWebArchive
-from workers.archive.folder import FolderArchive
-from workers.rulesource import DEFAULT_RULES, load_rules_file
-from workers.series import scan
+from workers.archives.dicomweb import DicomWebArchive
+from workers.archives.folder import FolderArchive
+from workers.processing.routing import DEFAULT_RULES, load_rules_file
+from workers.reading.series import scan
 
 #: One rule per declared keyword (more for the six the DICOMweb path once lacked); each must
 #: fire on the test study.
@@ -126,7 +126,7 @@ def _through_listener(paths, tmp_path) -> FolderArchive:
     """Send the study to ``sprim listen``'s C-STORE SCP; its store, as jobs read it."""
     from pynetdicom import AE
 
-    from workers.listener import Listener, ListenerStore
+    from workers.ingest.listener import Listener, ListenerStore
 
     files = [p for ps in paths for p in ps]
     ae = AE("MODALITY")
@@ -257,7 +257,7 @@ def _planes(series_descriptions) -> set[str]:
 
 
 def test_sprim_run_reformats_an_enhanced_3d_mr_with_the_default_rules(enhanced_mr_study, tmp_path):
-    from workers.run import plan_rules, run
+    from workers.processing.offline import plan_rules, run
 
     summary = run([tmp_path / "in"], tmp_path / "out", plan_fn=plan_rules(None))
     [job] = summary.jobs
@@ -276,8 +276,8 @@ def test_sprim_run_reformats_an_enhanced_3d_mr_with_the_default_rules(enhanced_m
 def test_an_enhanced_3d_mr_in_orthanc_is_routed_fetched_reformatted_and_stored(
     enhanced_mr_study, orthanc, tmp_path
 ):
-    from workers.runner import StepCall, run_steps
-    from workers.series import read_series
+    from workers.processing.runner import StepCall, run_steps
+    from workers.reading.series import read_series
 
     uid, paths = enhanced_mr_study
     web = DicomWebArchive(orthanc.dicomweb_url)
@@ -300,7 +300,7 @@ def test_an_enhanced_3d_mr_in_orthanc_is_routed_fetched_reformatted_and_stored(
 
 
 def test_an_oddly_encoded_metadata_value_is_left_out_not_fatal(caplog):
-    from workers.archive.dicomweb import _FIRST_IMAGE_TAGS, _header
+    from workers.archives.dicomweb import _FIRST_IMAGE_TAGS, _header
 
     ds = _header(
         {
@@ -316,7 +316,7 @@ def test_an_oddly_encoded_metadata_value_is_left_out_not_fatal(caplog):
 
 
 def test_sprim_run_gives_an_enhanced_ct_every_default_ct_output(tmp_path):
-    from workers.run import plan_rules, run
+    from workers.processing.offline import plan_rules, run
 
     enh_ct = rk.enhanced_ct()
     enh_ct.BodyPartExamined = "CHEST"

@@ -222,12 +222,12 @@ def test_series_left_out_by_the_rules_for_a_defect_is_named_with_the_gate_senten
     assert "PANCREAS" in entry["defect"] and "ImagePositionPatient" in entry["defect"], entry
 
 
-# -- zip inputs (workers.inputs): limits counted while extracting, hostile members refused ----
+# -- zip inputs (workers.reading.inputs): limits counted while extracting, hostile members refused ----
 
 
 @pytest.fixture
 def zip_env(monkeypatch):
-    from workers.config import settings
+    from workers.core.config import settings
 
     def set_env(**values: str) -> None:
         for k, v in values.items():
@@ -246,7 +246,7 @@ def _slices(n: int = 3) -> list:
 
 
 def _scan(path: Path):
-    from workers.series import scan
+    from workers.reading.series import scan
 
     skipped: list = []
     found = scan(path, skipped)

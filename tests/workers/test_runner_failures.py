@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipelines import ImageSeries, Volume, get_step, step
 from tests.series_kit import read
-from workers.runner import OutputFailure, StepCall, run_steps
+from workers.processing.runner import OutputFailure, StepCall, run_steps
 
 # One real enhanced MR (8 frames, 256x256): small enough for a quick job.
 MR = Path("/work/shared/data/edge-cases/series/philips_enhanced/anatomical/001")
@@ -68,7 +68,7 @@ def test_failed_step_and_output_are_reported_and_the_rest_is_written(tmp_path, c
 
 
 def test_sprim_run_shows_partial_jobs_and_each_failed_output(tmp_path):
-    from workers.cli import app
+    from workers.interfaces.cli import app
 
     shutil.copytree(MR, tmp_path / "in")
     r = CliRunner().invoke(
@@ -92,7 +92,7 @@ def test_sprim_run_shows_partial_jobs_and_each_failed_output(tmp_path):
 
 
 def test_a_job_where_nothing_could_be_made_is_failed_not_partial(tmp_path):
-    from workers.run import plan_steps, run
+    from workers.processing.offline import plan_steps, run
 
     summary = run([MR], tmp_path, plan_fn=plan_steps(_calls(("segment.lungs", {}))))
     [job] = summary.jobs

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom import DataElement, Dataset
 
-from workers.source import SeriesError
+from workers.reading.source import SeriesError
 from workers.writers.common import copy_patient_study
 from workers.writers.sanitize import check_element, copy_checked, valid_text
 

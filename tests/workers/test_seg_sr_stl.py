@@ -1,6 +1,6 @@
 """SEG + SR (labelmap writer), Encapsulated STL (mesh writer) and the rotating MIP series.
 
-A small synthetic chest CT is written as DICOM, read back with workers.series, segmented, and
+A small synthetic chest CT is written as DICOM, read back with workers.reading.series, segmented, and
 every object is checked with dciodvfy and read back with highdicom / numpy-stl.
 """
 
@@ -32,7 +32,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     from bench.synthetic import write_synthetic_ct
-    from workers.series import read_series, scan
+    from workers.reading.series import read_series, scan
 
     folder = tmp_path_factory.mktemp("ct")
     write_synthetic_ct(folder, n_slices=48, size=160, spacing=(2.5, 2.5, 2.5))

@@ -25,9 +25,9 @@ from tests.series_kit import (
     read,
     rescaled,
 )
-from workers.pixels import read_pixels
-from workers.series import SeriesFiles, read_series, scan
-from workers.source import SeriesError
+from workers.reading.pixels import read_pixels
+from workers.reading.series import SeriesFiles, read_series, scan
+from workers.reading.source import SeriesError
 
 pytestmark = needs_data
 

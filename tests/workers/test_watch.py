@@ -17,8 +17,8 @@ import pydicom
 import pytest
 
 from tests.harness.studies import copy_as_new_study
-from workers.archive.dicomweb import DicomWebArchive
-from workers.watch import Watcher, WatchState, state_path
+from workers.archives.dicomweb import DicomWebArchive
+from workers.ingest.watch import Watcher, WatchState, state_path
 
 SPRIM = str(Path(sys.executable).parent / "sprim")
 

@@ -35,10 +35,10 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-from workers.config import settings
-from workers.source import SourceSeries
-from workers.uids import derive_uid
-from workers.writers import Provenance
+from workers.core.config import settings
+from workers.core.uids import derive_uid
+from workers.reading.source import SourceSeries
+from workers.writers.base import Provenance
 from workers.writers.sanitize import (
     PATIENT_STUDY_TYPE2,
     checked_character_set,

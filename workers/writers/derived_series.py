@@ -44,8 +44,8 @@ from pydicom.uid import (
 )
 
 from pipelines import ImageSeries
-from workers.source import SourceSeries
-from workers.writers import Provenance, WrittenObject, writer
+from workers.reading.source import SourceSeries
+from workers.writers.base import Provenance, WrittenObject, writer
 from workers.writers.common import (
     code_item,
     contributing_equipment,

@@ -8,7 +8,7 @@ the attribute's type in the derived object:
 
 - **type 1** (the derived object cannot exist without it: StudyInstanceUID,
   FrameOfReferenceUID, and what a writer names as ``required``): the write is refused with a
-  :class:`~workers.source.SeriesError` naming the series, the attribute and the defect;
+  :class:`~workers.reading.source.SeriesError` naming the series, the attribute and the defect;
 - **type 2** (:data:`TYPE2`): written empty;
 - **type 3** (everything else): left out.
 
@@ -36,7 +36,7 @@ from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 
-from workers.source import SeriesError
+from workers.reading.source import SeriesError
 
 #: Copied attributes a derived object cannot exist without: invalid means no derived object.
 TYPE1 = frozenset({"StudyInstanceUID", "FrameOfReferenceUID"})
@@ -278,7 +278,7 @@ def _clean_sequence(elem: DataElement, kw: str, notes: list[str]) -> list[Datase
 
 
 def _refuse(src: Dataset, kw: str, why: str) -> SeriesError:
-    from workers.series import series_name
+    from workers.reading.series import series_name
 
     return SeriesError(
         f"{series_name(src)}: cannot write a derived object: {kw} {why}, and a derived object "

@@ -19,8 +19,8 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.sr.codedict import codes
 
 from pipelines import Code, Labelmap
-from workers.source import SourceSeries
-from workers.writers import Provenance, WrittenObject, writer
+from workers.reading.source import SourceSeries
+from workers.writers.base import Provenance, WrittenObject, writer
 from workers.writers.common import (
     CLINICAL_TRIAL_KEYWORDS,
     PATIENT_KEYWORDS,

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
 from pipelines import Labelmap
-from workers.source import SourceSeries
-from workers.writers import Provenance, WrittenObject
+from workers.reading.source import SourceSeries
+from workers.writers.base import Provenance, WrittenObject
 from workers.writers.common import (
     SPRIM,
     SPRIM_MODEL,

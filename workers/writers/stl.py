@@ -14,8 +14,8 @@ from pydicom import Dataset
 from pydicom.uid import UID
 
 from pipelines import Mesh
-from workers.source import SourceSeries
-from workers.writers import Provenance, WrittenObject, writer
+from workers.reading.source import SourceSeries
+from workers.writers.base import Provenance, WrittenObject, writer
 from workers.writers.common import (
     code_item,
     contributing_equipment,

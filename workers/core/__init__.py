@@ -1,0 +1,1 @@
+"""Settings, PHI-safe logging, UID generation and site plugins: what every layer uses."""

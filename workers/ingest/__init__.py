@@ -1,0 +1,1 @@
+"""How studies arrive: the archive's change feed (``sprim watch``) and the C-STORE listener."""

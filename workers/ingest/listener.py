@@ -1,0 +1,593 @@
+"""``sprim listen``: a DICOM C-STORE SCP for any PACS that forwards copies.
+
+- AE-title allow-list: associations from other calling AEs are refused at association.
+- Each instance is judged before it is stored (:func:`judge`): its header is parsed up to the
+  pixel data (pixels are never decoded), its UIDs must be those of its C-STORE request, a CT,
+  MR or PET image must pass the input gate's per-instance check
+  (:func:`workers.reading.validate.check_instance`) and any other image must read as an image. A defect
+  gets a failure status (see ``STATUS_*``) and one log line; the association and the server go
+  on. Non-image SOP classes (SR, SEG, PR, KOS, RT, encapsulated documents...) are stored as
+  received and never routed (:func:`routable_series`).
+- An accepted instance is written durably (temp file, fsync, length read back, rename,
+  directory fsync) *before* the success status; the bytes received are written as they are
+  (no re-encoding). A failed write answers 0xA700 and leaves no partial file.
+- Completeness by quiet period: a study is handed on once no instance of it arrived for
+  ``quiet_period`` seconds; instances arriving later re-arm it (a late series re-triggers).
+- Concurrent associations are served on their own threads (pynetdicom).
+
+The store is a folder ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
+readable as an archive (:class:`workers.archives.folder`-style) for fetching.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt, sop_class
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from workers.reading.pixels import is_image_sop_class
+from workers.reading.validate import check_instance
+
+log = logging.getLogger(__name__)
+
+# C-STORE response statuses (PS3.4 Annex B, Storage Service Class; docs/archive-loop.md).
+STATUS_SUCCESS = 0x0000
+#: Refused: Out of Resources — the instance could not be written (disk full, I/O error).
+STATUS_OUT_OF_RESOURCES = 0xA700
+#: Error: Data Set Does Not Match SOP Class — UIDs missing/invalid or not those of the request,
+#: or an image instance sprim could not use (no pixel data, pixel format, geometry, values).
+STATUS_DOES_NOT_MATCH = 0xA900
+#: Error: Cannot Understand — the data set does not parse in the negotiated transfer syntax.
+STATUS_CANNOT_UNDERSTAND = 0xC000
+PENDING_MARK = ".pending"
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, Float-, DoubleFloatPixelData
+#: Image SOP classes sprim builds volumes from: the full input-gate check applies to each
+#: instance. Other image classes (SC, DX, US...) are stored once they read as an image.
+VOLUME_SOP_CLASSES = frozenset(
+    str(getattr(sop_class, name))
+    for name in (
+        "CTImageStorage", "EnhancedCTImageStorage", "LegacyConvertedEnhancedCTImageStorage",
+        "MRImageStorage", "EnhancedMRImageStorage", "LegacyConvertedEnhancedMRImageStorage",
+        "PositronEmissionTomographyImageStorage", "EnhancedPETImageStorage",
+        "LegacyConvertedEnhancedPETImageStorage",
+    )
+)  # fmt: skip
+
+
+@dataclass
+class StudyArrival:
+    """What the listener knows of a study when its quiet period ends."""
+
+    study_uid: str
+    folder: Path
+    calling_aets: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+    instances: int = 0
+    first: float = 0.0
+    last: float = 0.0
+
+
+OnComplete = Callable[[StudyArrival], None]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Verdict:
+    """What the listener makes of one received data set (status 0 = store it)."""
+
+    status: int
+    defect: str = ""
+    study: str = ""
+    series: str = ""
+    sop: str = ""
+    #: False for non-image SOP classes: stored as received, never routed.
+    image: bool = True
+
+
+class _Unparseable(ValueError):
+    """The data set does not parse in its transfer syntax (0xC000)."""
+
+
+def read_header(fp: BinaryIO, transfer_syntax: str) -> tuple[Dataset, bool, int | None]:
+    """Parse a received data set up to its pixel data, never reading the pixel values.
+
+    Returns ``(header, has_pixel_data, pixel_bytes)``: ``pixel_bytes`` is the length of the
+    native pixel data value, None when encapsulated (its items are walked instead: present,
+    complete, one fragment per frame at least). Raises :class:`_Unparseable` for bytes that
+    are not a data set of this transfer syntax, or that end before an element they announce.
+    """
+    ts = UID(transfer_syntax)
+    implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    if ts == DeflatedExplicitVRLittleEndian:
+        fp.seek(0)
+        try:
+            fp = BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+        except zlib.error as e:
+            raise _Unparseable(f"deflated data set does not inflate ({e})") from e
+    fp.seek(0, os.SEEK_END)
+    size = fp.tell()
+    fp.seek(0)
+    found: list[int] = []
+    short: list[int] = []
+
+    def at_pixels(tag, vr, length) -> bool:
+        if tag >> 16 == 0x7FE0 and tag in _PIXEL_TAGS:  # shift: int speed, not BaseTag.__eq__
+            found.append(length)
+            return True
+        if length != 0xFFFFFFFF and fp.tell() + length > size:  # pydicom reads short silently
+            short.append(tag)
+            return True
+        return False
+
+    try:
+        ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+    except Exception as e:  # noqa: BLE001  (any parser error means: cannot understand)
+        raise _Unparseable(f"not a data set in {ts.name} ({type(e).__name__})") from e
+    if short:
+        raise _Unparseable(f"not a data set in {ts.name}: element {short[0]} ends past the data")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    if not found:
+        if fp.tell() < size:
+            raise _Unparseable(f"data set stops parsing at byte {fp.tell()} of {size}")
+        return ds, False, None
+    length = found[0]
+    header = 8 if implicit else 12  # tag + (VR + reserved) + length
+    start = fp.tell() + header
+    if length == 0xFFFFFFFF:
+        fragments, end = _walk_items(fp, start, size)
+        try:
+            frames = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError) as e:
+            raise _Unparseable("NumberOfFrames is not a number") from e
+        if fragments < frames:
+            raise _Unparseable(
+                f"encapsulated pixel data: {fragments} fragments for {frames} frames"
+            )
+        pixel_bytes = None
+    else:
+        end = start + length
+        if end > size:
+            raise _Unparseable(f"pixel data announces {length} bytes, {size - start} received")
+        pixel_bytes = length
+    if end < size:  # elements after the pixel data (padding, signatures) must parse too
+        fp.seek(end)
+        try:
+            read_dataset(fp, implicit, little)
+        except Exception as e:  # noqa: BLE001
+            raise _Unparseable(
+                f"bytes after the pixel data do not parse ({type(e).__name__})"
+            ) from e
+    return ds, True, pixel_bytes
+
+
+def _walk_items(fp: BinaryIO, pos: int, size: int) -> tuple[int, int]:
+    """Fragments of encapsulated pixel data (after the offset table) and the end offset."""
+    items = 0
+    while pos + 8 <= size:
+        fp.seek(pos)
+        group, elem, length = struct.unpack("<HHL", fp.read(8))
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return max(0, items - 1), pos
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF or pos + length > size:
+            raise _Unparseable("encapsulated pixel data is truncated or malformed")
+        pos += length
+        items += 1
+    raise _Unparseable("encapsulated pixel data has no sequence delimiter (truncated)")
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    uid = str(ds.get(keyword) or "").strip().rstrip("\x00")
+    if not uid:
+        raise LookupError(f"no {keyword}")
+    if not UID(uid).is_valid:
+        raise LookupError(f"{keyword} is not a valid UID")
+    return uid
+
+
+def judge(fp: BinaryIO, transfer_syntax: str, sop_class: str, sop_instance: str) -> Verdict:
+    """Decide what to answer to one C-STORE before anything is written.
+
+    ``fp`` holds the data set as received (no file meta); ``sop_class`` / ``sop_instance``
+    are the request's Affected SOP Class / Instance UIDs.
+    """
+    try:
+        ds, has_pixels, pixel_bytes = read_header(fp, transfer_syntax)
+    except _Unparseable as e:
+        return Verdict(STATUS_CANNOT_UNDERSTAND, str(e))
+    except Exception as e:  # noqa: BLE001  (never an exception out of the C-STORE handler)
+        return Verdict(STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(e).__name__})")
+    try:
+        hint = str(ds.get("SeriesInstanceUID") or "")[:64]  # names the series in refusals
+    except Exception:  # noqa: BLE001
+        hint = ""
+    try:
+        ids = {k: _uid(ds, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                         "SeriesInstanceUID")}  # fmt: skip
+    except LookupError as e:
+        return Verdict(STATUS_DOES_NOT_MATCH, str(e), series=hint)
+    except Exception as e:  # noqa: BLE001  (a value pydicom cannot convert)
+        return Verdict(
+            STATUS_CANNOT_UNDERSTAND, f"unreadable UID ({type(e).__name__})", series=hint
+        )
+    v = Verdict(
+        STATUS_SUCCESS, study=ids["StudyInstanceUID"], series=ids["SeriesInstanceUID"],
+        sop=ids["SOPInstanceUID"], image=is_image_sop_class(ids["SOPClassUID"]),
+    )  # fmt: skip
+    if v.sop != str(sop_instance).strip().rstrip("\x00"):
+        v.status, v.defect = (
+            STATUS_DOES_NOT_MATCH,
+            "SOPInstanceUID differs from the C-STORE request",
+        )
+    elif ids["SOPClassUID"] != str(sop_class).strip().rstrip("\x00"):
+        v.status, v.defect = STATUS_DOES_NOT_MATCH, "SOPClassUID differs from the C-STORE request"
+    elif v.image and not has_pixels:
+        v.status, v.defect = STATUS_DOES_NOT_MATCH, "no pixel data (header only)"
+    elif v.image:
+        try:
+            if ids["SOPClassUID"] in VOLUME_SOP_CLASSES:
+                defects = check_instance(ds, pixel_bytes)
+            else:
+                defects = _image_defects(ds, pixel_bytes)
+        except Exception as e:  # noqa: BLE001  (a value pydicom cannot convert)
+            log.debug("instance check failed", exc_info=True)
+            defects = [f"unreadable header value ({type(e).__name__})"]
+        if defects:
+            v.status, v.defect = STATUS_DOES_NOT_MATCH, "; ".join(defects)
+    return v
+
+
+def _image_defects(ds: Dataset, pixel_bytes: int | None) -> list[str]:
+    """An image of a class sprim does not build volumes from (SC, DX, US...): it must only be
+    a readable image — a pixel matrix whose size agrees with its pixel data."""
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    bits = int(ds.get("BitsAllocated") or 0)
+    if not (rows and cols and bits):
+        return [f"Rows {rows}, Columns {cols}, BitsAllocated {bits}: no pixel matrix"]
+    if pixel_bytes is not None:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        want = (rows * cols * frames * int(ds.get("SamplesPerPixel") or 1) * bits + 7) // 8
+        if pixel_bytes not in (want, want + want % 2):
+            return [f"PixelData holds {pixel_bytes} bytes but the header describes {want}"]
+    return []
+
+
+def routable_series(series: Sequence[dict]) -> list[dict]:
+    """The series of a study rules may pick: non-image SOP classes are kept for the archive only."""
+    return [s for s in series if is_image_sop_class(str(s.get("SOPClassUID") or ""))]
+
+
+class ListenerStore:
+    """The listener's durable folder store and per-study completeness tracking.
+
+    Parameters
+    ----------
+    root : Path
+        Store folder (created).
+    quiet_period : float
+        Seconds without a new instance after which a study is complete.
+    on_complete : callable
+        Called with a :class:`StudyArrival` once per quiet study (from the tracker thread); an
+        exception is logged and the study is tried again after another quiet period.
+    fsync : bool
+        Flush every instance to disk before success (off only for throwaway benchmarks).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        quiet_period: float = 30.0,
+        on_complete: OnComplete | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.quiet_period = quiet_period
+        self.on_complete = on_complete
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._open: dict[str, StudyArrival] = {}
+        self._known_dirs: set[Path] = set()
+        self.received = 0
+        self.refused = 0
+        self._resume()
+
+    def _resume(self) -> None:
+        """Studies received but not handed on before a restart are re-armed."""
+        now = time.time()
+        for mark in self.root.glob(f"*/{PENDING_MARK}"):
+            study = mark.parent.name
+            a = StudyArrival(study, mark.parent, first=now, last=now)
+            a.calling_aets.update(mark.read_text().split())
+            self._open[study] = a
+            log.info("event=study_resumed study=%s", study)
+
+    def write(
+        self,
+        study: str,
+        series: str,
+        sop: str,
+        data: bytes | Sequence[bytes | memoryview],
+        calling_aet: str,
+    ) -> Path:
+        """Write one instance durably and note its arrival; return its path.
+
+        ``data`` is the file's bytes, or its parts in order (written without joining them).
+        Raises OSError when the file could not be written, or is not on disk at its full
+        length after the write; no partial file is left behind.
+        """
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        size = sum(memoryview(p).nbytes for p in parts)
+        series_dir = self.root / study / series
+        if series_dir not in self._known_dirs:
+            series_dir.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                _fsync_dir(series_dir.parent)
+                _fsync_dir(self.root)
+            self._known_dirs.add(series_dir)
+        path = series_dir / f"{sop}.dcm"
+        tmp = series_dir / f".{sop}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                for part in parts:
+                    fh.write(part)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+                # read back what the file system holds before answering success
+                on_disk = os.fstat(fh.fileno()).st_size
+            if on_disk != size:
+                raise OSError(f"{on_disk} of {size} bytes on disk after writing {tmp.name}")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(series_dir)
+        self._arrived(study, series, calling_aet)
+        return path
+
+    def _arrived(self, study: str, series: str, calling_aet: str) -> None:
+        now = time.time()
+        with self._lock:
+            self.received += 1
+            a = self._open.get(study)
+            new = a is None
+            if new:
+                a = self._open[study] = StudyArrival(study, self.root / study, first=now)
+            a.calling_aets.add(calling_aet)
+            a.series.add(series)
+            a.instances += 1
+            a.last = now
+        if new:
+            mark = self.root / study / PENDING_MARK
+            mark.write_text(" ".join(sorted(a.calling_aets)))
+            log.info("event=study_opened study=%s calling_aet=%s", study, calling_aet)
+
+    def due(self, now: float | None = None) -> list[StudyArrival]:
+        """Studies whose quiet period has ended (removed from the open set)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            done = [a for a in self._open.values() if now - a.last >= self.quiet_period]
+            for a in done:
+                del self._open[a.study_uid]
+        return done
+
+    def poll(self, now: float | None = None) -> int:
+        """Hand on every quiet study; return how many were handed on."""
+        n = 0
+        for a in self.due(now):
+            try:
+                if self.on_complete:
+                    self.on_complete(a)
+            except Exception as e:  # noqa: BLE001  (logged; retried after another quiet period)
+                log.error("event=study_submit_failed study=%s error=%r", a.study_uid, str(e))
+                with self._lock:
+                    a.last = time.time()
+                    self._open.setdefault(a.study_uid, a)
+                continue
+            (a.folder / PENDING_MARK).unlink(missing_ok=True)
+            log.info(
+                "event=study_complete study=%s series=%d instances=%d calling_aets=%s seconds=%.2f",
+                a.study_uid, len(a.series), a.instances, ",".join(sorted(a.calling_aets)),
+                a.last - a.first,
+            )  # fmt: skip
+            n += 1
+        return n
+
+    @property
+    def open_studies(self) -> list[str]:
+        with self._lock:
+            return sorted(self._open)
+
+
+class Listener:
+    """The C-STORE SCP around a :class:`ListenerStore`.
+
+    Parameters
+    ----------
+    store : ListenerStore
+    aet : str
+        Our AE title.
+    host, port : str, int
+        Address to bind (port 0: a free port, see :attr:`port` after :meth:`start`).
+    allowed_aets : Iterable[str]
+        Calling AE titles accepted; empty accepts any.
+    """
+
+    def __init__(
+        self,
+        store: ListenerStore,
+        *,
+        aet: str = "SPRIM",
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        allowed_aets: Iterable[str] = (),
+        max_associations: int = 16,
+    ) -> None:
+        self.store = store
+        self.aet = aet
+        self.host = host
+        self.port = port
+        self.allowed = [a.strip() for a in allowed_aets if a.strip()]
+        self.ae = AE(ae_title=aet)
+        self.ae.maximum_associations = max_associations
+        # Peers may send PDUs as large as they like: with pynetdicom's default (16 kB) a 512²
+        # slice arrives in 32 PDUs, each reassembled in Python — 5x slower receive (measured).
+        self.ae.maximum_pdu_size = 0
+        self.ae.require_calling_aet = self.allowed
+        for cx in StoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification)
+        self._server = None
+        self._stop = threading.Event()
+        self._tracker: threading.Thread | None = None
+
+    # -- handlers --------------------------------------------------------------------------
+    def _on_store(self, event) -> int | Dataset:
+        req = event.request
+        v = judge(
+            req.DataSet, event.context.transfer_syntax,
+            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
+        )  # fmt: skip
+        if v.status == STATUS_SUCCESS:
+            head = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+            try:
+                with req.DataSet.getbuffer() as body:
+                    self.store.write(v.study, v.series, v.sop, (head, body),
+                                     event.assoc.requestor.ae_title)  # fmt: skip
+            except OSError as e:
+                v.status, v.defect = STATUS_OUT_OF_RESOURCES, f"could not be stored ({e})"
+        if v.status != STATUS_SUCCESS:
+            return self._refuse(event, v)
+        log.debug("event=instance_stored study=%s series=%s sop=%s image=%s",
+                  v.study, v.series, v.sop, v.image)  # fmt: skip
+        return STATUS_SUCCESS
+
+    def _refuse(self, event, v: Verdict) -> Dataset:
+        """One log line (no patient data: UIDs and the defect) and the failure status."""
+        with self.store._lock:
+            self.store.refused += 1
+        req = event.request
+        level = logging.ERROR if v.status == STATUS_OUT_OF_RESOURCES else logging.WARNING
+        log.log(
+            level,
+            "event=instance_refused status=0x%04X calling_aet=%s sop=%s series=%s defect=%r",
+            v.status, event.assoc.requestor.ae_title, req.AffectedSOPInstanceUID,
+            v.series or "-", v.defect[:400],
+        )  # fmt: skip
+        rsp = Dataset()
+        rsp.Status = v.status
+        # Error Comment (LO, 64 characters) is shown by most senders next to the status.
+        rsp.ErrorComment = "".join(
+            c if " " <= c <= "~" and c != "\\" else "?" for c in v.defect[:64]
+        )
+        return rsp
+
+    @staticmethod
+    def _on_open(event) -> None:
+        import socket
+
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def _on_rejected(event) -> None:
+        log.warning(
+            "event=association_rejected calling_aet=%s address=%s",
+            event.assoc.requestor.ae_title, event.assoc.requestor.address,
+        )  # fmt: skip
+
+    @staticmethod
+    def _on_accepted(event) -> None:
+        log.info(
+            "event=association_accepted calling_aet=%s address=%s",
+            event.assoc.requestor.ae_title, event.assoc.requestor.address,
+        )  # fmt: skip
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> Listener:
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
+        self._server = self.ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers
+        )
+        self.port = self._server.server_address[1]
+        self._stop.clear()
+        self._tracker = threading.Thread(
+            target=self._track, name="sprim-listen-tracker", daemon=True
+        )
+        self._tracker.start()
+        log.info(
+            "event=listen_started aet=%s host=%s port=%d allowed=%s quiet_period=%.1f root=%s",
+            self.aet, self.host, self.port, ",".join(self.allowed) or "*",
+            self.store.quiet_period, self.store.root,
+        )  # fmt: skip
+        return self
+
+    def _track(self) -> None:
+        tick = min(1.0, max(0.05, self.store.quiet_period / 10))
+        while not self._stop.wait(tick):
+            self.store.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._tracker is not None:
+            self._tracker.join(5)
+            self._tracker = None
+        log.info(
+            "event=listen_stopped received=%d refused=%d", self.store.received, self.store.refused
+        )
+
+    def serve_forever(self) -> None:
+        """Serve until SIGINT/SIGTERM."""
+        import signal
+
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
+
+    def __enter__(self) -> Listener:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Interfaces for people and programs: the ``sprim`` command line and the REST API."""

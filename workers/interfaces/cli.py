@@ -1,0 +1,223 @@
+"""The ``sprim`` command line. Sub-command groups live in their own modules and are added here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from pipelines import all_steps
+from pipelines.registry import param_range
+
+
+class _Sprim(TyperGroup):
+    """Every command: a job store that cannot answer is one line and exit 3, not a traceback."""
+
+    def invoke(self, ctx):
+        from workers.platform.jobstore import UNREACHABLE, unreachable
+
+        try:
+            return super().invoke(ctx)
+        except UNREACHABLE as e:
+            Console(stderr=True).print(
+                f"[red]error:[/] {unreachable(e)}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(3) from None
+
+
+app = typer.Typer(
+    name="sprim",
+    cls=_Sprim,
+    help="Shared post-processing for medical imaging: DICOM in, derived DICOM out.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """Shared post-processing for medical imaging: DICOM in, derived DICOM out."""
+    from workers.core.phi import quiet_phi_warnings
+    from workers.core.plugins import load_plugins
+
+    quiet_phi_warnings()  # before any writer runs: some library warnings print patient names
+    load_plugins()  # SPRIM_PLUGINS site step modules, before any command lists or runs steps
+
+
+@app.command("steps")
+def steps_cmd() -> None:
+    """List the registered steps with their params, defaults, ranges and units."""
+    for s in all_steps():
+        table = Table(title=f"{s.name} {s.version} — {s.summary}", title_justify="left")
+        table.add_column("param")
+        table.add_column("type")
+        table.add_column("default")
+        table.add_column("range")
+        table.add_column("description")
+        for name, f in s.params.model_fields.items():
+            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace(
+                "typing.", ""
+            )
+            table.add_row(name, ann, repr(f.default), param_range(f), f.description or "")
+        console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+from workers.interfaces.cli_ingest import register as _register_ingest  # noqa: E402  (issue 5: watch, listen)
+
+_register_ingest(app)
+
+
+@app.command("run")
+def run_cmd(
+    inputs: list[Path] = typer.Argument(..., help="DICOM folders, files or .zip archives."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for derived DICOM and summary.json."),
+    rules: Path | None = typer.Option(
+        None, "--rules", help="Routing rules YAML (default: built-in)."
+    ),
+    step: list[str] = typer.Option(
+        [], "--step", help="Run this step on every volume series instead of rules (repeatable)."
+    ),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Step param key=value (YAML value), repeatable; NAME.key=value targets one step.",
+    ),
+) -> None:
+    """Process DICOM series on embedded defaults: no broker, no archive."""
+    from workers.processing import offline as runmod
+
+    try:
+        if step:
+            calls = runmod.parse_sets(step, set_)
+            plan = runmod.plan_steps(calls)
+        else:
+            if set_:
+                raise runmod.UsageError("--set needs --step (rules carry their own params)")
+            plan = runmod.plan_rules(rules)
+    except (runmod.UsageError, runmod.RulesError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    for p in inputs:
+        if not p.exists():
+            console.print(f"[red]error:[/] input {p} does not exist")
+            raise typer.Exit(2)
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task("scanning", total=None)
+        summary = runmod.run(
+            inputs,
+            out,
+            plan_fn=plan,
+            progress=lambda msg: bar.update(task, description=escape(shown(msg))),
+        )
+    _print_summary(summary)
+    if summary.failed or summary.error:
+        raise typer.Exit(1)
+
+
+#: Control and format characters (ESC, BEL, bidi overrides...) never reach the terminal.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def shown(text: object, limit: int = 300) -> str:
+    """A string from DICOM (or a message holding one) safe to print: no control characters.
+
+    Rich markup is not escaped here: print it as ``Text`` or through ``escape``.
+    """
+    s = _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _cell(text: object) -> Text:
+    return Text(shown(text))
+
+
+_STATE_SHOWN = {
+    "done": "[green]done[/]",
+    "partial": "[yellow]partial[/]",
+    "failed": "[red]failed[/]",
+}
+
+
+def _failure(f: dict) -> str:
+    return (
+        f"{f['step']} ({f['output']}): {f['reason']}"
+        if f["output"]
+        else f"{f['step']}: {f['reason']}"
+    )
+
+
+_SKIPPED_SHOWN = 20
+
+
+def _print_summary(summary) -> None:
+    table = Table(title=f"sprim run — {summary.series_found} series found, {summary.seconds:.1f} s")
+    for col in ("series", "rule", "state", "outputs", "seconds", "detail"):
+        table.add_column(col)
+    for j in summary.jobs:
+        outs = sorted(
+            {(o["series_number"], o["series_description"]) for s in j.steps for o in s["outputs"]}
+        )
+        table.add_row(
+            _cell(f"{j.modality} {j.series_description}"),
+            _cell(j.rule),
+            _STATE_SHOWN.get(j.state, escape(j.state)),
+            Text("\n".join(shown(f"{n} {d}") for n, d in outs)),
+            f"{j.seconds:.2f}",
+            Text(
+                "\n".join(shown(f"failed: {_failure(f)}", 1000) for f in j.failures)
+                or shown(j.error or "; ".join(j.notes), 1000)
+            ),
+        )
+    for u in summary.unmatched:
+        table.add_row(
+            _cell(u.get("series", "")), "—", "not selected", "", "", _cell(u.get("reason", ""))
+        )
+    if summary.jobs or summary.unmatched:
+        console.print(table)
+    if summary.skipped:
+        console.print(f"skipped {len(summary.skipped)} file(s):")
+        for sk in summary.skipped[:_SKIPPED_SHOWN]:
+            console.print(Text(f"  {shown(sk['path'])}: {shown(sk['reason'])}"))
+        if len(summary.skipped) > _SKIPPED_SHOWN:
+            console.print(f"  ... and {len(summary.skipped) - _SKIPPED_SHOWN} more (summary.json)")
+    if summary.error:
+        console.print(Text.assemble(("error: ", "red"), shown(summary.error, 1000)))
+    console.print(Text.assemble("results in ", (shown(summary.out_dir), "bold"), " (summary.json)"))
+
+
+from workers.interfaces.cli_jobs import register as _register_platform  # noqa: E402
+
+_register_platform(app)
+
+
+@app.command("config")
+def config_cmd() -> None:
+    """Print every SPRIM_* setting: the value in effect and what it means."""
+    from workers.core.config import Settings, settings
+
+    current = settings()
+    table = Table(title="sprim configuration (environment SPRIM_*)", title_justify="left")
+    for col in ("variable", "value", "meaning"):
+        table.add_column(col)
+    for name, f in Settings.model_fields.items():
+        value = getattr(current, name)
+        if name == "api_tokens" and value:
+            value = "<set: tokens hidden>"
+        elif isinstance(value, str) and "://" in value:
+            value = re.sub(r"(//[^:/@]+):[^@]+@", r"\1:***@", value)  # no passwords on screens
+        table.add_row(f"SPRIM_{name.upper()}", str(value), f.description or "")
+    console.print(table)

@@ -1,0 +1,180 @@
+"""``sprim watch`` and ``sprim listen``: the two ways studies come in (added to ``workers.interfaces.cli``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from workers.platform.dispatcher import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+#: How to make the broker dispatcher (``tasks.dispatch.CeleryDispatcher``), injected by the
+#: composition root (``tasks.cli``) when ``SPRIM_BROKER_URL`` is set; ``workers`` never imports it.
+BROKER_DISPATCHER: Callable[[], Dispatcher] | None = None
+
+
+def _dispatcher() -> Dispatcher:
+    """The dispatcher jobs go to: the broker's when one is configured, else in-process.
+
+    Embedded: jobs run in a background thread so the feed / the SCP is never blocked by a job.
+    """
+    from workers.core.config import settings
+    from workers.platform.dispatcher import set_dispatcher
+    from workers.platform.inprocess import InProcessDispatcher
+
+    if settings().broker_url:
+        if BROKER_DISPATCHER is not None:
+            d = BROKER_DISPATCHER()
+            set_dispatcher(d)
+            return d
+        log.warning("event=no_broker_dispatcher broker=set fallback=in-process")
+    d = InProcessDispatcher(background=True)
+    set_dispatcher(d)
+    # what a previous embedded process left (it was killed): its running job and its queue
+    d.start()
+    return d
+
+
+def _already_submitted(study_uid: str, key: str) -> bool:
+    from workers.platform.jobstore import open_store
+
+    row = open_store().study(study_uid)
+    return bool(row and (row.context or {}).get("watch_key") == key)
+
+
+def watch_cmd(
+    url: str | None = typer.Option(
+        None,
+        "--url",
+        help="Orthanc REST root (default: SPRIM_WATCH_URL, or SPRIM_ARCHIVE_URL without /dicom-web).",
+    ),
+    interval: float | None = typer.Option(None, "--interval", help="Seconds between polls."),
+    from_now: bool = typer.Option(
+        False,
+        "--from-now",
+        help="Without saved state, skip the feed's history (default: from the start).",
+    ),
+    once: bool = typer.Option(False, "--once", help="Read the feed until done, then exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Follow Orthanc's change feed; route each stable study (cursor persisted, resumes)."""
+    from workers.archives import open_archive
+    from workers.core.config import settings
+    from workers.ingest.watch import Watcher, state_path
+    from workers.platform.jobstore import open_store
+    from workers.platform.submission import submit_study
+
+    _logging(verbose)
+    cfg = settings()
+    if not (url or cfg.watch_url or cfg.archive_url):
+        typer.echo("error: set --url, SPRIM_WATCH_URL or SPRIM_ARCHIVE_URL", err=True)
+        raise typer.Exit(2)
+    rest = (url or cfg.watch_url or cfg.archive_url or "").rstrip("/")
+    rest = rest.removesuffix("/dicom-web")
+    open_store()  # unreachable job store: one line at start-up (workers.interfaces.cli), not a late trace
+    archive = open_archive(cfg.archive_url or f"{rest}/dicom-web")
+    disp = _dispatcher()
+
+    def submit(study_uid: str, context: dict) -> None:
+        submit_study(study_uid, archive, context, disp=disp)
+
+    watcher = Watcher(
+        rest,
+        state_path(cfg.home, rest),
+        submit,
+        already_submitted=_already_submitted,
+        from_start=not from_now,
+    )
+    if once:
+        watcher.poll_once()
+        return
+    stop = threading.Event()
+    _on_signals(stop)
+    watcher.run(interval or cfg.watch_interval_s, stop)
+
+
+def listen_cmd(
+    port: int | None = typer.Option(None, "--port", help="DICOM port (default SPRIM_LISTEN_PORT)."),
+    host: str | None = typer.Option(
+        None, "--host", help="Bind address (default SPRIM_LISTEN_HOST)."
+    ),
+    aet: str | None = typer.Option(None, "--aet", help="Our AE title (default SPRIM_AE_TITLE)."),
+    allow: list[str] = typer.Option(
+        [],
+        "--allow",
+        help="Accepted calling AE title (repeatable; default SPRIM_LISTEN_ALLOWED_AETS).",
+    ),
+    quiet: float | None = typer.Option(None, "--quiet", help="Quiet period of a study, seconds."),
+    store: Path | None = typer.Option(
+        None, "--store", help="Store folder (default SPRIM_LISTEN_STORE)."
+    ),
+    no_fsync: bool = typer.Option(
+        False, "--no-fsync", hidden=True, help="Benchmarks only: success before data is on disk."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """C-STORE SCP: store instances durably, route each study after its quiet period."""
+    from workers.archives.folder import FolderArchive
+    from workers.core.config import settings
+    from workers.ingest.listener import Listener, ListenerStore, StudyArrival, routable_series
+    from workers.platform.jobstore import open_store
+    from workers.platform.submission import submit_study
+
+    _logging(verbose)
+    cfg = settings()
+    root = store or cfg.listen_store or cfg.home / "incoming"
+    our_aet = aet or cfg.ae_title
+    allowed = allow or [a for a in cfg.listen_allowed_aets.split(",") if a.strip()]
+    open_store()  # unreachable job store: one line at start-up (workers.interfaces.cli), not a late trace
+    if not allowed:
+        log.warning("event=listen_open_to_any_ae hint=set SPRIM_LISTEN_ALLOWED_AETS or --allow")
+    archive = FolderArchive(root, name=f"listen:{our_aet}")
+    disp = _dispatcher()
+
+    def on_complete(a: StudyArrival) -> None:
+        ctx = {"calling_ae": sorted(a.calling_aets)[0] if a.calling_aets else ""}
+        series = routable_series(archive.series_of_study(a.study_uid))  # no SR/SEG/PR... inputs
+        submit_study(a.study_uid, archive, ctx, disp=disp, series=series)
+
+    ls = ListenerStore(
+        root,
+        quiet_period=quiet if quiet is not None else cfg.listen_quiet_period_s,
+        on_complete=on_complete,
+        fsync=not no_fsync,
+    )
+    Listener(
+        ls,
+        aet=our_aet,
+        host=host or cfg.listen_host,
+        port=port or cfg.listen_port,
+        allowed_aets=allowed,
+    ).serve_forever()
+
+
+def _on_signals(stop: threading.Event) -> None:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``watch`` and ``listen`` to the ``sprim`` command line."""
+    app.command("watch")(watch_cmd)
+    app.command("listen")(listen_cmd)

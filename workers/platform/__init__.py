@@ -1,0 +1,1 @@
+"""The job platform: job store, submission and routing, execution with leases, dispatch, reprocessing."""

@@ -1,0 +1,1 @@
+"""Processing a series: the rules file, running a rule's steps and writing their outputs, ``sprim run``."""

@@ -1,0 +1,218 @@
+"""Run a job's steps on one source series and write every output as DICOM.
+
+The same code runs in ``sprim run``, in the embedded job executor and in Celery workers.
+
+Outputs fail one by one: a step that refuses the volume, or a writer that cannot write one
+output, is recorded in :attr:`RunReport.failures` and the run goes on with the other steps and
+outputs. A step that needs the output of a failed step (a mesh of the lungs after
+``segment.lungs`` failed) is not run and is reported as failed for that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pipelines import Output, Step, StepError
+from workers.core.config import settings
+from workers.reading.source import SeriesError, SourceSeries
+from workers.writers import Provenance, WrittenObject, write_output
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """A step with validated params, as a job asks for it."""
+
+    step: Step
+    params: BaseModel
+
+
+@dataclass
+class StepReport:
+    name: str
+    version: str
+    params: dict
+    seconds: float
+    outputs: list[WrittenObject] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutputFailure:
+    """One output (or a whole step, ``output == ""``) that could not be made."""
+
+    step: str
+    output: str
+    reason: str
+
+    def __str__(self) -> str:
+        what = f"{self.step} ({self.output})" if self.output else self.step
+        return f"{what}: {self.reason}"
+
+
+@dataclass
+class RunReport:
+    source_series_uid: str
+    steps: list[StepReport] = field(default_factory=list)
+    failures: list[OutputFailure] = field(default_factory=list)
+
+    @property
+    def written(self) -> list[WrittenObject]:
+        return [w for s in self.steps for w in s.outputs]
+
+    @property
+    def complete(self) -> bool:
+        """Every step ran and every output was written."""
+        return not self.failures
+
+    @property
+    def state(self) -> str:
+        """``done``, ``partial`` (some outputs written, some failed) or ``failed`` (none)."""
+        return "done" if self.complete else "partial" if self.written else "failed"
+
+
+Progress = Callable[[str], None]
+
+
+def _reason(e: Exception, what: str) -> str:
+    """An input defect in its own words; anything else as an internal error (traceback logged)."""
+    if isinstance(e, SeriesError | StepError):
+        return str(e)
+    log.exception("internal error in %s", what)
+    return f"internal error ({type(e).__name__})"
+
+
+def _needs(call: StepCall, earlier: Sequence[StepCall]) -> list[str]:
+    """Earlier steps of this job whose output ``call`` builds on (a segment named in its params)."""
+    from pipelines.steps.mesh import SEGMENT_STEPS
+
+    names = {c.step.name for c in earlier}
+    makers = [
+        SEGMENT_STEPS.get(v.strip().lower())
+        for k, v in call.params.model_dump().items()
+        if k.endswith("segment") and isinstance(v, str)
+    ]
+    return [m for m in dict.fromkeys(makers) if m in names]
+
+
+def run_steps(
+    source: SourceSeries,
+    calls: Sequence[StepCall],
+    rule: str,
+    out_dir: Path,
+    progress: Progress | None = None,
+    description_suffix: str = "",
+    rule_index: int = 0,
+) -> RunReport:
+    """Run ``calls`` in order on ``source``; outputs go to ``out_dir``.
+
+    Never raises for a step or an output: each failure is in ``report.failures`` (see module
+    docstring) and what could be made is in ``report.written``.
+    """
+    report = RunReport(source.series_uid)
+    prior: list[Output] = []
+    failed_steps: set[str] = set()
+    max_bytes = settings().max_volume_mb * 2**20
+    for i, call in enumerate(calls):
+        name = call.step.name
+        if progress:
+            progress(name)
+        lost = [n for n in _needs(call, calls[:i]) if n in failed_steps]
+        if lost:
+            failed_steps.add(name)
+            report.failures.append(
+                OutputFailure(name, "", f"needs the output of {lost[0]}, which failed")
+            )
+            continue
+        t0 = time.perf_counter()
+        try:
+            img = source.volume.image  # refuse absurd params before any memory is asked for
+            call.step.check_output_size(
+                call.params, img.GetSize()[::-1], img.GetSpacing(), max_bytes, img.GetDirection()
+            )
+            outputs = call.step(source.volume, call.params, tuple(prior))
+        except Exception as e:  # noqa: BLE001  (one step never takes the others down)
+            failed_steps.add(name)
+            report.failures.append(OutputFailure(name, "", _reason(e, name)))
+            if _out_of_time(e):
+                return _not_run(report, calls[i + 1 :])
+            continue
+        written: list[WrittenObject] = []
+        stop = False
+        for j, out in enumerate(outputs):
+            if stop:
+                report.failures.append(OutputFailure(name, out.description, _NOT_RUN))
+                continue
+            prov = Provenance(
+                rule,
+                call.step,
+                call.params,
+                step_index=i,
+                output_index=j,
+                output_key=f"{j}:{out.description}",
+                rule_index=rule_index,
+                description_suffix=description_suffix,
+            )
+            try:
+                written += _write(out, source, prov, out_dir)
+            except Exception as e:  # noqa: BLE001
+                report.failures.append(
+                    OutputFailure(name, out.description, _reason(e, f"{name} {out.description}"))
+                )
+                stop = _out_of_time(e)
+        # The step's outputs exist even when one could not be written: later steps use them.
+        prior += outputs
+        report.steps.append(
+            StepReport(
+                name,
+                call.step.version,
+                call.params.model_dump(mode="json"),
+                time.perf_counter() - t0,
+                written,
+            )
+        )
+        if stop:
+            return _not_run(report, calls[i + 1 :])
+    return report
+
+
+_NOT_RUN = "not made: the job's time limit was reached"
+
+
+def _out_of_time(e: Exception) -> bool:
+    """The task runner's soft time limit (Celery's, known by name: workers never import
+    Celery): the job's time is used up, the steps after it are not run."""
+    return type(e).__name__ == "SoftTimeLimitExceeded"
+
+
+def _not_run(report: RunReport, calls: Sequence[StepCall]) -> RunReport:
+    report.failures += [OutputFailure(c.step.name, "", _NOT_RUN) for c in calls]
+    return report
+
+
+def _write(out: Output, source: SourceSeries, prov: Provenance, out_dir: Path) -> list:
+    """Write one output into a staging folder, then move its files into ``out_dir``: an
+    output that fails half-way leaves nothing behind (the staging folder is removed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".writing-", dir=out_dir))
+    try:
+        written = write_output(out, source, prov, stage)
+        moved = []
+        for w in written:
+            target = out_dir / w.path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(w.path, target)
+            moved.append(dataclasses.replace(w, path=target))
+        return moved
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
