@@ -1,5 +1,6 @@
 """Routing rules: declarative YAML, validated at load, evaluated purely, explainable (docs/rules.md)."""
 
+from pipelines.queues import PRIORITIES
 from pipelines.rules.attributes import (
     DERIVED_KEYWORDS,
     IMAGE_KEYWORDS,
@@ -18,7 +19,7 @@ from pipelines.rules.evaluate import (
     select,
 )
 from pipelines.rules.loader import load_rules, parse_duration
-from pipelines.rules.model import PRIORITIES, Rule, RulesError, RuleSet, RunStep
+from pipelines.rules.model import Rule, RulesError, RuleSet, RunStep
 
 __all__ = [
     "DERIVED_KEYWORDS",

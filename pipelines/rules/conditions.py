@@ -8,7 +8,7 @@ condition false (never raises); :func:`Condition.why_not` says why, for ``explai
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ def _num(v: Any) -> float | None:
     return None
 
 
-def _items(v: Any) -> list:
+def _items(v: Any) -> list[Any]:
     """A value as a list of items: lists as is, backslash-separated strings split (ImageType)."""
     if isinstance(v, list | tuple):
         return list(v)
@@ -60,7 +60,7 @@ def _op_eq(v: Any, x: Any) -> bool:
     return _same(v, x)
 
 
-def _op_in(v: Any, xs: list) -> bool:
+def _op_in(v: Any, xs: list[Any]) -> bool:
     return any(_same(i, x) for i in _items(v) for x in xs)
 
 
@@ -78,7 +78,7 @@ def _op_contains(v: Any, x: Any) -> bool:
     return any(_same(i, x) for i in _items(v))
 
 
-def _op_contains_all(v: Any, xs: list) -> bool:
+def _op_contains_all(v: Any, xs: list[Any]) -> bool:
     items = _items(v)
     return all(any(_same(i, x) for i in items) for x in xs)
 
@@ -116,7 +116,7 @@ class Condition:
     #: Specialised predicate of a present value (None: use the generic path).
     fast: Callable[[Any], bool] | None = field(default=None, compare=False, repr=False)
 
-    def test(self, attrs: dict) -> bool:
+    def test(self, attrs: Mapping[str, Any]) -> bool:
         """True when every operator holds; False for a missing or odd value. Never raises."""
         v = attrs.get(self.key, _MISSING)
         fast = self.fast
@@ -145,7 +145,7 @@ class Condition:
                 return False
         return True
 
-    def why_not(self, attrs: dict) -> str | None:
+    def why_not(self, attrs: Mapping[str, Any]) -> str | None:
         """None when the condition holds, else a one-line reason naming the attribute."""
         if self.test(attrs):
             return None
@@ -235,8 +235,8 @@ def _fast_one(op: str, x: Any) -> Callable[[Any], bool] | None:
 
 
 def _fast(ops: tuple[tuple[str, Any], ...]) -> Callable[[Any], bool] | None:
-    preds = [_fast_one(op, x) for op, x in ops]
-    if any(p is None for p in preds):
+    preds = [p for op, x in ops if (p := _fast_one(op, x)) is not None]
+    if len(preds) < len(ops):
         return None
     if len(preds) == 1:
         return preds[0]

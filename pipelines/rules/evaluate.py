@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.rules.conditions import _num
+from pipelines.rules.conditions import Condition, _num
 from pipelines.rules.model import CONTEXT_KEYS, Rule, RuleSet, RunStep
 
 
@@ -42,7 +42,7 @@ def _view(series: Mapping[str, Any], context: Mapping[str, Any] | None) -> Mappi
     return merged
 
 
-def _all(conds, attrs) -> bool:
+def _all(conds: Sequence[Condition], attrs: Mapping[str, Any]) -> bool:
     for c in conds:
         if not c.test(attrs):
             return False
@@ -61,7 +61,7 @@ def _prefer(rule: Rule, cands: list[Mapping[str, Any]]) -> list[Mapping[str, Any
 
     if rule.prefer == "thinnest":
 
-        def key(s: Mapping[str, Any]) -> tuple:
+        def key(s: Mapping[str, Any]) -> tuple[float, float]:
             t = _num(s.get("SliceThickness"))
             return (t if t is not None else float("inf"), -n_images(s))
 
@@ -81,12 +81,17 @@ def select(rule: Rule, views: Sequence[Mapping[str, Any]]) -> list[Mapping[str, 
     return _prefer(rule, cands)
 
 
-def _split(conds) -> tuple[tuple, tuple]:
+Conditions = tuple[Condition, ...]
+
+
+def _split(conds: Sequence[Condition]) -> tuple[Conditions, Conditions]:
     ctx = tuple(c for c in conds if c.key in CONTEXT_KEYS)
     return ctx, tuple(c for c in conds if c.key not in CONTEXT_KEYS)
 
 
-def _fast_select(rule: Rule, series: Sequence[Mapping[str, Any]], context: Mapping[str, Any]):
+def _fast_select(
+    rule: Rule, series: Sequence[Mapping[str, Any]], context: Mapping[str, Any]
+) -> list[Mapping[str, Any]]:
     """:func:`select` without merging dicts: context conditions once per study."""
     plan = _PLANS.get(id(rule))
     if plan is None or plan[0] is not rule:
@@ -110,7 +115,8 @@ def _fast_select(rule: Rule, series: Sequence[Mapping[str, Any]], context: Mappi
     return _prefer(rule, cands)
 
 
-_PLANS: dict[int, tuple] = {}
+#: Rule -> (rule, context conditions, series conditions, (exclude context, exclude series)).
+_PLANS: dict[int, tuple[Rule, Conditions, Conditions, tuple[Conditions, Conditions]]] = {}
 
 
 def route(
@@ -195,7 +201,7 @@ def explain(
     return verdicts
 
 
-def _first_failure(conds, attrs) -> str | None:
+def _first_failure(conds: Sequence[Condition], attrs: Mapping[str, Any]) -> str | None:
     for c in conds:
         if (why := c.why_not(attrs)) is not None:
             return why

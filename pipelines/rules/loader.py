@@ -19,12 +19,12 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines.catalog import get_step
+from pipelines.queues import PRIORITIES
 from pipelines.rules.attributes import ROUTING_KEYWORDS
 from pipelines.rules.conditions import Condition, compile_condition
 from pipelines.rules.model import (
     CONTEXT_KEYS,
     PREFER,
-    PRIORITIES,
     TRIGGERS,
     Rule,
     RulesError,
@@ -40,16 +40,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
-class _Map(dict):
+class _Map(dict[Any, Any]):
     """A YAML mapping that remembers the line of itself and of each key (1-based)."""
 
     line: int = 0
-    key_lines: dict
+    key_lines: dict[Any, int]
 
 
-class _Seq(list):
+class _Seq(list[Any]):
     line: int = 0
-    item_lines: list
+    item_lines: list[int]
 
 
 class _Loader(yaml.SafeLoader):

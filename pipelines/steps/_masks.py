@@ -112,7 +112,7 @@ class Grid:
         """Volume of one coarse voxel in mL."""
         sx, sy, sz = image.GetSpacing()
         fz, fy, fx = self.factors
-        return sx * fx * sy * fy * sz * fz / 1000.0
+        return float(sx * fx * sy * fy * sz * fz) / 1000.0
 
 
 def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
@@ -128,7 +128,8 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
         border[np.unique(face)] = True
     border[0] = True  # label 0 = the mask itself
-    return mask | ~border[labels]
+    filled: np.ndarray = mask | ~border[labels]
+    return filled
 
 
 def components(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -144,13 +145,15 @@ def components(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, np.nd
 def erode(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
     """Binary erosion by a box of half-widths (z, y, x): separable, fast on coarse grids."""
     size = tuple(2 * r + 1 for r in radius)
-    return ndimage.minimum_filter(mask.view(np.uint8), size=size, mode="nearest").view(bool)
+    eroded: np.ndarray = ndimage.minimum_filter(mask.view(np.uint8), size=size, mode="nearest")
+    return eroded.view(bool)
 
 
 def dilate(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
     """Binary dilation by a box of half-widths (z, y, x)."""
     size = tuple(2 * r + 1 for r in radius)
-    return ndimage.maximum_filter(mask.view(np.uint8), size=size, mode="constant").view(bool)
+    dilated: np.ndarray = ndimage.maximum_filter(mask.view(np.uint8), size=size, mode="constant")
+    return dilated.view(bool)
 
 
 def refine(

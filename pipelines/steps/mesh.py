@@ -186,6 +186,7 @@ def surface(
             k = int(np.argmin(spacing_zyx * f))
             grown = tuple(x + (i == k and x < 6) for i, x in enumerate(f))
         f, poly = grown, None
+    assert poly is not None  # the loop contours at least once
     if params.smoothing_iterations:
         smooth = vtkWindowedSincPolyDataFilter()
         smooth.SetInputData(poly)

@@ -63,7 +63,7 @@ def _axial(image: sitk.Image) -> bool:
 
 
 def _axial_direction(d: np.ndarray) -> bool:
-    return abs(d[2, 2]) > 0.999 and abs(d[2, 0]) < 1e-3 and abs(d[2, 1]) < 1e-3
+    return bool(abs(d[2, 2]) > 0.999 and abs(d[2, 0]) < 1e-3 and abs(d[2, 1]) < 1e-3)
 
 
 def _too_wide(params: MipParams, width: int) -> str:
@@ -74,7 +74,10 @@ def _too_wide(params: MipParams, width: int) -> str:
 
 
 def _estimate(
-    params: MipParams, shape_zyx: Shape, spacing_xyz: Spacing, direction=None
+    params: MipParams,
+    shape_zyx: Shape,
+    spacing_xyz: Spacing,
+    direction: Sequence[float] | None = None,
 ) -> tuple[int, str]:
     """Largest buffer: the views (int16), the axial resampling of a non-axial source, or a
     segmentation / masked copy on the source grid."""
@@ -176,7 +179,8 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     sx, sy, sz = image.GetSpacing()
     fxy = max(1, int(np.ceil(params.pixel_mm / min(sx, sy) - 0.01)))
     fz = max(1, int(round(params.pixel_mm / sz)))
-    grid = Grid(tuple(reversed(image.GetSize())), (fz, fxy, fxy))  # type: ignore[arg-type]
+    nx0, ny0, nz0 = image.GetSize()
+    grid = Grid((nz0, ny0, nx0), (fz, fxy, fxy))
     pooled = grid.block_max(np.asarray(a)) if (fz, fxy) != (1, 1) else np.ascontiguousarray(a)
     nz, ny, nx = pooled.shape
     d = np.array(image.GetDirection()).reshape(3, 3)

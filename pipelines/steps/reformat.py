@@ -20,7 +20,8 @@ resampled once per plane with ``sitk.Resample`` onto a fine grid in patient axes
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,7 +41,7 @@ PLANE_AXES: dict[str, tuple[tuple[float, float, float], tuple[float, float, floa
 }
 PLANE_ABBREV = {"axial": "AX", "coronal": "COR", "sagittal": "SAG"}
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "MPR 3mm": {"planes": ["axial", "coronal", "sagittal"], "thickness_mm": 3.0, "mode": "AVG"},
     "AX 3mm": {"planes": ["axial"], "thickness_mm": 3.0, "mode": "AVG"},
     "COR 3mm": {"planes": ["coronal"], "thickness_mm": 3.0, "mode": "AVG"},
@@ -250,7 +251,11 @@ def _interp_plan(n: int, step_mm: float, target: float) -> tuple[np.ndarray, np.
     return i0, (pos - i0).astype(np.float32)
 
 
-def _resample_2d(img: np.ndarray, rows: tuple | None, cols: tuple | None, out: np.ndarray) -> None:
+#: An axis resampling plan of :func:`_interp_plan` (None = keep the axis).
+Plan = tuple[np.ndarray, np.ndarray] | None
+
+
+def _resample_2d(img: np.ndarray, rows: Plan, cols: Plan, out: np.ndarray) -> None:
     """Separable linear resampling of a 2D slice into ``out`` (rounded for integer ``out``).
 
     ``img`` may be overwritten (it is the caller's scratch buffer).
@@ -398,7 +403,10 @@ def _oblique(
 
 
 def _estimate(
-    params: Params, shape_zyx: Shape, spacing_xyz: Spacing, direction=None
+    params: Params,
+    shape_zyx: Shape,
+    spacing_xyz: Spacing,
+    direction: Sequence[float] | None = None,
 ) -> tuple[int, str]:
     """Largest plane's image stack, 4 bytes a pixel (AVG slabs and resampled planes are float32).
 

@@ -261,6 +261,7 @@ def segment_lungs(volume: Volume, params: LungParams) -> Labelmap:
         if not region.any():
             raise StepError("no lungs found: the air inside the body is trachea/bronchi only")
     split = _split_left_right(region, image)
+    segments: tuple[Segment, ...]
     if split is None:
         coarse, segments = fill_holes_2d(region).astype(np.uint8), (LUNG,)
     else:
