@@ -15,15 +15,18 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from pipelines.queues import PRIORITIES, QUEUES, broker_priority
 from workers.core.config import settings
 from workers.core.phi import quiet_phi_warnings
 
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
-PRIORITY = {2: 9, 1: 5, 0: 1}  # job priority (urgent, normal, low) -> AMQP priority
+#: Job priority level -> AMQP priority (pipelines.queues holds the one map).
+PRIORITY = {level: broker_priority(level) for level in PRIORITIES.values()}
 
 
 def queue_name(resource: str) -> str:
-    return f"{settings().queue_prefix}.{resource if resource in ('cpu', 'io') else 'cpu'}"
+    """The broker queue of a step's resource (steps are checked against QUEUES at import)."""
+    return f"{settings().queue_prefix}.{resource if resource in QUEUES else 'cpu'}"
 
 
 def make_app() -> Celery:
