@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,7 +76,8 @@ class Window:
         lo = self.center - 0.5 - (self.width - 1) / 2
         scale = 255.0 / max(self.width - 1, 1e-6)
         out = (np.asarray(a, np.float32) - np.float32(lo)) * np.float32(scale)
-        return np.clip(out, 0, 255).round().astype(np.uint8)
+        grey: np.ndarray = np.clip(out, 0, 255).round().astype(np.uint8)
+        return grey
 
     def __str__(self) -> str:
         return f"{self.name} W{self.width:g} L{self.center:g}"
@@ -124,7 +126,9 @@ def percentile_window(a: np.ndarray, low: float = 1.0, high: float = 99.0) -> Wi
     return Window(f"{low:g}-{high:g} %", (lo + hi) / 2 + 0.5, hi - lo + 1)
 
 
-def windows_for(modality: str, data: np.ndarray, body_part: str = "", kind: str = "") -> list:
+def windows_for(
+    modality: str, data: np.ndarray, body_part: str = "", kind: str = ""
+) -> list[Window]:
     """CT presets for CT (see :func:`ct_windows`), percentiles for anything else."""
     if modality.upper() == "CT":
         return ct_windows(body_part, kind)
@@ -175,7 +179,9 @@ def preview(output: Output, source: Volume, body_part: str = "") -> Preview | No
 # -- images -----------------------------------------------------------------------------------
 
 
-def _display_shape(rows: int, cols: int, row_mm: float, col_mm: float, longest: int):
+def _display_shape(
+    rows: int, cols: int, row_mm: float, col_mm: float, longest: int
+) -> tuple[int, int]:
     """(rows, cols) of the displayed tile: square pixels, longest side ``longest`` at most."""
     h, w = rows * row_mm, cols * col_mm
     scale = longest / max(h, w)
@@ -191,7 +197,8 @@ def _resize(a: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray
         a = ndimage.gaussian_filter(a, sigma=np.maximum(0.0, (1 / factors - 1) / 2))
     if a.shape == tuple(shape):
         return a
-    return ndimage.zoom(a, factors, order=order, grid_mode=True, mode="nearest")
+    out: np.ndarray = ndimage.zoom(a, factors, order=order, grid_mode=True, mode="nearest")
+    return out
 
 
 def _levels(n: int, fractions: Sequence[float] = LEVELS) -> list[int]:
@@ -233,7 +240,7 @@ def key_images(
         a = a[None]
     levels = _levels(a.shape[0])
     windows = windows_for(modality, a, body_part, f"{series_kind} {series.description}")
-    shape = _display_shape(*a.shape[1:], *_slice_mm(series.image), KEY_IMAGE_PX)
+    shape = _display_shape(a.shape[1], a.shape[2], *_slice_mm(series.image), KEY_IMAGE_PX)
     tiles = [_resize(a[k], shape) for k in levels]
     rows = [[_grey(w.apply(t)) for t in tiles] for w in windows]
     where = "/".join(f"{100 * k // a.shape[0]}" for k in levels)
@@ -250,7 +257,7 @@ def cine(series: ImageSeries, modality: str, body_part: str = "") -> Preview:
     step = -(-a.shape[0] // MAX_CINE_FRAMES)  # ceil: at most MAX_CINE_FRAMES frames
     # A MIP of CT shows bone and contrast: the bone window; otherwise the series' percentiles.
     window = BONE if modality.upper() == "CT" else percentile_window(a, 1, 99.5)
-    shape = _display_shape(*a.shape[1:], *_slice_mm(series.image), CINE_PX)
+    shape = _display_shape(a.shape[1], a.shape[2], *_slice_mm(series.image), CINE_PX)
     frames = [_grey(window.apply(_resize(a[k], shape))) for k in range(0, a.shape[0], step)]
     rate = float(series.cine_rate or 10.0)
     caption = f"{series.description}: {len(frames)} frames at {rate / step:g}/s; {window}"
@@ -261,7 +268,8 @@ def cine(series: ImageSeries, modality: str, body_part: str = "") -> Preview:
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask)
+    edge: np.ndarray = mask & ~ndimage.binary_erosion(mask)
+    return edge
 
 
 def overlay_tile(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -273,7 +281,8 @@ def overlay_tile(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
         colour = PALETTE[(int(value) - 1) % len(PALETTE)].astype(np.float32)
         rgb[m] = (1 - OVERLAY_ALPHA) * rgb[m] + OVERLAY_ALPHA * colour
         rgb[_outline(m)] = colour
-    return rgb.round().astype(np.uint8)
+    out: np.ndarray = rgb.round().astype(np.uint8)
+    return out
 
 
 def segment_levels(labels: np.ndarray) -> list[int]:
@@ -295,7 +304,7 @@ def overlay(labelmap: Labelmap, source: Volume, body_part: str = "") -> Preview:
     levels = segment_levels(lab)
     names = " ".join(s.name for s in labelmap.segments)
     window = windows_for(source.modality, src, body_part, f"{names} {labelmap.description}")[0]
-    shape = _display_shape(*src.shape[1:], *_slice_mm(source.image), KEY_IMAGE_PX)
+    shape = _display_shape(src.shape[1], src.shape[2], *_slice_mm(source.image), KEY_IMAGE_PX)
     tiles = [
         overlay_tile(window.apply(_resize(src[k], shape)), _resize(lab[k], shape, order=0))
         for k in levels
@@ -342,12 +351,15 @@ MESH_VIEWS = (
     View("left lateral", (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
     View("anterior-left oblique", (-0.6, 0.65, -0.45), (0.0, 0.0, 1.0)),
 )
-_MESH_COLOURS = {"bone": (0.92, 0.88, 0.78), "lung": (0.95, 0.62, 0.6)}
+RGB = tuple[float, float, float]
+#: A view, the LPS point at the centre of the picture, half the picture's side (mm).
+Camera = tuple["View", np.ndarray, float]
+_MESH_COLOURS: dict[str, RGB] = {"bone": (0.92, 0.88, 0.78), "lung": (0.95, 0.62, 0.6)}
 _MESH_DEFAULT_COLOUR = (0.65, 0.78, 0.95)
 BACKGROUND = (0.1, 0.1, 0.12)
 
 
-def mesh_colour(mesh: Mesh) -> tuple[float, float, float]:
+def mesh_colour(mesh: Mesh) -> RGB:
     name = f"{mesh.segment.name if mesh.segment else ''} {mesh.description}".lower()
     return next((c for k, c in _MESH_COLOURS.items() if k in name), _MESH_DEFAULT_COLOUR)
 
@@ -432,34 +444,39 @@ def offscreen_opengl() -> bool:
 class _vtk_quiet:
     """VTK's warnings off while probing (they go to stderr, into `sprim run`'s table)."""
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         from vtkmodules.vtkCommonCore import vtkLogger, vtkObject
 
         self.saved = vtkLogger.GetCurrentVerbosityCutoff(), vtkObject.GetGlobalWarningDisplay()
         vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
         vtkObject.GlobalWarningDisplayOff()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         from vtkmodules.vtkCommonCore import vtkLogger, vtkObject
 
         vtkLogger.SetStderrVerbosity(self.saved[0])
         vtkObject.SetGlobalWarningDisplay(self.saved[1])
 
 
-def _vtk_window():
+def _vtk_window() -> Any:
     """An off-screen render window: EGL when there is no X display (a plain vtkRenderWindow
     would try X first and log a warning on every process)."""
     if not os.environ.get("DISPLAY"):
-        from vtkmodules.vtkRenderingOpenGL2 import vtkEGLRenderWindow as RenderWindow
+        from vtkmodules.vtkRenderingOpenGL2 import vtkEGLRenderWindow
+
+        window: Any = vtkEGLRenderWindow()
     else:
         import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL factories)
-        from vtkmodules.vtkRenderingCore import vtkRenderWindow as RenderWindow
-    window = RenderWindow()
+        from vtkmodules.vtkRenderingCore import vtkRenderWindow
+
+        window = vtkRenderWindow()
     window.SetOffScreenRendering(1)
     return window
 
 
-def _render_vtk(verts, faces, cameras, px: int, colour) -> list[np.ndarray]:
+def _render_vtk(
+    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], px: int, colour: RGB
+) -> list[np.ndarray]:
     """One render window, one surface (normals computed once), one render per camera."""
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401
     from vtkmodules.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray, vtk_to_numpy
@@ -527,11 +544,21 @@ def _render_vtk(verts, faces, cameras, px: int, colour) -> list[np.ndarray]:
     return tiles
 
 
-def _render_numpy(verts, faces, cameras, px: int, colour) -> list[np.ndarray]:
+def _render_numpy(
+    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], px: int, colour: RGB
+) -> list[np.ndarray]:
     return [_rasterise(verts, faces, v, c, h, px, colour) for v, c, h in cameras]
 
 
-def _rasterise(verts, faces, view: View, centre, half: float, px: int, colour) -> np.ndarray:
+def _rasterise(
+    verts: np.ndarray,
+    faces: np.ndarray,
+    view: View,
+    centre: np.ndarray,
+    half: float,
+    px: int,
+    colour: RGB,
+) -> np.ndarray:
     """Orthographic z-buffer rasteriser: each triangle sampled on a barycentric grid fine enough
     to touch every pixel it covers, the nearest sample kept per pixel, flat headlight shading."""
     img = np.empty((px, px, 3), np.uint8)
