@@ -1,5 +1,7 @@
 """Reproducible synthetic CT series: a chest phantom written as classic CT Image Storage files.
 
+The phantom is :class:`pipelines.testing.ChestSlices` (shipped with sprim for step authors).
+
 Anatomy (HU): air -1000 outside, a body ellipse of soft tissue (~30 ± noise), two lungs
 (~-850) that shrink towards their ends, a vertebral body and spinal canal, rib arcs every
 30 mm, and a patient table (+200 HU, 10 mm of air below the body). Stored values are 12-bit
@@ -28,7 +30,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-HU_AIR, HU_SOFT, HU_LUNG, HU_BONE, HU_TABLE, HU_CSF = -1000, 30, -850, 700, 200, 10
+from pipelines.testing import ChestSlices
+
 INTERCEPT = -1024
 
 
@@ -89,59 +92,6 @@ def _template(seed: int, n_slices: int, size: int, spacing: tuple[float, float, 
     return ds
 
 
-class Phantom:
-    """The chest phantom on one axial grid; static parts are computed once.
-
-    Parameters
-    ----------
-    x, y : np.ndarray
-        Patient coordinates (mm, LPS) of every pixel of a slice.
-    z_range : tuple of float
-        Lowest and highest slice height (mm), for the lung extent.
-    lungs_touch_ends : bool
-        Lungs present in the first and last slice.
-    """
-
-    def __init__(
-        self, x: np.ndarray, y: np.ndarray, z_range: tuple[float, float], lungs_touch_ends: bool
-    ) -> None:
-        x, y = x.astype(np.float32), y.astype(np.float32)
-        base = np.full(x.shape, HU_AIR, dtype=np.int16)
-        base[(x / 170.0) ** 2 + (y / 120.0) ** 2 <= 1.0] = HU_SOFT  # body
-        base[(np.abs(y - 135.0) <= 2.5) & (np.abs(x) <= 220.0)] = HU_TABLE  # 10 mm below body
-        canal = x**2 + (y - 97.0) ** 2
-        base[(canal > 7.0**2) & (canal <= 12.0**2)] = HU_BONE  # posterior arch
-        base[canal <= 7.0**2] = HU_CSF  # spinal canal
-        base[x**2 + (y - 70.0) ** 2 <= 18.0**2] = HU_BONE  # vertebral body
-        ring = (x / 160.0) ** 2 + (y / 110.0) ** 2
-        self.rib = (ring >= 0.86) & (ring <= 0.93) & (np.abs(x) > 25.0)
-        self.base = base
-        # Normalised lung radii: lung k is where q[k] <= scale(z)^2.
-        self.q = [((x - cx) / 60.0) ** 2 + ((y + 5.0) / 85.0) ** 2 for cx in (-75.0, 75.0)]
-        self.z_range = z_range
-        self.lungs_touch_ends = lungs_touch_ends
-
-    def lung_scale(self, z: float) -> float:
-        """Lung cross-section scale at height ``z`` (0 = no lung)."""
-        lo, hi = self.z_range
-        frac = (z - lo) / (hi - lo) if hi > lo else 0.5
-        if self.lungs_touch_ends:
-            return 0.85 + 0.15 * float(np.sin(np.pi * frac))
-        scale = max(0.0, 1.0 - ((frac - 0.5) / 0.42) ** 2) ** 0.5  # zero before the ends
-        return scale if scale > 0.05 else 0.0
-
-    def slice(self, z: float) -> np.ndarray:
-        """HU (int16) of the axial slice at height ``z`` (mm)."""
-        hu = self.base.copy()
-        scale2 = self.lung_scale(z) ** 2
-        if scale2:
-            for q in self.q:
-                hu[(q <= scale2) & (hu == HU_SOFT)] = HU_LUNG
-        if (z - self.z_range[0]) % 30.0 < 10.0:  # ribs every 30 mm
-            hu[self.rib] = HU_BONE
-        return hu
-
-
 def write_synthetic_ct(
     out_dir: Path,
     n_slices: int = 400,
@@ -179,7 +129,7 @@ def write_synthetic_ct(
     noise = rng.normal(0.0, 10.0, size=(4, size + pad, size + pad)).astype(np.int16)
     shifts = rng.integers(0, pad, size=(n_slices, 2))
     z_top = (n_slices - 1) * sz / 2
-    phantom = Phantom(x, y, (-z_top, z_top), lungs_touch_ends)
+    phantom = ChestSlices(x, y, (-z_top, z_top), lungs_touch_ends)
     template = _template(seed, n_slices, size, spacing)
     pixel_head = b"\xe0\x7f\x10\x00OW\x00\x00" + (size * size * 2).to_bytes(4, "little")
     paths = []

@@ -9,7 +9,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from bench.synthetic import HU_BONE, HU_LUNG, HU_SOFT, HU_TABLE, write_synthetic_ct
+from bench.synthetic import write_synthetic_ct
+from pipelines.testing import SLICES_HU_BONE as HU_BONE
+from pipelines.testing import SLICES_HU_LUNG as HU_LUNG
+from pipelines.testing import SLICES_HU_SOFT as HU_SOFT
+from pipelines.testing import SLICES_HU_TABLE as HU_TABLE
 from workers.reading.series import read_series, scan
 from workers.reading.source import SeriesError
 
