@@ -48,6 +48,7 @@ from pydicom.uid import (
 )
 
 from pipelines import Labelmap, Mesh, Output, Step, Volume, get_step
+from workers.core.plugins import load_plugins
 from workers.processing.runner import OutputFailure, RunReport, StepCall, run_steps
 from workers.reading.series import read_series, scan
 from workers.reading.source import SourceSeries
@@ -60,6 +61,8 @@ NO_DCIODVFY = (
     "dciodvfy not installed (dicom3tools; Debian: apt-get install dicom3tools): the written "
     "files were read back but not validated against their IODs"
 )
+#: DCM 112039 "Tracking Identifier": the name of a TID 1500 measurement group.
+TRACKING_IDENTIFIER = "112039"
 #: Rule name recorded in the outputs' provenance.
 KIT_RULE = "sprim-kit"
 
@@ -220,13 +223,15 @@ def read_source(source: Volume | Path | SourceSeries, work_dir: Path) -> SourceS
 
 @dataclass(frozen=True)
 class MeasuredValue:
-    """A numeric item read back from an SR: concept, value and UCUM unit, and its group's
-    tracking identifier (the segment name; "" for a measurement of the whole series)."""
+    """A numeric item read back from an SR: concept meaning, value and UCUM unit; its group's
+    tracking identifier (the segment name, or the output's description) and the segment it
+    references (SEG SOPInstanceUID, segment number), None when the group references none."""
 
     name: str
     value: float
     unit: str
     group: str = ""
+    segment: tuple[str, int] | None = None
 
 
 @dataclass
@@ -274,15 +279,22 @@ class KitResult:
     def failures(self) -> list[OutputFailure]:
         return self.report.failures
 
-    def files(self, kind: str) -> list[Path]:
-        """Paths written of one kind: ``series``, ``seg``, ``sr`` or ``stl``."""
-        return [w.path for w in self.written if w.kind == kind]
+    def files(self, kind: str) -> list[WrittenObject]:
+        """The files written of one kind (``series``, ``seg``, ``sr`` or ``stl``): path, UIDs,
+        SeriesNumber and SeriesDescription of each."""
+        return [w for w in self.written if w.kind == kind]
 
     def check(self, kind: str) -> FileCheck:
         """The one check of a kind (AssertionError when there is not exactly one)."""
         found = [c for c in self.checks if c.written.kind == kind]
         assert len(found) == 1, f"{len(found)} {kind} files written, expected 1"
         return found[0]
+
+    def measurements(self, name: str | None = None) -> list[MeasuredValue]:
+        """The numeric measurements read back from every SR written (those of concept ``name``,
+        e.g. "Volume", when given)."""
+        found = [m for c in self.checks for m in c.measurements]
+        return [m for m in found if name is None or m.name == name]
 
     @property
     def errors(self) -> list[str]:
@@ -295,24 +307,39 @@ class KitResult:
 
 
 def _sr_numbers(ds: Dataset) -> list[MeasuredValue]:
+    """Every NUM content item, with the tracking identifier and referenced segment of its group."""
     out: list[MeasuredValue] = []
 
-    def walk(item: Dataset, group: str) -> None:
-        for child in getattr(item, "ContentSequence", []):
-            concept = (
-                child.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in child else None
-            )
-            if child.ValueType == "TEXT" and concept and concept.CodeValue == "112039":
-                group = str(child.TextValue)  # Tracking Identifier
-            if child.ValueType == "NUM" and concept and "MeasuredValueSequence" in child:
-                mv = child.MeasuredValueSequence[0]
-                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
-                out.append(
-                    MeasuredValue(str(concept.CodeMeaning), float(mv.NumericValue), unit, group)
-                )
-            walk(child, group)
+    def concept(item: Dataset) -> str:
+        seq = item.get("ConceptNameCodeSequence")
+        return str(seq[0].CodeValue) if seq else ""
 
-    walk(ds, "")
+    def walk(item: Dataset, group: str, segment: tuple[str, int] | None) -> None:
+        children = list(getattr(item, "ContentSequence", []))
+        for child in children:  # a group's identifier and references come with its numbers
+            if child.ValueType == "TEXT" and concept(child) == TRACKING_IDENTIFIER:
+                group = str(child.TextValue)
+            ref = child.get("ReferencedSOPSequence")
+            if child.ValueType == "IMAGE" and ref and "ReferencedSegmentNumber" in ref[0]:
+                segment = (
+                    str(ref[0].ReferencedSOPInstanceUID),
+                    int(ref[0].ReferencedSegmentNumber),
+                )
+        for child in children:
+            if child.ValueType == "NUM" and "MeasuredValueSequence" in child:
+                mv = child.MeasuredValueSequence[0]
+                out.append(
+                    MeasuredValue(
+                        str(child.ConceptNameCodeSequence[0].CodeMeaning),
+                        float(mv.NumericValue),
+                        str(mv.MeasurementUnitsCodeSequence[0].CodeValue),
+                        group,
+                        segment,
+                    )
+                )
+            walk(child, group, segment)
+
+    walk(ds, "", None)
     return out
 
 
@@ -434,7 +461,11 @@ def _recording(step: Step, sink: list[Output]) -> Step:
 
 
 def step_calls(steps: StepSpec | Sequence[StepSpec]) -> list[StepCall]:
-    """``"name"``, ``("name", {params})`` or a list of them, as validated step calls."""
+    """``"name"``, ``("name", {params})`` or a list of them, as validated step calls.
+
+    Steps of the modules named in ``SPRIM_PLUGINS`` are known, as in ``sprim run``.
+    """
+    load_plugins()
     specs = [steps] if isinstance(steps, str | tuple) else list(steps)
     calls = []
     for spec in specs:
@@ -499,4 +530,9 @@ def run_and_write(
                 made_from = by_kind[w.kind][seen[w.kind]]
                 seen[w.kind] += 1
             result.checks.append(check_file(w, made_from))
+    segs = {w.sop_instance_uid for w in report.written if w.kind == "seg"}
+    for c in result.checks:
+        for m in c.measurements:
+            if m.segment and m.segment[0] not in segs:
+                c.problems.append(f"{m.group}: references a SEG this job did not write")
     return result
