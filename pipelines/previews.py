@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -477,24 +478,26 @@ def _vtk_window() -> Any:
 def _render_vtk(
     verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], px: int, colour: RGB
 ) -> list[np.ndarray]:
-    """One render window, one surface (normals computed once), one render per camera."""
+    """The surface rendered once per camera in the process's off-screen window."""
+    with _VTK_LOCK:
+        return _render_vtk_locked(verts, faces, cameras, px, colour)
+
+
+#: The one off-screen window is used by one thread at a time (jobs may run in threads).
+_VTK_LOCK = threading.Lock()
+
+
+def _render_vtk_locked(
+    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], px: int, colour: RGB
+) -> list[np.ndarray]:
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401
     from vtkmodules.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray, vtk_to_numpy
     from vtkmodules.vtkCommonCore import vtkPoints
     from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
-    from vtkmodules.vtkFiltersCore import vtkPolyDataNormals
-    from vtkmodules.vtkRenderingCore import (
-        vtkActor,
-        vtkPolyDataMapper,
-        vtkRenderer,
-        vtkWindowToImageFilter,
-    )
+    from vtkmodules.vtkRenderingCore import vtkActor, vtkPolyDataMapper, vtkWindowToImageFilter
 
-    window = _vtk_window()
+    window, renderer = _vtk_scene()
     window.SetSize(px, px)
-    renderer = vtkRenderer()
-    renderer.SetBackground(*BACKGROUND)
-    window.AddRenderer(renderer)
     if len(faces):
         points = vtkPoints()
         points.SetData(numpy_to_vtk(np.ascontiguousarray(verts), deep=True))
@@ -507,12 +510,10 @@ def _render_vtk(
         poly = vtkPolyData()
         poly.SetPoints(points)
         poly.SetPolys(cells)
-        normals = vtkPolyDataNormals()
-        normals.SetInputData(poly)
-        normals.SplittingOff()
-        normals.Update()
+        # No point normals: VTK's shader shades each triangle by its own normal (flat), which
+        # at preview size looks the same and saves computing normals of ~200k triangles.
         mapper = vtkPolyDataMapper()
-        mapper.SetInputData(normals.GetOutput())
+        mapper.SetInputData(poly)
         actor = vtkActor()
         actor.SetMapper(mapper)
         prop = actor.GetProperty()
@@ -534,14 +535,29 @@ def _render_vtk(
             grab = vtkWindowToImageFilter()
             grab.SetInput(window)
             grab.ReadFrontBufferOff()
+            grab.ShouldRerenderOff()  # just rendered
             grab.Update()
             out = grab.GetOutput()
             w, h, _ = out.GetDimensions()
             rgb = vtk_to_numpy(out.GetPointData().GetScalars()).reshape(h, w, -1)
             tiles.append(np.ascontiguousarray(rgb[::-1, :, :3], dtype=np.uint8))
     finally:
-        window.Finalize()
+        renderer.RemoveAllViewProps()  # the surface's GPU buffers go with it
+        window.ReleaseCurrent()  # the next render may come from another thread
     return tiles
+
+
+@functools.cache
+def _vtk_scene() -> tuple[Any, Any]:
+    """One off-screen window and renderer per process: a new OpenGL context costs more than
+    rendering a 200k-triangle surface three times."""
+    from vtkmodules.vtkRenderingCore import vtkRenderer
+
+    window = _vtk_window()
+    renderer = vtkRenderer()
+    renderer.SetBackground(*BACKGROUND)
+    window.AddRenderer(renderer)
+    return window, renderer
 
 
 def _render_numpy(
