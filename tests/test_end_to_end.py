@@ -23,6 +23,7 @@ from tests.harness.orthanc import OrthancServer, orthanc_available
 from tests.harness.studies import copy_as_new_study
 from tests.platform_kit import ROOT, VENV_BIN, drop_vhost, make_vhost, rabbit_ready
 from workers.archives.dicomweb import DicomWebArchive
+from workers.processing.testing import dciodvfy_errors
 
 pytestmark = pytest.mark.integration
 #: Orthanc outage during a job: 30 s, as the acceptance asks (SPRIM_TEST_OUTAGE_S to change).
@@ -158,11 +159,6 @@ def _derived_series(orthanc: OrthancServer, study_uid: str) -> dict[str, int]:
     }
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
-
-
 def test_storescu_to_orthanc_to_derived_series_back_in_the_same_study(loop, ct_files, tmp_path):
     orthanc = loop.orthanc
     watch = loop.start_watch(MPR_RULES, "watch-mpr")
@@ -189,7 +185,7 @@ def test_storescu_to_orthanc_to_derived_series_back_in_the_same_study(loop, ct_f
             assert "DERIVED" in rows[uid]["ImageType"]
             files = sorted(archive.fetch_series(study_uid, uid, tmp_path / uid))
             for f in {files[0], files[len(files) // 2], files[-1]}:
-                assert _dciodvfy_errors(f) == [], f
+                assert dciodvfy_errors(f) == [], f
         # the same study again: no new job, no duplicate series
         n_series = len(orthanc.series_of_study(study_uid))
         orthanc.storescu(ct_files)

@@ -18,9 +18,10 @@ import pydicom
 import pytest
 
 from tests.harness.studies import copy_as_new_study
-from tests.test_end_to_end import _dciodvfy_errors, _until, loop  # noqa: F401  (fixture)
+from tests.test_end_to_end import _until, loop  # noqa: F401  (fixture)
 from tests.workers.test_conformance import _ct_quirks
 from workers.processing.offline import load_ruleset
+from workers.processing.testing import dciodvfy_errors
 
 DEFAULT_RULES = (
     Path(__file__).resolve().parents[1] / "workers" / "processing" / "default_rules.yaml"
@@ -129,7 +130,7 @@ def test_per_slice_frames_of_reference_get_every_default_ct_output_through_ortha
                 for s in d.SourceImageSequence
             ]
             assert per_frame and set(per_frame) <= source_sops
-        assert _dciodvfy_errors(path) == [], (ds.SeriesDescription, path)
+        assert dciodvfy_errors(path) == [], (ds.SeriesDescription, path)
     assert frames == {first_frame}, (frames, first_frame)
     assert modalities == {"CT": 4, "SEG": 3, "SR": 3, "M3D": 2}, modalities
     assert sop_classes == {

@@ -15,8 +15,6 @@ rules.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +30,7 @@ from pipelines import get_step
 from pipelines.rules import RuleSet, explain
 from workers.processing.offline import JobResult, PlannedJob, load_ruleset, plan_rules, run
 from workers.processing.runner import StepCall
+from workers.processing.testing import dciodvfy, dciodvfy_errors
 from workers.reading.series import SeriesFiles, read_series
 from workers.reading.source import SeriesError
 
@@ -39,7 +38,7 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 CT = DATA / "ct-abdomen-tcia" / "series"
 MR = DATA / "mr-brain-oblique-ge"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "dicom.md"
-DCIODVFY = shutil.which("dciodvfy")
+DCIODVFY = dciodvfy()
 pytestmark = [
     pytest.mark.skipif(not CT.is_dir() or not MR.is_dir(), reason="shared data absent"),
     pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed"),
@@ -107,9 +106,7 @@ CODES = {
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
-    res = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
-    lines = (res.stdout + res.stderr).splitlines()
-    return [f"{path.parent.name}/{path.name}: {x}" for x in lines if x.startswith("Error")]
+    return [f"{path.parent.name}/{path.name}: {x}" for x in dciodvfy_errors(path)]
 
 
 def _vendor(series: SeriesFiles) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import SimpleITK as sitk
 
 from pipelines import ImageSeries, Volume, get_step
 from workers.processing.runner import StepCall, run_steps
+from workers.processing.testing import dciodvfy, dciodvfy_errors
 from workers.reading.series import read_series, scan
 from workers.reading.source import SeriesError, SourceSeries
 from workers.writers import Provenance, WrittenObject, write_output
@@ -24,7 +23,7 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 CT = DATA / "ct-abdomen-tcia" / "series"
 MR = DATA / "mr-brain-oblique-ge"
 TILTED = DATA / "ct-head-tilted-ge"  # the reader resamples the 18.5° gantry tilt
-DCIODVFY = shutil.which("dciodvfy")
+DCIODVFY = dciodvfy()
 needs_data = pytest.mark.skipif(not CT.is_dir() or not MR.is_dir(), reason="shared data absent")
 pytestmark = needs_data
 
@@ -175,9 +174,7 @@ def test_written_series_stack_in_patient_axes_when_read_by_simpleitk(
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
-    res = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
-    lines = (res.stdout + res.stderr).splitlines()
-    return [f"{path.name}: {line}" for line in lines if line.startswith("Error")]
+    return [f"{path.name}: {line}" for line in dciodvfy_errors(path)]
 
 
 @pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed")

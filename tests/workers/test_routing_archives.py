@@ -5,7 +5,6 @@ declared keyword; enhanced (multi-frame) volumes are routed by their images, not
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 
 import pydicom
@@ -16,6 +15,7 @@ from tests import routing_kit as rk
 from workers.archives.dicomweb import DicomWebArchive
 from workers.archives.folder import FolderArchive
 from workers.processing.routing import DEFAULT_RULES, load_rules_file
+from workers.processing.testing import dciodvfy_errors
 from workers.reading.series import scan
 
 #: One rule per declared keyword (more for the six the DICOMweb path once lacked); each must
@@ -238,11 +238,6 @@ def test_rules_loader_refuses_keywords_outside_the_routing_set():
     assert msg.endswith("calling_ae, source, institution")
 
 
-def _dciodvfy_errors(path) -> list[str]:
-    r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
-
-
 @pytest.fixture
 def enhanced_mr_study(tmp_path):
     """An enhanced 3D MR (one file, 32 frames) and a two-stack B0 map, as one study."""
@@ -267,7 +262,7 @@ def test_sprim_run_reformats_an_enhanced_3d_mr_with_the_default_rules(enhanced_m
     outputs = [o for s in job.steps for o in s["outputs"]]
     assert _planes(o["series_description"] for o in outputs) == {"AX", "COR", "SAG"}
     for o in {o["series_uid"]: o for o in outputs}.values():  # one file of each output series
-        assert _dciodvfy_errors(o["path"]) == [], o["series_description"]
+        assert dciodvfy_errors(o["path"]) == [], o["series_description"]
     [skipped] = summary.unmatched
     assert skipped["series"] == "MR 202 B0 NS"
     assert "mr-volume-mpr: select_series.where: IsVolume: False != True" in skipped["reason"]
@@ -333,4 +328,4 @@ def test_sprim_run_gives_an_enhanced_ct_every_default_ct_output(tmp_path):
         "STL 3D Lungs",
     ]  # fmt: skip
     for o in outputs.values():
-        assert _dciodvfy_errors(o["path"]) == [], o["series_description"]
+        assert dciodvfy_errors(o["path"]) == [], o["series_description"]

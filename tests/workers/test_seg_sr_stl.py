@@ -7,8 +7,6 @@ every object is checked with dciodvfy and read back with highdicom / numpy-stl.
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -18,15 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from pipelines import get_step
+from workers.processing.testing import dciodvfy, dciodvfy_errors
 from workers.writers import Provenance, write_output
 from workers.writers.stl import export_mesh
 
-DCIODVFY = shutil.which("dciodvfy")
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    res = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
-    return [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
+DCIODVFY = dciodvfy()
 
 
 @pytest.fixture(scope="module")
