@@ -7,7 +7,7 @@ by the job store's release (see :mod:`workers.platform.jobstore`): the broker ne
 ``SPRIM_DISPATCH_WINDOW`` jobs, so a burst waits in the store, not in RabbitMQ.
 
 ``celery -A tasks worker -l info`` consumes both queues; ``celery -A tasks flower`` can watch
-(task events are on).
+(task events are on). ``SPRIM_WORKER_METRICS_PORT``: Prometheus endpoint (:mod:`tasks.metrics`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def make_app() -> Celery:
     p = s.queue_prefix
     ex = Exchange(p, type="direct", durable=True)
     args = {"x-max-priority": 10, "x-dead-letter-exchange": f"{p}.dlx"}
-    app = Celery("sprim", broker=s.broker_url or DEFAULT_BROKER, include=["tasks.jobs"])
+    app = Celery(
+        "sprim", broker=s.broker_url or DEFAULT_BROKER, include=["tasks.jobs", "tasks.metrics"]
+    )
     app.conf.update(
         task_queues=[
             Queue(f"{p}.cpu", ex, routing_key="cpu", durable=True, queue_arguments=args),

@@ -18,12 +18,13 @@ import hmac
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from workers.core.config import settings
+from workers.core.metrics import StoreCensus, exposition
 from workers.platform.dispatcher import Dispatcher
 from workers.platform.jobstore import STATES, UNREACHABLE, Job, JobStore, open_store, unreachable
 from workers.platform.reprocess import BadRequest, NotFound, cancel, reprocess, retry, visible
@@ -168,6 +169,15 @@ def create_app(store: JobStore | None = None, disp: Dispatcher | None = None) ->
     @app.get("/health", tags=["meta"])
     def health() -> dict:
         return {"ok": True}
+
+    @app.get("/metrics", tags=["meta"], response_class=Response)
+    def prometheus_metrics(inst: Inst) -> Response:
+        """Prometheus exposition (``workers.core.metrics``), the job store's census included.
+        It covers every institution: a ``*`` token only (Prometheus: ``authorization``)."""
+        if inst != "*":
+            raise HTTPException(403, "metrics cover every institution: a '*' token is needed")
+        body = exposition(StoreCensus(lambda: get_store().census()))
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/jobs", response_model=list[JobOut], tags=["jobs"])
     def list_jobs(

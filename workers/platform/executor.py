@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from pipelines import StepError, get_step
 from workers.archives import Archive, ArchiveError
+from workers.core import metrics
 from workers.core.config import settings
 from workers.platform.dispatcher import Dispatcher, release_later
 from workers.platform.jobstore import FINAL, Job, JobStore, StoreUnavailable, open_store, retrying
@@ -163,6 +164,9 @@ def _run_attempt(store: JobStore, job: Job) -> tuple[dict, Lease]:
         lease.stop()
     final["values"]["peak_rss_mb"] = round(lease.peak, 1)
     final["values"]["last_step"] = lease.step[:128]
+    metrics.attempt_finished(
+        job.rule, final["state"], job.started_at, final["values"].get("timings", {})
+    )
     if final["state"] == "queued":  # transient archive error
         final["values"]["not_before"] = time.time() + final.pop("delay")
     return final, lease
@@ -214,6 +218,7 @@ def _after(store: JobStore, job_id: int, out: Job | None, final: dict, disp) -> 
         release_later(disp, delay)
         return
     elif final["state"] == "done":
+        metrics.stable_to_stored(out, store.study)
         log.info("job=%d event=done objects=%d seconds=%.2f", job_id,
                  sum(len(o["instances"]) for o in out.outputs), sum(out.timings.values()))  # fmt: skip
     else:
@@ -257,6 +262,7 @@ def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
             dest.store([w.path for w in report.written])
         timings["store"] = time.perf_counter() - t0
     except ArchiveError as e:
+        metrics.archive_error("fetch" if lease.step == "fetch" else "store", e.transient)
         if e.transient and job.attempts < settings().max_attempts:
             delay = backoff(job.attempts)
             why = f"archive transient error: {e}"
@@ -268,6 +274,7 @@ def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
             else f"archive unavailable after {job.attempts} attempts: {e}"
         )
     except (StepError, SeriesError) as e:  # input defects: as they are, no retry
+        metrics.refused(e)
         return failed(str(e))
     except MemoryError:
         log.exception("job=%d event=memory_error", job.id)

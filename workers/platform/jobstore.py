@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import sessionmaker
 
+from workers.core import metrics
 from workers.core.phi import stored_series
 from workers.platform.jobmodels import AuditRow, JobRow, LockRow, StudyRow
 
@@ -127,6 +128,7 @@ class JobStore:
         self.engine = create_engine(url, **kw)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        metrics.time_store_statements(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
@@ -174,7 +176,9 @@ class JobStore:
                 AuditRow(at=now, job_id=row.id, event="created", to_state=state, actor=actor,
                          detail=values.get("rule") or values.get("requester") or "")
             )  # fmt: skip
-            return Job.of(row)
+            job = Job.of(row)
+        metrics.job_entered(state, job.rule, job.institution)
+        return job
 
     def get(self, job_id: int) -> Job | None:
         with self.Session() as s:
@@ -209,6 +213,28 @@ class JobStore:
             rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
             return {st: n for st, n in rows}
 
+    def census(self) -> dict[str, Any]:
+        """What the store holds now, for metrics (:class:`workers.core.metrics.StoreCensus`):
+        jobs per (state, rule, institution), queued jobs waiting per priority, queued jobs
+        handed to the dispatcher, running jobs."""
+        dispatched = (JobRow.state == "queued") & JobRow.dispatched_at.is_not(None)
+        with self.Session() as s:
+            states = s.execute(
+                select(JobRow.state, JobRow.rule, JobRow.institution, func.count())
+                .group_by(JobRow.state, JobRow.rule, JobRow.institution)
+            ).all()  # fmt: skip
+            waiting = s.execute(
+                select(JobRow.priority, func.count())
+                .where(JobRow.state == "queued", JobRow.dispatched_at.is_(None))
+                .group_by(JobRow.priority)
+            ).all()  # fmt: skip
+            n_dispatched = s.scalar(select(func.count()).select_from(JobRow).where(dispatched))
+        running = sum(n for st, _r, _i, n in states if st == "running")
+        return {
+            "states": [tuple(r) for r in states], "waiting": [tuple(r) for r in waiting],
+            "dispatched": n_dispatched or 0, "running": running,
+        }  # fmt: skip
+
     def transition(
         self,
         job_id: int,
@@ -240,7 +266,9 @@ class JobStore:
             s.add(AuditRow(at=now, job_id=row.id, event="state", from_state=before,
                            to_state=to_state, actor=actor, detail=detail[:2000]))  # fmt: skip
             s.flush()
-            return Job.of(row)
+            job = Job.of(row)
+        metrics.job_entered(to_state, job.rule, job.institution)
+        return job
 
     # -- leases --------------------------------------------------------------------------------
     def renew_lease(self, job_id: int, owner: str, until: float, **values: Any) -> bool:
@@ -409,6 +437,7 @@ class JobStore:
             try:
                 send(job)
                 sent.append(job)
+                metrics.RELEASED.labels(priority=str(job.priority)).inc()
             except Exception:
                 with self.Session.begin() as s:
                     s.execute(update(JobRow).where(JobRow.id == job.id).values(dispatched_at=None))
@@ -443,6 +472,7 @@ def retrying(fn: Callable[..., Any], *args: Any, budget_s: float | None = None, 
         except Exception as e:
             if not is_outage(e):
                 raise
+            metrics.STORE_UNREACHABLE.inc()
             if time.monotonic() + delay > deadline:
                 raise StoreUnavailable(
                     f"job store unreachable for {budget_s:.0f} s ({type(e).__name__})"

@@ -16,7 +16,8 @@ from typing import Any
 
 from pipelines import canonical_params
 from pipelines.rules import Match, explain, route
-from workers.archives import Archive, destination_for, open_archive
+from workers.archives import Archive, ArchiveError, destination_for, open_archive
+from workers.core import metrics
 from workers.core.config import settings
 from workers.platform.dispatcher import Dispatcher, dispatcher
 from workers.platform.jobstore import Job, JobStore, open_store
@@ -35,6 +36,15 @@ def archive_for(spec: str | None) -> Archive:
     if key not in _ARCHIVES:
         _ARCHIVES[key] = open_archive(spec or None)
     return _ARCHIVES[key]
+
+
+def series_of(archive: Archive, study_uid: str) -> list[dict]:
+    """``archive.series_of_study``, its errors counted (``sprim_archive_errors_total``)."""
+    try:
+        return archive.series_of_study(study_uid)
+    except ArchiveError as e:
+        metrics.archive_error("series_of_study", e.transient)
+        raise
 
 
 def archive_spec(archive: Archive) -> str:
@@ -111,7 +121,7 @@ def submit_study(
     store = store or open_store()
     disp = disp or dispatcher()
     ctx = {"source": archive.name, **dict(source_context or {})}
-    attrs = series if series is not None else archive.series_of_study(study_uid)
+    attrs = series if series is not None else series_of(archive, study_uid)
     inst = _institution(ctx, attrs)
     spec = archive_spec(archive)
     store.note_study(
@@ -220,6 +230,6 @@ def route_due(
         log.info("event=route_superseded study=%s seq=%d", study_uid, seq)
         return []
     archive = archive_for(row.archive)
-    attrs = archive.series_of_study(study_uid)
+    attrs = series_of(archive, study_uid)
     ctx = dict(row.context or {})
     return submit_study(study_uid, archive, ctx, store=store, disp=disp, series=attrs, rules=rules)

@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines import Output, Step, StepError
+from workers.core import metrics
 from workers.core.config import settings
 from workers.reading.source import SeriesError, SourceSeries
 from workers.writers import Provenance, WrittenObject, write_output
@@ -87,6 +88,7 @@ Progress = Callable[[str], None]
 def _reason(e: Exception, what: str) -> str:
     """An input defect in its own words; anything else as an internal error (traceback logged)."""
     if isinstance(e, SeriesError | StepError):
+        metrics.refused(e)
         return str(e)
     log.exception("internal error in %s", what)
     return f"internal error ({type(e).__name__})"
