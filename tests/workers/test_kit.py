@@ -96,6 +96,9 @@ def test_lungs_and_mesh_written_and_every_file_valid(ct_phantom, ct_source, tmp_
         / (np.count_nonzero(labels) + np.count_nonzero(truth))
         > 0.95
     )
+    (seg_file,) = result.files("seg")
+    refs = [m.segment for m in result.measurements("Volume")]
+    assert refs == [(seg_file.sop_instance_uid, 1), (seg_file.sop_instance_uid, 2)]
     volumes = {m.group: m.value for m in result.check("sr").measurements}
     voxel_ml = np.prod(ct_source.volume.image.GetSpacing()) / 1000
     assert volumes == pytest.approx({k: n * voxel_ml for k, n in seg.segments.items()}, rel=1e-3)
