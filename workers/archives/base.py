@@ -43,3 +43,10 @@ class Archive(Protocol):
     def store(self, files: Sequence[Path]) -> None:
         """Store ``files``; return only once the archive confirmed every instance."""
         ...
+
+
+def instance_uids(archive: Archive, study_uid: str, series_uid: str) -> list[str] | None:
+    """The SOPInstanceUIDs of a series now, when the archive can list them cheaply (optional
+    ``instance_uids`` method; ``None``: it cannot, the series is fetched every time)."""
+    lister = getattr(archive, "instance_uids", None)
+    return None if lister is None else list(lister(study_uid, series_uid))

@@ -202,6 +202,16 @@ class DicomWebArchive:
         return data if isinstance(data, list) else []
 
     # -- fetch -----------------------------------------------------------------------------
+    def instance_uids(self, study_uid: str, series_uid: str) -> list[str]:
+        """SOPInstanceUIDs of the series now (QIDO-RS): what a fetch would bring, by name."""
+        try:
+            hits = self._client.search_for_instances(
+                study_instance_uid=study_uid, series_instance_uid=series_uid, fields=["00080018"]
+            )
+        except Exception as e:  # noqa: BLE001
+            raise self._error(f"QIDO-RS instances of series {series_uid}", e) from e
+        return [str(u) for u in (_value(h, "00080018") for h in hits) if u]
+
     def fetch_series(self, study_uid: str, series_uid: str, dest: Path) -> list[Path]:
         """Stream the series by WADO-RS into ``dest``, one file per instance as it arrives.
 

@@ -145,6 +145,26 @@ class Settings(BaseSettings):
         1, ge=0, description="Zips inside zips opened: 1 = one level, 0 = none (deeper: skipped)."
     )
 
+    # -- one read per series, storing while computing (issue 13) --
+    series_cache_mb: int = Field(
+        2048,
+        ge=0,
+        description="Fetched source series kept per host in SPRIM_HOME/cache/series, shared by "
+        "the jobs of the rules that match one series (least recently used evicted). 0: off.",
+    )
+    series_memo_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a worker process keeps the last series it read, for the next job "
+        "of the same series content (freed then, or when another series comes). 0: off.",
+    )
+    store_parallel: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Outputs of one job stored at once while its next steps compute.",
+    )
+
     @property
     def work_dir(self) -> Path:
         return self.home / "work"

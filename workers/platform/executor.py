@@ -25,6 +25,7 @@ from workers.core.config import settings
 from workers.platform.dispatcher import Dispatcher, release_later
 from workers.platform.jobstore import FINAL, Job, JobStore, StoreUnavailable, open_store, retrying
 from workers.platform.leases import Lease, backoff, dead, is_local, process_tag, requeue_lost
+from workers.platform.storing import OutputStore, overlap_s
 from workers.platform.submission import archive_for, release_after
 from workers.processing.routing import current_rules
 from workers.reading.source import SeriesError
@@ -248,19 +249,30 @@ def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
         calls = _step_calls(job)
         rule_index = retrying(_rule_index, job.rule, store)
         archive = archive_for(job.archive)
+        dest = archive_for(job.destination) if job.destination else archive
         source = _fetch_and_read(job, archive, work / "in", lease, timings)
-        report = run_steps(
-            source, calls, job.rule or "reprocess", work / "out", progress=lease.at,
-            description_suffix=job.description_suffix or "", rule_index=rule_index,
-        )  # fmt: skip
-        for sr in report.steps:
-            timings[sr.name] = timings.get(sr.name, 0.0) + sr.seconds
-        lease.at("store")
-        t0 = time.perf_counter()
-        if report.written:
-            dest = archive_for(job.destination) if job.destination else archive
-            dest.store([w.path for w in report.written])
-        timings["store"] = time.perf_counter() - t0
+        # Each output is stored as soon as it is written, while the next steps compute.
+        with OutputStore(dest, job.id, settings().store_parallel) as outputs:
+
+            def progress(step: str) -> None:
+                outputs.check()  # a transient store error ends the attempt now
+                lease.at(step)
+
+            report = run_steps(
+                source, calls, job.rule or "reprocess", work / "out", progress=progress,
+                description_suffix=job.description_suffix or "", rule_index=rule_index,
+                on_output=outputs.submit,
+            )  # fmt: skip
+            steps_end = time.time()
+            del source  # the steps are over: memory for the stores (the memo may keep it)
+            for sr in report.steps:
+                timings[sr.name] = timings.get(sr.name, 0.0) + sr.seconds
+            lease.at("store")
+            t0 = time.perf_counter()
+            stored = outputs.finish(report)
+            timings["store"] = time.perf_counter() - t0  # the wait after the last step
+        log.info("job=%d event=stores outputs=%d during_steps_s=%.2f after_steps_s=%.2f",
+                 job.id, len(stored), overlap_s(stored, steps_end), timings["store"])  # fmt: skip
     except ArchiveError as e:
         metrics.archive_error("fetch" if lease.step == "fetch" else "store", e.transient)
         if e.transient and job.attempts < settings().max_attempts:
@@ -313,22 +325,15 @@ def _step_calls(job: Job) -> list[StepCall]:
 def _fetch_and_read(
     job: Job, archive: Archive, dest: Path, lease: Lease, timings: dict[str, float]
 ) -> SourceSeries:
-    """Fetch the job's series from its archive into ``dest`` and read it through the gate."""
-    from workers.reading.series import read_series, scan
+    """The job's series read through the gate: fetched into ``dest``, or shared with the other
+    jobs of the same series content (:mod:`workers.platform.seriescache`)."""
+    from workers.platform.seriescache import load_series
 
-    t0 = time.perf_counter()
-    files = archive.fetch_series(job.study_uid, job.series_uid or "", dest)
-    timings["fetch"] = time.perf_counter() - t0
-    lease.at("read")
-    t0 = time.perf_counter()
-    found = [s for s in scan(dest) if s.attributes.get("SeriesInstanceUID") == job.series_uid]
-    if not found:
-        raise SeriesError(
-            f"series {job.series_uid}: none of the {len(files)} fetched files is DICOM"
-        )
-    source = read_series(found[0])
-    timings["read"] = time.perf_counter() - t0
-    return source
+    loaded = load_series(
+        archive, job.study_uid, job.series_uid or "", dest, on_read=lambda: lease.at("read")
+    )
+    timings["fetch"], timings["read"] = loaded.fetch_s, loaded.read_s
+    return loaded.source
 
 
 def _output_records(written: list[WrittenObject]) -> list[dict]:

@@ -83,6 +83,8 @@ class RunReport:
 
 
 Progress = Callable[[str], None]
+#: ``(step name, output description, objects written)``, called once per output written.
+OutputDone = Callable[[str, str, list[WrittenObject]], None]
 
 
 def _reason(e: Exception, what: str) -> str:
@@ -115,11 +117,13 @@ def run_steps(
     progress: Progress | None = None,
     description_suffix: str = "",
     rule_index: int = 0,
+    on_output: OutputDone | None = None,
 ) -> RunReport:
     """Run ``calls`` in order on ``source``; outputs go to ``out_dir``.
 
     Never raises for a step or an output: each failure is in ``report.failures`` (see module
-    docstring) and what could be made is in ``report.written``.
+    docstring) and what could be made is in ``report.written``. ``on_output(step, output,
+    objects)`` is called as soon as each output is written (the job stores it meanwhile).
     """
     report = RunReport(source.series_uid)
     prior: list[Output] = []
@@ -166,12 +170,16 @@ def run_steps(
                 description_suffix=description_suffix,
             )
             try:
-                written += _write(out, source, prov, out_dir)
+                made = _write(out, source, prov, out_dir)
             except Exception as e:  # noqa: BLE001
                 report.failures.append(
                     OutputFailure(name, out.description, _reason(e, f"{name} {out.description}"))
                 )
                 stop = _out_of_time(e)
+                continue
+            written += made
+            if on_output:
+                on_output(name, out.description, made)
         # The step's outputs exist even when one could not be written: later steps use them.
         prior += outputs
         report.steps.append(

@@ -1,0 +1,276 @@
+"""One fetch and one read per series: the jobs of the rules that match one series share them.
+
+Each job stays a job (its own priority, fairness, provenance, UIDs and failures); only the
+source is shared, at two levels:
+
+- **Host**: the fetched files live in ``SPRIM_HOME/cache/series/<series>-<key>/``. The key is a
+  digest of the archive, the study, the series and the SOPInstanceUIDs the archive lists for it
+  just before the fetch, so an instance added (or removed) later gives a new key and a new
+  fetch: an entry never stands for other content. An entry is published only when the fetch
+  brought exactly the listed instances and the listing did not change meanwhile. Concurrent
+  processes (Celery pool processes, worker hosts sharing ``SPRIM_HOME``) coordinate with
+  ``flock``: exclusive while fetching, shared while reading; the least recently used entries
+  beyond ``SPRIM_SERIES_CACHE_MB`` are evicted, never one in use.
+- **Process**: the last :class:`~workers.reading.source.SourceSeries` read, under the same key,
+  kept ``SPRIM_SERIES_MEMO_S`` seconds for the next job of that series in this process.
+
+An archive that cannot list a series' instances (no ``instance_uids``) is fetched per job into
+the job's folder, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workers.archives.base import Archive, instance_uids
+from workers.core.config import settings
+from workers.reading.source import SeriesError
+
+if TYPE_CHECKING:
+    from workers.reading.source import SourceSeries
+
+log = logging.getLogger("sprim.jobs")
+
+_COMPLETE = ".complete"
+
+
+def cache_root() -> Path:
+    return settings().home / "cache" / "series"
+
+
+def content_key(archive: str, study_uid: str, series_uid: str, uids: list[str]) -> str:
+    """Digest naming one series content: same instances -> same key."""
+    doc = json.dumps([archive, study_uid, series_uid, sorted(uids)])
+    return hashlib.sha256(doc.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Loaded:
+    """A series ready for the steps, and how it was obtained."""
+
+    source: SourceSeries
+    how: str  # "memo" (this process had it), "cache" (host cache), "fetch" (fetched now)
+    key: str | None
+    fetch_s: float
+    read_s: float
+
+
+# -- process memo ------------------------------------------------------------------------------
+class _Memo:
+    """The last series this process read; freed after ``SPRIM_SERIES_MEMO_S`` idle seconds."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.source: SourceSeries | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def get(self, key: str) -> SourceSeries | None:
+        with self._lock:
+            if self.key == key and self.source is not None:
+                self._arm()
+                return self.source
+            return None
+
+    def drop_other(self, key: str | None) -> None:
+        """Free another series before reading this one (peak memory: one series at a time)."""
+        with self._lock:
+            if self.key != key:
+                self._clear()
+
+    def put(self, key: str, source: SourceSeries) -> None:
+        if settings().series_memo_s <= 0:
+            return
+        with self._lock:
+            self.key, self.source = key, source
+            self._arm()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        self.key, self.source = None, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(settings().series_memo_s, self.clear)
+        self._timer.name, self._timer.daemon = "sprim-series-memo", True
+        self._timer.start()
+
+
+MEMO = _Memo()
+
+
+# -- host cache ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(path: Path, mode: int, *, block: bool = True) -> Iterator[bool]:
+    """``flock`` on ``path`` (created); yields False when ``block`` is off and it is taken.
+
+    The lock file may be removed by an eviction between open and lock: the inode is checked
+    after locking and the lock taken again on the new file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, mode | (0 if block else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                continue
+            yield True
+            return
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _entry_files(entry: Path) -> list[Path]:
+    return sorted(p for p in entry.iterdir() if p.suffix == ".dcm")
+
+
+def _fetch_entry(
+    archive: Archive, study_uid: str, series_uid: str, entry: Path, key: str, uids: list[str]
+) -> bool:
+    """Fetch into ``entry`` (exclusive lock held); True if published for other jobs."""
+    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
+    shutil.rmtree(entry, ignore_errors=True)
+    try:
+        files = archive.fetch_series(study_uid, series_uid, tmp)
+        ok = len(files) == len(uids) and content_key(
+            archive.name, study_uid, series_uid, instance_uids(archive, study_uid, series_uid) or []
+        ) == key  # fmt: skip
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if ok:
+        size = sum(f.stat().st_size for f in _entry_files(entry))
+        (entry / _COMPLETE).write_text(json.dumps({"series": series_uid, "bytes": size}))
+    else:  # the series changed while it was fetched: this job's copy only
+        log.info("event=series_cache_skip series=%s reason=changed during fetch", series_uid)
+    return ok
+
+
+def _evict(keep: Path) -> None:
+    """Remove least recently used complete entries beyond ``SPRIM_SERIES_CACHE_MB``."""
+    root = cache_root()
+    limit = settings().series_cache_mb * 2**20
+    entries = []
+    for d in root.iterdir():
+        marker = d / _COMPLETE
+        if d.is_dir() and marker.exists():
+            try:
+                size = int(json.loads(marker.read_text()).get("bytes", 0))
+                entries.append((marker.stat().st_mtime, d, size))
+            except (OSError, ValueError):
+                continue
+    total = sum(s for _, _, s in entries)
+    for _, d, size in sorted(entries):
+        if total <= limit:
+            break
+        if d == keep:
+            continue
+        lock = d.with_name(d.name + ".lock")
+        with _locked(lock, fcntl.LOCK_EX, block=False) as got:
+            if not got:  # in use: a later eviction gets it
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        total -= size
+        log.info("event=series_cache_evict entry=%s mb=%.0f", d.name, size / 2**20)
+
+
+def load_series(
+    archive: Archive,
+    study_uid: str,
+    series_uid: str,
+    dest: Path,
+    on_read: Callable[[], None] | None = None,
+) -> Loaded:
+    """The job's source series: from this process's memo, the host cache, or fetched now.
+
+    ``dest`` is the job's own folder, used when the series is not cached. ``on_read`` is
+    called when fetching ends and reading begins (the lease's step).
+    """
+    t0 = time.perf_counter()
+    uids = instance_uids(archive, study_uid, series_uid) if settings().series_cache_mb else None
+    if not uids:  # no listing (or an empty one: the fetch says "not found")
+        MEMO.clear()
+        files = archive.fetch_series(study_uid, series_uid, dest)
+        fetch_s = time.perf_counter() - t0
+        if on_read:
+            on_read()
+        t1 = time.perf_counter()
+        source = _read(dest, series_uid, len(files))
+        return Loaded(source, "fetch", None, fetch_s, time.perf_counter() - t1)
+    key = content_key(archive.name, study_uid, series_uid, uids)
+    if (source := MEMO.get(key)) is not None:
+        log.info("event=series_memo_hit series=%s key=%s", series_uid, key)
+        return Loaded(source, "memo", key, time.perf_counter() - t0, 0.0)
+    MEMO.drop_other(key)
+    entry = cache_root() / f"{series_uid}-{key}"
+    lock = entry.with_name(entry.name + ".lock")
+    how = "cache"
+    with _locked(lock, fcntl.LOCK_SH):
+        hit = (entry / _COMPLETE).exists()
+    if not hit:
+        with _locked(lock, fcntl.LOCK_EX):
+            if not (entry / _COMPLETE).exists():  # another process may have fetched meanwhile
+                how = "fetch"
+                if not _fetch_entry(archive, study_uid, series_uid, entry, key, uids):
+                    shutil.rmtree(dest, ignore_errors=True)
+                    os.replace(entry, dest)  # not shared: the job's own copy
+                    entry = dest
+    fetch_s = time.perf_counter() - t0
+    if on_read:
+        on_read()
+    t1 = time.perf_counter()
+    if entry == dest:
+        source = _read(dest, series_uid, len(_entry_files(dest)))
+    else:
+        with _locked(lock, fcntl.LOCK_SH):  # an eviction waits until the read is over
+            if not (entry / _COMPLETE).exists():  # evicted between fetch and read: once more
+                return load_series(archive, study_uid, series_uid, dest, on_read)
+            os.utime(entry / _COMPLETE)  # recently used
+            source = _read(entry, series_uid, len(_entry_files(entry)))
+        if how == "fetch":
+            with contextlib.suppress(OSError):
+                _evict(keep=entry)
+    read_s = time.perf_counter() - t1
+    MEMO.put(key, source)
+    log.info("event=series_loaded series=%s how=%s key=%s fetch_s=%.2f read_s=%.2f",
+             series_uid, how, key, fetch_s, read_s)  # fmt: skip
+    return Loaded(source, how, key, fetch_s, read_s)
+
+
+def _read(folder: Path, series_uid: str, n_files: int) -> SourceSeries:
+    """Read the series through the input gate (every read, cached or not)."""
+    from workers.reading.series import read_series, scan
+
+    found = [s for s in scan(folder) if s.attributes.get("SeriesInstanceUID") == series_uid]
+    if not found:
+        raise SeriesError(f"series {series_uid}: none of the {n_files} fetched files is DICOM")
+    return read_series(found[0])
