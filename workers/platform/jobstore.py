@@ -13,6 +13,7 @@ queues ahead of another site's study in the broker.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     and_,
@@ -32,7 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import CursorResult, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import sessionmaker
@@ -132,18 +133,33 @@ class JobStore:
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the latest Alembic revision (idempotent)."""
+        """Bring the schema to the latest Alembic revision (idempotent).
+
+        One info line when it changed the schema, none otherwise: Alembic's own set-up lines
+        (plugins, "Context impl ...", "Will assume transactional DDL") stay below warning unless
+        the ``alembic`` logger was configured.
+        """
+        alembic_log = logging.getLogger("alembic")
+        if alembic_log.level == logging.NOTSET:  # before the import: it logs its plugins
+            alembic_log.setLevel(logging.WARNING)
         from alembic import command
         from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
 
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "alembic"))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        head = ScriptDirectory.from_config(cfg).get_current_head()
         with self._migration_lock(), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":  # concurrent first starts: one migrates
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7262017)")
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == head:
+                return
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+        log.info("event=job_store_migrated from=%s to=%s", current or "empty", head)
 
     @contextlib.contextmanager
     def _migration_lock(self):
@@ -194,7 +210,7 @@ class JobStore:
         job_key: str | None = None,
         limit: int = 100,
         newest_first: bool = True,
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         q = select(JobRow)
         if state:
             q = q.where(JobRow.state.in_([state] if isinstance(state, str) else list(state)))
@@ -274,17 +290,18 @@ class JobStore:
     def renew_lease(self, job_id: int, owner: str, until: float, **values: Any) -> bool:
         """Extend the lease of the attempt ``owner`` (and record ``values``); False if it lost it."""
         with self.Session.begin() as s:
-            n = s.execute(
+            res = s.execute(
                 update(JobRow)
                 .where(JobRow.id == int(job_id), JobRow.state == "running",
                        JobRow.lease_owner == owner)
                 .values(lease_expires_at=until, **values)
-            ).rowcount  # fmt: skip
+            )  # fmt: skip
+            n = cast("CursorResult[Any]", res).rowcount
         return bool(n)
 
     def lapsed(
         self, now: float, dead_owners: Callable[[str], bool], stale_before: float = 0.0
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         """Running jobs whose lease expired or whose owner is known dead; queued jobs dispatched
         to an in-process queue that is known dead (its process ended), or to the broker before
         ``stale_before`` and never started (the message was lost with a broker)."""
@@ -316,7 +333,7 @@ class JobStore:
 
     def audit_trail(
         self, *, job_id: int | None = None, event_: str | None = None, limit: int = 200
-    ) -> list[Audit]:
+    ) -> builtins.list[Audit]:
         q = select(AuditRow)
         if job_id is not None:
             q = q.where(AuditRow.job_id == job_id)
@@ -331,7 +348,12 @@ class JobStore:
 
     # -- studies -------------------------------------------------------------------------------
     def note_study(
-        self, study_uid: str, *, series: list[dict] | None = None, bump: bool = True, **values: Any
+        self,
+        study_uid: str,
+        *,
+        series: builtins.list[dict] | None = None,
+        bump: bool = True,
+        **values: Any,
     ) -> int:
         """Record a study (``bump``: it changed now, new instances); returns its change sequence."""
         now = time.time()
@@ -356,14 +378,14 @@ class JobStore:
         with self.Session() as s:
             return s.get(StudyRow, study_uid)
 
-    def studies(self, limit: int = 100_000) -> list[StudyRow]:
+    def studies(self, limit: int = 100_000) -> builtins.list[StudyRow]:
         with self.Session() as s:
             return list(s.scalars(select(StudyRow).order_by(StudyRow.last_change_at).limit(limit)))
 
     # -- fair release --------------------------------------------------------------------------
     def release(
         self, capacity: int, send: Callable[[Job], None], to: str | None = None
-    ) -> list[Job]:
+    ) -> builtins.list[Job]:
         """Hand waiting jobs to ``send`` until ``capacity`` jobs are in flight; return them.
 
         ``to`` names the dispatcher (an in-process queue dies with its process: see

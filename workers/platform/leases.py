@@ -86,7 +86,7 @@ class Lease:
 
     def _run(self) -> None:
         lease = settings().lease_s
-        written = (None, 0.0)
+        written: tuple[str | None, float] = (None, 0.0)
         next_renew = time.monotonic() + lease / 4
         while not self._stop.is_set():
             self._wake.wait(0.5)

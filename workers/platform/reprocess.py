@@ -20,6 +20,7 @@ from pipelines import StepError, canonical_params, get_step
 from pipelines.registry import params_error_text
 from workers.core.config import settings
 from workers.platform.dispatcher import Dispatcher
+from workers.platform.jobmodels import StudyRow
 from workers.platform.jobstore import Job, JobStore
 
 log = logging.getLogger("sprim.jobs")
@@ -30,7 +31,14 @@ class NotFound(LookupError):
 
 
 class BadRequest(ValueError):
-    """The request names an unknown step or invalid params; the message says which."""
+    """The request names an unknown step or invalid params; the message says which.
+
+    ``fields``: param name -> what is wrong with it (the console shows each next to its input).
+    """
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields = dict(fields or {})
 
 
 def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
@@ -96,14 +104,16 @@ def reprocess(
     if series_uid is None:
         if not ran:
             raise NotFound(f"study {study_uid}: no processed series; name one (series_uid)")
-        series_uid = ran[0].series_uid
+        series_uid = str(ran[0].series_uid)  # ran: jobs of known series only
     elif series_uid not in known:
         raise NotFound(f"study {study_uid} has no series {series_uid}")
     base_job = next((j for j in ran if j.series_uid == series_uid), ran[0] if ran else None)
-    wanted = [{"use": s} if isinstance(s, str) else dict(s) for s in steps]
+    wanted: list[dict[str, Any]] = [{"use": s} if isinstance(s, str) else dict(s) for s in steps]
     if not wanted:
         raise BadRequest("name at least one step")
-    rule, out_steps, suffixes = None, [], []
+    rule: str | None = None
+    out_steps: list[dict[str, Any]] = []
+    suffixes: list[str] = []
     for w in wanted:
         try:
             st = get_step(str(w.get("use")))
@@ -118,7 +128,8 @@ def reprocess(
         try:
             params = st.validate({**base, **(w.get("with") or {})})
         except ValidationError as e:
-            raise BadRequest(f"{st.name}: {params_error_text(e)}") from None
+            fields = {str(err["loc"][0]): err["msg"] for err in e.errors() if err.get("loc")}
+            raise BadRequest(f"{st.name}: {params_error_text(e)}", fields) from None
         except Exception as e:  # noqa: BLE001  ('with' that is not a mapping)
             raise BadRequest(f"{st.name}: {e}") from None
         _check_size(st, params, known[series_uid])
@@ -126,15 +137,17 @@ def reprocess(
         ref = json.loads(canonical_params(st.validate(base)))
         suffixes.append(_changed(ref, canon))
         out_steps.append({"use": st.name, "version": st.version, "with": canon})
-    src = base_job or ran[0] if ran else None
+    src = (base_job or ran[0]) if ran else None
+    # where the study is: the job it ran as, else the study record, else any job of it
+    where: Job | StudyRow = src or row or prior[0]
     job = store.create_job(
         rule=rule or "reprocess",
         requester=requester,
         study_uid=study_uid,
         series_uid=series_uid,
-        institution=(src.institution if src else row.institution) or "unknown",
-        source=src.source if src else row.source,
-        archive=src.archive if src else row.archive,
+        institution=where.institution or "unknown",
+        source=where.source,
+        archive=where.archive,
         destination=src.destination if src else None,
         priority=priority,
         steps=out_steps,

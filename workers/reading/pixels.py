@@ -29,7 +29,7 @@ _SITK = {
     np.dtype(np.int32): sitk.sitkInt32,
     np.dtype(np.float32): sitk.sitkFloat32,
 }
-_CTYPES = {
+_CTYPES: dict[Any, Any] = {
     np.dtype(np.int16): ctypes.c_int16,
     np.dtype(np.int32): ctypes.c_int32,
     np.dtype(np.float32): ctypes.c_float,
@@ -72,7 +72,10 @@ def value(ds: Dataset, keyword: str, default: Any = None) -> Any:
     ValueError (the input gate words them).
     """
     tag, vr = _tag_vr(keyword)
-    elem = None if tag is None else ds._dict.get(tag)  # no Tag() conversion: 400 headers
+    if tag is None:
+        return default
+    elems: Any = ds._dict  # keyed by int tags: no Tag() conversion for 400 headers
+    elem = elems.get(tag)
     if elem is None:
         return default
     raw = getattr(elem, "value", None)
@@ -168,7 +171,7 @@ def padding_range(ds: Dataset) -> tuple[int, int] | None:
         if isinstance(raw, bytes):  # US or SS: the pixel representation decides
             if len(raw) < 2:
                 continue
-            little = elem.is_little_endian if elem.is_little_endian is not None else True
+            little = getattr(elem, "is_little_endian", None) is not False
             got.append(int.from_bytes(raw[:2], "little" if little else "big", signed=signed))
         else:
             v = ds[tag].value
@@ -268,7 +271,7 @@ def read_native_into(
         stored = value(ds, "BitsStored", bits)
         if raw_dtype.itemsize == dst.dtype.itemsize and dst.dtype.kind == "i":
             # Same width: read straight into the volume, fix and rescale in place.
-            if fp.readinto(memoryview(dst).cast("B")) != nbytes:
+            if fp.readinto(dst.data.cast("B")) != nbytes:
                 return False
             raw = dst.view(raw_dtype)
             _only_stored_bits(raw, stored)

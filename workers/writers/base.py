@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel
 
-from pipelines import Output, Step, canonical_params
+from pipelines import Segment, Step, canonical_params
 from workers.core.uids import OutputUIDs
 from workers.reading.source import SourceSeries
 
@@ -32,6 +33,8 @@ class Provenance:
     rule_index: int = 0
     #: What a reprocessing request changed ("thickness_mm=5"), appended to SeriesDescription.
     description_suffix: str = ""
+    #: Objects this job wrote before this output (a measurement SR references their SEG).
+    earlier: tuple[WrittenObject, ...] = ()
 
     @property
     def params_canonical(self) -> str:
@@ -54,6 +57,7 @@ class WrittenObject:
 
     ``notes``: what the writer changed while copying source attributes (invalid values emptied
     or left out, repairs, the frame of reference chosen), one sentence each, for the job report.
+    ``segments`` (SEG): the labelmap's segments in SEG segment-number order (1, 2, ...).
     """
 
     path: Path
@@ -64,16 +68,19 @@ class WrittenObject:
     series_number: int
     series_description: str
     notes: tuple[str, ...] = ()
+    segments: tuple[Segment, ...] = ()
 
 
-Writer = Callable[[Output, SourceSeries, Provenance, Path], list[WrittenObject]]
+#: ``fn(output, source, provenance, out_dir) -> written``; ``output`` is of the kind registered.
+Writer = Callable[..., list[WrittenObject]]
 _WRITERS: dict[str, Writer] = {}
+W = TypeVar("W", bound=Writer)
 
 
-def writer(kind: str) -> Callable[[Writer], Writer]:
+def writer(kind: str) -> Callable[[W], W]:
     """Register the writer of an output kind."""
 
-    def register(fn: Writer) -> Writer:
+    def register(fn: W) -> W:
         _WRITERS[kind] = fn
         return fn
 

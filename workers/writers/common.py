@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from workers.core.config import settings
 from workers.core.uids import derive_uid
@@ -430,8 +430,8 @@ def source_image_item(source_header: Dataset) -> Dataset:
 def file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
     """File Meta Information for an Explicit VR Little Endian Part 10 file."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"SPRIM_{sprim_version()}"[:16]

@@ -34,8 +34,9 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom import DataElement, Dataset
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 from pydicom.uid import (
     CTImageStorage,
     MRImageStorage,
@@ -158,7 +159,7 @@ CONTRAST_KEYWORDS = (
 VOI_KEYWORDS = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation")
 VALUE4 = {"MIP": "MIP", "MinIP": "MINIP"}
 # Modality is an enumerated value of the CT / MR / PET IODs (a source's "ct" would not do).
-_MODALITY = {
+_MODALITY: dict[str, str] = {
     CTImageStorage: "CT",
     MRImageStorage: "MR",
     PositronEmissionTomographyImageStorage: "PT",
@@ -211,8 +212,8 @@ def _slices(out: ImageSeries) -> list[_Slice]:
         return res
     d = np.array(img.GetDirection()).reshape(3, 3)
     origin, step = np.array(img.GetOrigin()), img.GetSpacing()[2]
-    iop = np.concatenate([d[:, 0], d[:, 1]])
-    return [_Slice(origin + k * step * d[:, 2], iop, d[:, 2]) for k in range(img.GetSize()[2])]
+    iop_g = np.concatenate([d[:, 0], d[:, 1]])
+    return [_Slice(origin + k * step * d[:, 2], iop_g, d[:, 2]) for k in range(img.GetSize()[2])]
 
 
 def _pixels(image: sitk.Image, zero_intercept: bool = False) -> tuple[np.ndarray, float, float]:
@@ -295,7 +296,7 @@ def _pet(out: ImageSeries, source: SourceSeries, ds: Dataset, notes: list[str]) 
         copy_attributes(src, ds, ("DecayFactor",), notes, required=("DecayFactor",))
     for kw in PET_TYPE2:
         if kw not in ds:
-            ds[kw] = DataElement(tag_for_keyword(kw), dictionary_VR(kw), None)
+            ds[kw] = DataElement(Tag(kw), dictionary_VR(kw), None)
     ds.pop("PatientPosition", None)  # not allowed beside PatientOrientationCodeSequence
     timing = ("SeriesDate", "SeriesTime")
     copy_attributes(src, ds, timing, notes, required=timing)
@@ -365,7 +366,7 @@ def _template(
             if kw not in ds:
                 setattr(ds, kw, "")
         scanning = (
-            [str(v) for v in ds.data_element("ScanningSequence").value]
+            [str(v) for v in ds["ScanningSequence"].value]
             if ds["ScanningSequence"].VM > 1
             else [str(ds.ScanningSequence)]
         )

@@ -53,7 +53,7 @@ def meta_encoder(sop_class: str) -> Callable[[str], bytes]:
     tail = (
         element(0x00020010, "UI", meta.TransferSyntaxUID)
         + element(0x00020012, "UI", meta.ImplementationClassUID)
-        + element(0x00020013, "SH", meta.ImplementationVersionName)
+        + element(0x00020013, "SH", meta.ImplementationVersionName or "")
     )
     version = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
 

@@ -332,7 +332,7 @@ def copy_checked(
             if fixed is not None:
                 notes.append(f"{kw}{_shown(elem)} written as{_shown(fixed)}")
                 dst[tag] = fixed
-            else:
+            elif elem is not None:  # always: a read failure is a defect
                 dst[tag] = copy.deepcopy(elem)
             continue
         if type1:

@@ -15,7 +15,7 @@ target_metadata = Base.metadata
 
 def _url() -> str:
     """``SPRIM_JOB_STORE_URL`` when set (command-line use), else the ini's URL."""
-    return os.environ.get("SPRIM_JOB_STORE_URL") or config.get_main_option("sqlalchemy.url")
+    return os.environ.get("SPRIM_JOB_STORE_URL") or config.get_main_option("sqlalchemy.url") or ""
 
 
 def run() -> None:
