@@ -360,7 +360,10 @@ class Platform:
     def start_watch(self) -> None:
         log = open(self.root / "watch.log", "ab")  # noqa: SIM115
         self.watcher = subprocess.Popen(
-            [str(BIN / "sprim"), "watch"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [str(BIN / "sprim"), "watch", "--from-start"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def stop_watch(self) -> None:

@@ -131,7 +131,7 @@ def test_watch_killed_and_restarted_while_studies_arrive_loses_none_duplicates_n
         log = open(tmp_path / f"watch-{len(logs)}.log", "w")  # noqa: SIM115
         logs.append(Path(log.name))
         return subprocess.Popen(
-            [SPRIM, "watch", "--url", orthanc.url, "--interval", "0.2"],
+            [SPRIM, "watch", "--url", orthanc.url, "--interval", "0.2", "--from-start"],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

@@ -24,8 +24,11 @@ from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 
 from pipelines.rules.attributes import IMAGE_KEYWORDS
+from workers.archives.access import configure_session
 from workers.archives.base import ArchiveError
 from workers.archives.multipart import boundary_of, iter_parts, parts_of
+from workers.core.config import ArchiveAccess
+from workers.core.tls import describe_tls_error
 from workers.reading.series import image_order, series_attributes
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,8 @@ class DicomWebArchive:
         After STOW-RS, check by QIDO-RS that every instance is in the archive. Orthanc answers
         success for an instance its ``ReceivedInstanceFilter`` dropped: the STOW-RS answer alone
         does not prove the instance was kept.
+    access : ArchiveAccess, optional
+        Credentials (basic or bearer) and TLS settings (:func:`workers.core.config.archive_access`).
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class DicomWebArchive:
         batch_bytes: int = 16 * 2**20,
         verify: bool = True,
         parallel: int = 2,
+        access: ArchiveAccess | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.name = name or self.url
@@ -137,6 +143,9 @@ class DicomWebArchive:
         self.verify = verify
         self.parallel = parallel
         self._session = _TimeoutSession((5.0, timeout))
+        self.access = access
+        if access is not None:  # credentials, CA bundle, client certificate
+            configure_session(self._session, access, self.name)
         self._client = DICOMwebClient(self.url, session=self._session, timeout=(5.0, timeout))
         # Retries belong to the job (backoff, state); the client must fail fast.
         self._client.set_http_retry_params(retry=False)
@@ -146,13 +155,37 @@ class DicomWebArchive:
 
     # -- errors ----------------------------------------------------------------------------
     def _error(self, what: str, exc: Exception) -> ArchiveError:
+        var = self.access.variables if self.access else "SPRIM_ARCHIVE_<NAME>_"
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             status = exc.response.status_code
             body = (exc.response.text or "")[:500].strip()
+            if status in (401, 403):  # configuration, not an outage: no retry
+                given = bool(self.access and self.access.has_credentials)
+                why = (
+                    "the archive refused sprim's credentials"
+                    if status == 401 and given
+                    else "the archive requires credentials, none are set"
+                    if status == 401
+                    else "the archive denies this user access"
+                )
+                return ArchiveError(
+                    f"{self.name}: {what}: HTTP {status}: {why} "
+                    f"(check {var}USERNAME and {var}PASSWORD, or {var}TOKEN)",
+                    transient=False,
+                    reason=f"HTTP {status} {why}",
+                )
             return ArchiveError(
                 f"{self.name}: {what}: HTTP {status}",
                 transient=_transient_http(status),
                 reason=f"HTTP {status} {body}".strip(),
+            )
+        tls = describe_tls_error(exc) if isinstance(exc, requests.exceptions.SSLError) else None
+        if tls:  # an untrusted certificate is configuration: no retry
+            return ArchiveError(
+                f"{self.name}: {what}: {tls}; set {var}CA_BUNDLE to the PEM of the CA that "
+                "signed the archive's certificate",
+                transient="not trusted" not in tls,
+                reason=tls,
             )
         if isinstance(exc, requests.RequestException | OSError):
             return ArchiveError(

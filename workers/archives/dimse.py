@@ -1,6 +1,8 @@
 """Store back by DIMSE C-STORE to a configured AE (pynetdicom), for PACS without STOW-RS.
 
-A destination is written ``dicom://AET@host:port`` (optionally ``?calling=SPRIM``). Reading
+A destination is written ``dicom://AET@host:port`` (optionally ``?calling=SPRIM``), or
+``dicom+tls://AET@host:port`` for DICOM TLS (the archive's CA bundle and client certificate:
+``SPRIM_ARCHIVE_<NAME>_CA_BUNDLE``, ``_CLIENT_CERT``, ``_CLIENT_KEY``). Reading
 (routing attributes, fetch) is delegated to another archive (``read_from``): the DICOMweb archive
 or the listener's folder; without one those calls raise a permanent :class:`ArchiveError`.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ import pydicom
 from pynetdicom import AE, evt
 
 from workers.archives.base import Archive, ArchiveError
+from workers.core.tls import describe_tls_error
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class DimseArchive:
         Where ``series_of_study`` and ``fetch_series`` go.
     timeout : float
         ACSE/DIMSE/network timeout, seconds.
+    tls : ssl.SSLContext, optional
+        DICOM TLS (PS3.15 B): the association runs over TLS with this client context.
     """
 
     def __init__(
@@ -79,8 +85,10 @@ class DimseArchive:
         read_from: Archive | None = None,
         timeout: float = 30.0,
         name: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.aet, self.host, self.port = aet, host, int(port)
+        self.tls = tls
         self.calling_aet = calling_aet
         self.read_from = read_from
         self.timeout = timeout
@@ -88,12 +96,15 @@ class DimseArchive:
 
     @classmethod
     def from_url(cls, url: str, **kw) -> DimseArchive:
-        """``dicom://AET@host:port[?calling=SPRIM]`` -> archive."""
+        """``dicom[+tls]://AET@host:port[?calling=SPRIM]`` -> archive."""
         u = urlparse(url)
-        if u.scheme != "dicom" or not u.username or not u.hostname or not u.port:
+        if u.scheme not in ("dicom", "dicom+tls") or not u.username or not u.hostname or not u.port:
             raise ValueError(f"not a DIMSE destination (dicom://AET@host:port): {url!r}")
+        if u.scheme == "dicom+tls" and kw.get("tls") is None:
+            raise ValueError(f"{url!r}: dicom+tls needs a TLS context")
         calling = parse_qs(u.query).get("calling", [kw.pop("calling_aet", "SPRIM")])[0]
-        return cls(u.username, u.hostname, u.port, calling_aet=calling, name=url, **kw)
+        name = kw.pop("name", None) or url
+        return cls(u.username, u.hostname, u.port, calling_aet=calling, name=name, **kw)
 
     def __repr__(self) -> str:
         return f"DimseArchive({self.name!r})"
@@ -135,8 +146,11 @@ class DimseArchive:
         for sop, ts in pairs[:128]:
             ae.add_requested_context(sop, [ts] if ts in _NATIVE else [ts, *_NATIVE])
         assoc = ae.associate(
-            self.host, self.port, ae_title=self.aet, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)]
-        )
+            self.host, self.port, ae_title=self.aet, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+            tls_args=(self.tls, self.host) if self.tls else None,
+        )  # fmt: skip
+        if not assoc.is_established and self.tls is not None:
+            self._raise_tls_failure()
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
             raise ArchiveError(
@@ -175,6 +189,24 @@ class DimseArchive:
             "event=store archive=%s instances=%d seconds=%.2f",
             self.name, len(files), time.perf_counter() - t0,
         )  # fmt: skip
+
+    def _raise_tls_failure(self) -> None:
+        """pynetdicom only logs why a TLS connection failed: handshake once more to say it."""
+        assert self.tls is not None
+        try:
+            with socket.create_connection((self.host, self.port), timeout=self.timeout) as raw:
+                with self.tls.wrap_socket(raw, server_hostname=self.host):
+                    return  # the handshake works: the association failed for another reason
+        except OSError as e:
+            why = describe_tls_error(e)
+            if why is None:
+                return
+        raise ArchiveError(
+            f"{self.name}: DICOM TLS: {why}; set SPRIM_ARCHIVE_<NAME>_CA_BUNDLE to the PEM of the "
+            "CA that signed the archive's certificate",
+            transient="not trusted" not in why,
+            reason=why,
+        )
 
 
 def _nodelay(event) -> None:

@@ -5,10 +5,12 @@ With nothing set, sprim runs embedded: a folder as archive, SQLite as job store,
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -124,6 +126,24 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(
         1.0, description="Seconds between change-feed polls of `sprim watch`."
     )
+    listen_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate of `sprim listen` for DICOM TLS (with SPRIM_LISTEN_TLS_KEY). "
+        "Unset: plain DICOM.",
+    )
+    listen_tls_key: Path | None = Field(
+        None, description="PEM private key of SPRIM_LISTEN_TLS_CERT."
+    )
+    listen_tls_ca: Path | None = Field(
+        None,
+        description="PEM CA(s) of the client certificates `sprim listen` requires (mutual TLS). "
+        "Unset: no client certificate asked.",
+    )
+    secrets_dir: Path | None = Field(
+        None,
+        description="Folder of secret files (Docker/Kubernetes secrets): a file named like a "
+        "variable in lower case (e.g. sprim_archive_pacs_password) gives its value.",
+    )
     # -- input gate (issue 9) --
     max_volume_mb: int = Field(
         2048,
@@ -170,7 +190,117 @@ class Settings(BaseSettings):
         return self.home / "work"
 
 
+def _secrets_dir() -> str | None:
+    return os.environ.get("SPRIM_SECRETS_DIR") or None
+
+
 @lru_cache
 def settings() -> Settings:
-    """Process-wide settings, read once from the environment."""
-    return Settings()
+    """Process-wide settings, read once from the environment (and ``SPRIM_SECRETS_DIR``)."""
+    return Settings(_secrets_dir=_secrets_dir())
+
+
+# -- archive credentials and TLS (issue 12) -----------------------------------------------------
+class ConfigError(ValueError):
+    """A setting is missing, inconsistent or unreadable; the message names the variable."""
+
+
+class ArchiveAccess(BaseSettings):
+    """How sprim authenticates to one archive and checks its certificate.
+
+    Variables ``SPRIM_ARCHIVE_<NAME>_<FIELD>`` for an archive named in ``SPRIM_ARCHIVES``
+    (``NAME`` upper-cased, other characters than letters and digits as ``_``), and
+    ``SPRIM_ARCHIVE_<FIELD>`` for ``SPRIM_ARCHIVE_URL``. A secret may also come from the file
+    ``<VARIABLE>_FILE`` names, or from ``SPRIM_SECRETS_DIR``. Secrets are :class:`SecretStr`:
+    they print as ``**********`` and are only read to build the request's header.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SPRIM_ARCHIVE_", env_file=None, extra="ignore")
+
+    username: str | None = Field(None, description="HTTP basic user name.")
+    password: SecretStr | None = Field(None, description="HTTP basic password.")
+    password_file: Path | None = Field(None, description="File holding the password.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token (Authorization: Bearer), instead of user and password."
+    )
+    token_file: Path | None = Field(None, description="File holding the token.")
+    ca_bundle: Path | None = Field(
+        None,
+        description="PEM CA(s) that signed the archive's certificate (HTTPS, DICOM TLS). "
+        "Unset: the system's CAs.",
+    )
+    tls_verify: bool = Field(
+        True,
+        description="Check the archive's certificate and host name. false: unchecked "
+        "(warned at every start; tests only).",
+    )
+    client_cert: Path | None = Field(
+        None, description="PEM client certificate for mutual TLS (with CLIENT_KEY)."
+    )
+    client_key: Path | None = Field(None, description="PEM private key of CLIENT_CERT.")
+    _prefix: str = PrivateAttr("SPRIM_ARCHIVE_")
+
+    @property
+    def variables(self) -> str:
+        """How the variables of this archive start, e.g. ``SPRIM_ARCHIVE_PACS_``."""
+        return self._prefix
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.username or self.token)
+
+    def summary(self) -> dict[str, str]:
+        """What is set, secrets as ``<set>``: for ``sprim config`` and logs."""
+        out = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None or name.endswith("_file"):
+                continue
+            if name == "tls_verify" and value:
+                continue
+            out[name] = "<set>" if isinstance(value, SecretStr) else str(value)
+        return out
+
+
+def archive_variables(name: str | None) -> str:
+    """The variable prefix of an archive's access settings (None: ``SPRIM_ARCHIVE_URL``'s)."""
+    if not name:
+        return "SPRIM_ARCHIVE_"
+    return f"SPRIM_ARCHIVE_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()}_"
+
+
+def archive_access(name: str | None = None) -> ArchiveAccess:
+    """Credentials and TLS settings of an archive, read now (secret files re-read each call).
+
+    Raises
+    ------
+    ConfigError
+        A secret file cannot be read, a password without user name, both a password and a
+        token, or a certificate file that does not exist; the message names the variable,
+        never a secret.
+    """
+    prefix = archive_variables(name)
+    acc = ArchiveAccess(_env_prefix=prefix, _secrets_dir=_secrets_dir())
+    acc._prefix = prefix
+    for secret in ("password", "token"):
+        path = getattr(acc, f"{secret}_file")
+        if path is None:
+            continue
+        try:
+            value = Path(path).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(
+                f"{prefix}{secret.upper()}_FILE: cannot read {path} ({e.strerror})"
+            ) from None
+        setattr(acc, secret, SecretStr(value))
+    if acc.password is not None and not acc.username:
+        raise ConfigError(f"{prefix}PASSWORD is set but {prefix}USERNAME is not")
+    if acc.token is not None and acc.username:
+        raise ConfigError(f"{prefix}TOKEN and {prefix}USERNAME are both set: use one")
+    for field in ("ca_bundle", "client_cert", "client_key"):
+        path = getattr(acc, field)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{prefix}{field.upper()}: no such file {path}")
+    if acc.client_key is not None and acc.client_cert is None:
+        raise ConfigError(f"{prefix}CLIENT_KEY is set but {prefix}CLIENT_CERT is not")
+    return acc

@@ -14,6 +14,8 @@
 - Completeness by quiet period: a study is handed on once no instance of it arrived for
   ``quiet_period`` seconds; instances arriving later re-arm it (a late series re-triggers).
 - Concurrent associations are served on their own threads (pynetdicom).
+- Optional DICOM TLS (``ssl_context``, :func:`workers.core.tls.server_context`): every
+  association is then TLS; the handshake runs in the association's thread.
 
 The store is a folder ``root/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
 readable as an archive (:class:`workers.archives.folder`-style) for fetching.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import struct
 import threading
 import time
@@ -439,6 +442,8 @@ class Listener:
         Address to bind (port 0: a free port, see :attr:`port` after :meth:`start`).
     allowed_aets : Iterable[str]
         Calling AE titles accepted; empty accepts any.
+    ssl_context : ssl.SSLContext, optional
+        DICOM TLS on the port (plain DICOM is then refused).
     """
 
     def __init__(
@@ -450,8 +455,10 @@ class Listener:
         port: int = 11112,
         allowed_aets: Iterable[str] = (),
         max_associations: int = 16,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.store = store
+        self.ssl_context = ssl_context
         self.aet = aet
         self.host = host
         self.port = port
@@ -541,8 +548,9 @@ class Listener:
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
         self._server = self.ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers
-        )
+            (self.host, self.port), block=False, evt_handlers=handlers,
+            ssl_context=self.ssl_context,
+        )  # fmt: skip
         self.port = self._server.server_address[1]
         self._stop.clear()
         self._tracker = threading.Thread(
@@ -550,9 +558,9 @@ class Listener:
         )
         self._tracker.start()
         log.info(
-            "event=listen_started aet=%s host=%s port=%d allowed=%s quiet_period=%.1f root=%s",
-            self.aet, self.host, self.port, ",".join(self.allowed) or "*",
-            self.store.quiet_period, self.store.root,
+            "event=listen_started aet=%s host=%s port=%d tls=%s allowed=%s quiet_period=%.1f "
+            "root=%s", self.aet, self.host, self.port, _tls_mode(self.ssl_context),
+            ",".join(self.allowed) or "*", self.store.quiet_period, self.store.root,
         )  # fmt: skip
         return self
 
@@ -591,3 +599,9 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _tls_mode(ctx: ssl.SSLContext | None) -> str:
+    if ctx is None:
+        return "off"
+    return "mutual" if ctx.verify_mode == ssl.CERT_REQUIRED else "on"

@@ -28,9 +28,12 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import requests
+
+from workers.core.tls import describe_tls_error
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +111,10 @@ class Watcher:
         Resolves a pending submission after a crash (default: trust nothing, resubmit; routing
         is idempotent by deterministic output UIDs).
     from_start : bool
-        With no state yet, start at the beginning of the feed (True) or at its end (False:
-        only studies that become stable from now on).
+        With no state yet, start at the beginning of the feed (True: every study the archive
+        still lists a change for is routed) or at its end (False: only studies that become
+        stable from now on). Either way the first start logs how many changes it replays or
+        skips (``event=watch_first_start``).
     batch : int
         Changes read per request.
     """
@@ -144,9 +149,13 @@ class Watcher:
         try:
             r = self.http.get(self.url + path, params=params or None, timeout=self.timeout)
         except requests.RequestException as e:
-            raise WatchError(f"{self.url}{path}: {type(e).__name__}") from e
+            tls = describe_tls_error(e)
+            raise WatchError(f"{self.url}{path}: {tls or type(e).__name__}") from e
         if r.status_code >= 500:
             raise WatchError(f"{self.url}{path}: HTTP {r.status_code}")
+        if r.status_code in (401, 403):
+            why = "credentials refused" if self.http.auth else "credentials required, none set"
+            raise WatchError(f"{self.url}{path}: HTTP {r.status_code}: {why}")
         return r
 
     def fingerprint(self, orthanc_study_id: str) -> tuple[str, str, dict] | None:
@@ -171,14 +180,42 @@ class Watcher:
             parts.append(f"{tags.get('SeriesInstanceUID', s['ID'])}:{len(s.get('Instances', []))}")
         fp = hashlib.sha1("|".join(sorted(parts)).encode()).hexdigest()[:16]
         context = {"source_series": len(parts), "sprim_series": own}
+        quiet = self._quiet_for(study.get("LastUpdate"))
+        if quiet is not None:
+            context["quiet_s"] = quiet
         return study_uid, fp, context
+
+    def _quiet_for(self, last_update: str | None) -> float | None:
+        """Seconds since the study's last instance, on Orthanc's own clock (no clock skew)."""
+        if not last_update:
+            return None
+        try:
+            now = self._get("/tools/now").text.strip()
+            fmt = "%Y%m%dT%H%M%S"
+            dt = datetime.strptime(now, fmt) - datetime.strptime(last_update, fmt)
+        except (WatchError, ValueError):
+            return None
+        return max(0.0, dt.total_seconds())
 
     # -- one pass over the feed --------------------------------------------------------------
     def _start_position(self) -> None:
-        if self._fresh and not self.from_start:
-            last = self._get("/changes", last="").json().get("Last", 0)
-            self.state.since = int(last)
-            self.state.save(self.state_file)
+        if not self._fresh:
+            return
+        r = self._get("/changes", last="")
+        r.raise_for_status()
+        last = int(r.json().get("Last", 0))
+        if self.from_start:
+            log.info(
+                "event=watch_first_start mode=from-start replay_changes=%d "
+                "hint=every study still in the archive's change feed will be routed", last,
+            )  # fmt: skip
+        else:
+            self.state.since = last
+            log.info(
+                "event=watch_first_start mode=from-now skipped_changes=%d "
+                "hint=studies already stable are not routed (--from-start replays them)", last,
+            )  # fmt: skip
+        self.state.save(self.state_file)
         self._fresh = False
 
     def recover(self) -> None:
@@ -247,6 +284,10 @@ class Watcher:
         """Poll every ``interval`` seconds until ``stop`` is set; archive outages are waited out."""
         stop = stop or threading.Event()
         backoff = interval
+        try:  # the first start's cursor is placed before "started": what follows is seen
+            self._start_position()
+        except Exception as e:  # noqa: BLE001  (the loop retries and logs)
+            log.warning("event=watch_archive_unreachable error=%r", str(e))
         log.info("event=watch_started url=%s since=%d", self.url, self.state.since)
         while not stop.is_set():
             try:

@@ -217,7 +217,34 @@ def config_cmd() -> None:
         value = getattr(current, name)
         if name == "api_tokens" and value:
             value = "<set: tokens hidden>"
-        elif isinstance(value, str) and "://" in value:
-            value = re.sub(r"(//[^:/@]+):[^@]+@", r"\1:***@", value)  # no passwords on screens
+        elif "://" in str(value):  # URLs, and the archives' specs: no passwords on screens
+            value = re.sub(r"(//[^:/@]+):[^@/]+@", r"\1:***@", str(value))
         table.add_row(f"SPRIM_{name.upper()}", str(value), f.description or "")
+    console.print(table)
+    _archive_access_table(current)
+
+
+def _archive_access_table(current) -> None:
+    """Credentials and TLS per archive: what is set, secrets as <set>, problems named."""
+    from workers.core.config import ConfigError, archive_access, archive_variables
+
+    table = Table(
+        title="archive credentials and TLS (SPRIM_ARCHIVE[_<NAME>]_<FIELD>; secrets never shown)",
+        title_justify="left",
+    )
+    for col in ("archive", "variable", "value"):
+        table.add_column(col)
+    names: list[str | None] = [None, *current.archives]
+    for name in names:
+        label = name or "SPRIM_ARCHIVE_URL"
+        try:
+            shown = archive_access(name).summary()
+        except ConfigError as e:
+            table.add_row(label, "-", f"error: {e}")
+            continue
+        prefix = archive_variables(name)
+        for field, value in shown.items():
+            table.add_row(label, f"{prefix}{field.upper()}", value)
+        if not shown:
+            table.add_row(label, "-", "no credentials, system CAs")
     console.print(table)

@@ -22,6 +22,9 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Orthanc (civetweb) closes an idle keep-alive connection after 0.5 s: each 1 s poll
+    # reconnects, which urllib3 logs at debug ("Resetting dropped connection"), as every request.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 #: How to make the broker dispatcher (``tasks.dispatch.CeleryDispatcher``), injected by the
@@ -66,19 +69,25 @@ def watch_cmd(
     ),
     interval: float | None = typer.Option(None, "--interval", help="Seconds between polls."),
     from_now: bool = typer.Option(
-        False,
-        "--from-now",
-        help="Without saved state, skip the feed's history (default: from the start).",
+        True,
+        "--from-now/--from-start",
+        help="First start (no saved state): route only studies that become stable from now on "
+        "(default), or replay the archive's whole change feed. Ignored once state exists.",
     ),
     once: bool = typer.Option(False, "--once", help="Read the feed until done, then exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Follow Orthanc's change feed; route each stable study (cursor persisted, resumes)."""
-    from workers.archives import open_archive
+    """Follow Orthanc's change feed; route each stable study (cursor persisted, resumes).
+
+    A rule's quiet_period counts from the study's last instance: rules whose period is over
+    when Orthanc reports the study stable are routed at once, the others when theirs ends.
+    """
+    from workers.archives import ArchiveError, open_archive
+    from workers.archives.access import http_session
     from workers.core.config import settings
     from workers.ingest.watch import Watcher, state_path
     from workers.platform.jobstore import open_store
-    from workers.platform.submission import submit_study
+    from workers.platform.submission import notify_study
 
     _logging(verbose)
     cfg = settings()
@@ -88,11 +97,18 @@ def watch_cmd(
     rest = (url or cfg.watch_url or cfg.archive_url or "").rstrip("/")
     rest = rest.removesuffix("/dicom-web")
     open_store()  # unreachable job store: one line at start-up (workers.interfaces.cli), not a late trace
-    archive = open_archive(cfg.archive_url or f"{rest}/dicom-web")
+    try:
+        archive = open_archive(cfg.archive_url or f"{rest}/dicom-web")
+        # Orthanc's REST API takes the DICOMweb archive's credentials and TLS settings
+        access = getattr(archive, "access", None)
+    except (ArchiveError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     disp = _dispatcher()
 
     def submit(study_uid: str, context: dict) -> None:
-        submit_study(study_uid, archive, context, disp=disp)
+        quiet = float(context.pop("quiet_s", 0.0))
+        notify_study(study_uid, archive, context, disp=disp, quiet_s=quiet, inline=True)
 
     watcher = Watcher(
         rest,
@@ -100,6 +116,7 @@ def watch_cmd(
         submit,
         already_submitted=_already_submitted,
         from_start=not from_now,
+        session=http_session(access, archive.name) if access else None,
     )
     if once:
         watcher.poll_once()
@@ -127,6 +144,17 @@ def listen_cmd(
     no_fsync: bool = typer.Option(
         False, "--no-fsync", hidden=True, help="Benchmarks only: success before data is on disk."
     ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="DICOM TLS: our PEM certificate (default SPRIM_LISTEN_TLS_CERT)."
+    ),
+    tls_key: Path | None = typer.Option(
+        None, "--tls-key", help="DICOM TLS: its private key (default SPRIM_LISTEN_TLS_KEY)."
+    ),
+    tls_ca: Path | None = typer.Option(
+        None,
+        "--tls-ca",
+        help="DICOM TLS: require client certificates signed by these CAs (SPRIM_LISTEN_TLS_CA).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """C-STORE SCP: store instances durably, route each study after its quiet period."""
@@ -144,6 +172,22 @@ def listen_cmd(
     open_store()  # unreachable job store: one line at start-up (workers.interfaces.cli), not a late trace
     if not allowed:
         log.warning("event=listen_open_to_any_ae hint=set SPRIM_LISTEN_ALLOWED_AETS or --allow")
+    cert = tls_cert or cfg.listen_tls_cert
+    key = tls_key or cfg.listen_tls_key
+    ca = tls_ca or cfg.listen_tls_ca
+    ssl_context = None
+    if cert or key or ca:
+        from workers.core.tls import server_context
+
+        if not cert:
+            typer.echo("error: DICOM TLS needs a certificate (--tls-cert / SPRIM_LISTEN_TLS_CERT)",
+                       err=True)  # fmt: skip
+            raise typer.Exit(2)
+        try:
+            ssl_context = server_context(cert, key, ca)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            typer.echo(f"error: DICOM TLS certificate {cert} / key {key}: {e}", err=True)
+            raise typer.Exit(2) from None
     archive = FolderArchive(root, name=f"listen:{our_aet}")
     disp = _dispatcher()
 
@@ -164,6 +208,7 @@ def listen_cmd(
         host=host or cfg.listen_host,
         port=port or cfg.listen_port,
         allowed_aets=allowed,
+        ssl_context=ssl_context,
     ).serve_forever()
 
 

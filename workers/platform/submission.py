@@ -194,12 +194,19 @@ def notify_study(
     *,
     store: JobStore | None = None,
     disp: Dispatcher | None = None,
+    quiet_s: float = 0.0,
+    inline: bool = False,
 ) -> int:
     """A study received instances now: route it once each rule's quiet period has elapsed.
 
     Call on every arrival (listener) or change-feed event; a later call supersedes earlier
     ones, so a late series re-triggers the rules after their quiet period. Returns the study's
     change sequence.
+
+    ``quiet_s``: how long the study has already been quiet (``sprim watch``: since Orthanc's
+    last instance of it), taken off every rule's quiet period. ``inline``: rules already due
+    are routed in the caller before this returns (the change-feed cursor then only moves past
+    a routed study); the others are scheduled on the dispatcher.
     """
     store = store or open_store()
     disp = disp or dispatcher()
@@ -209,10 +216,15 @@ def notify_study(
     )
     by_delay: dict[float, list[str]] = {}
     for r in current_rules(store).rules:
-        by_delay.setdefault(r.quiet_period_s, []).append(r.name)
-    for delay, names in sorted(by_delay.items()):
-        disp.send_route(study_uid, seq, names, delay)
+        by_delay.setdefault(max(0.0, r.quiet_period_s - quiet_s), []).append(r.name)
     log.info("event=study_changed study=%s seq=%d", study_uid, seq)
+    for delay, names in sorted(by_delay.items()):
+        if delay <= 0 and inline:
+            route_due(study_uid, seq, names, store, disp)
+        else:
+            log.info("event=route_scheduled study=%s seq=%d rules=%s in_s=%.1f",
+                     study_uid, seq, ",".join(names), delay)  # fmt: skip
+            disp.send_route(study_uid, seq, names, delay)
     return seq
 
 
