@@ -205,8 +205,8 @@ class Measurement:
         The structure measured: a segment of a labelmap (of this job when the SR should reference
         its SEG). None = the measurement is of the whole series.
     method : Code or None
-        How it was measured (CID 6147 / 7474), e.g. DCM ``("126030", "DCM", "Sum of segmented
-        voxel volumes")``.
+        How it was measured (CID 7474), e.g. ``("126030", "DCM", "Sum of segmented voxel
+        method for volume")``.
     derivation : Code or None
         A statistic over the region (CID 7464), e.g. SCT ``("255619001", "SCT", "Mean")``.
     """

@@ -33,7 +33,7 @@ BUILT_IN = [s for s in all_steps() if s.params.__module__.startswith("pipelines.
 
 
 def test_built_in_steps_are_all_checked() -> None:
-    assert len(BUILT_IN) == 6, [s.name for s in BUILT_IN]
+    assert len(BUILT_IN) == 7, [s.name for s in BUILT_IN]
 
 
 @pytest.mark.parametrize("st", BUILT_IN, ids=lambda s: s.name)

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         "",
         description='API tokens -> institution, JSON {"token": "institution"}; "*" = all institutions.',
     )
+    console_secret: str = Field(
+        "",
+        description="Key signing web console session cookies. Unset: a random key per "
+        "`sprim serve` process (sessions end when it restarts).",
+    )
     # -- failure semantics (issue 11): leases, store outages, poison jobs --
     lease_s: float = Field(
         60.0,

@@ -217,6 +217,8 @@ def config_cmd() -> None:
         value = getattr(current, name)
         if name == "api_tokens" and value:
             value = "<set: tokens hidden>"
+        elif name == "console_secret" and value:
+            value = "<set: hidden>"
         elif "://" in str(value):  # URLs, and the archives' specs: no passwords on screens
             value = re.sub(r"(//[^:/@]+):[^@/]+@", r"\1:***@", str(value))
         table.add_row(f"SPRIM_{name.upper()}", str(value), f.description or "")

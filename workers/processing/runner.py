@@ -168,6 +168,7 @@ def run_steps(
                 output_key=f"{j}:{out.description}",
                 rule_index=rule_index,
                 description_suffix=description_suffix,
+                earlier=(*report.written, *written),
             )
             try:
                 made = _write(out, source, prov, out_dir)

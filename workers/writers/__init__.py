@@ -19,7 +19,7 @@ def write_output(
     output: Output, source: SourceSeries, prov: Provenance, out_dir: Path
 ) -> list[WrittenObject]:
     """Write ``output`` as DICOM under ``out_dir`` (a sub-folder per series); return what was written."""
-    from workers.writers import derived_series, seg, stl  # noqa: F401  (built-ins register)
+    from workers.writers import derived_series, seg, sr, stl  # noqa: F401  (built-ins register)
 
     try:
         fn = _WRITERS[output.kind]

@@ -16,9 +16,8 @@ import pydicom.config
 import SimpleITK as sitk
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
-from pydicom.sr.codedict import codes
 
-from pipelines import Code, Labelmap
+from pipelines import Labelmap
 from workers.reading.source import SourceSeries
 from workers.writers.base import Provenance, WrittenObject, writer
 from workers.writers.common import (
@@ -37,10 +36,7 @@ from workers.writers.common import (
     software_versions,
 )
 from workers.writers.sanitize import unique
-from workers.writers.sr import segment_volumes_ml, write_volume_report
-
-#: Thresholds, connected components and morphology: CID 7162 "Morphological Operations".
-ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
+from workers.writers.sr import coded, segment_volumes_ml, write_volume_report
 
 
 @contextmanager
@@ -56,19 +52,16 @@ def unvalidated() -> Iterator[None]:
         settings.reading_validation_mode, settings.writing_validation_mode = old
 
 
-def coded(code: Code) -> hd.sr.CodedConcept:
-    """highdicom form of a pipelines Code."""
-    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
-
-
 def segment_descriptions(
     labelmap: Labelmap, source: SourceSeries, prov: Provenance
 ) -> list[hd.seg.SegmentDescription]:
-    """One description per segment (numbers 1..n in labelmap order), algorithm = the sprim step."""
+    """One description per segment (numbers 1..n in labelmap order), algorithm = the sprim step,
+    with the algorithm family (CID 7162) and type the step declares."""
     uids = prov.uids(source)
+    declared = prov.step.seg_algorithm
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"{SPRIM} {prov.step.name}"[:64],
-        family=ALGORITHM_FAMILY,
+        family=coded(declared.family),
         version=prov.step.version,
         source=SPRIM,
         parameters={k: str(v)[:64] for k, v in prov.params.model_dump(mode="json").items()},
@@ -79,7 +72,7 @@ def segment_descriptions(
             segment_label=seg.name[:64],
             segmented_property_category=coded(seg.category),
             segmented_property_type=coded(seg.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues[declared.type],
             algorithm_identification=algorithm,
             tracking_uid=uids.uid(f"tracking-{i}"),
             tracking_id=seg.name[:64],
@@ -216,6 +209,7 @@ def write_labelmap(
             number,
             description,
             notes,
+            tuple(output.segments),
         )
     ]
     written.append(write_volume_report(output, seg, source, prov, out_dir))

@@ -1,21 +1,27 @@
-"""Segment volumes as a DICOM Comprehensive 3D SR, TID 1500 Measurement Report (highdicom).
+"""TID 1500 Measurement Reports as DICOM Comprehensive 3D SR (highdicom).
 
-One Volumetric ROI group per segment, each referencing the segment (SEG SOP instance + segment
-number) and the source series, with its volume in mL from voxel counting.
+Two reports: the volumes of a labelmap's segments (written with its SEG: one Volumetric ROI
+group per segment, referencing the segment and the source series), and a step's own
+:class:`~pipelines.Measurements` (the ``measurements`` writer: the step's concepts and UCUM units,
+one group per segment referencing the SEG this job wrote for it, or the source images when none).
+The procedure reported follows the source modality (CID 100).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import SimpleITK as sitk
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines import Labelmap
+from pipelines import Code, Labelmap, Measurement, Measurements, Segment
 from workers.reading.source import SourceSeries
-from workers.writers.base import Provenance, WrittenObject
+from workers.writers.base import Provenance, WrittenObject, writer
 from workers.writers.common import (
     SPRIM,
     SPRIM_MODEL,
@@ -28,8 +34,43 @@ from workers.writers.common import (
 from workers.writers.sanitize import unique
 
 MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
-#: LOINC "CT unspecified body region", the procedure in highdicom's TID 1500 examples.
-CT_PROCEDURE = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+#: Source Modality -> CID 100 "Quantitative Diagnostic Imaging Procedures" (LOINC).
+PROCEDURES = {
+    "CT": codes.cid100.CTUnspecifiedBodyRegion,
+    "MR": codes.cid100.MRIUnspecifiedBodyRegion,
+    "PT": codes.cid100.PETUnspecifiedBodyRegion,
+    "NM": codes.cid100.NMUnspecifiedBodyRegion,
+    "CR": codes.cid100.XRUnspecifiedBodyRegion,
+    "DX": codes.cid100.XRUnspecifiedBodyRegion,
+}
+#: Any other modality: CID 100's generic "Imaging procedure".
+OTHER_PROCEDURE = codes.cid100.ImagingProcedure
+
+
+def procedure_reported(modality: str) -> hd.sr.CodedConcept:
+    """The TID 1500 Procedure Reported of a source of ``modality``."""
+    code = PROCEDURES.get(modality.strip().upper(), OTHER_PROCEDURE)
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    """highdicom form of a pipelines Code."""
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def _observation_context(prov: Provenance, source: SourceSeries) -> hd.sr.ObservationContext:
+    """sprim as the observing device."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=prov.uids(source).uid("observer-device"),
+        name=SPRIM,
+        manufacturer_name=SPRIM,
+        model_name=SPRIM_MODEL,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
 
 
 def segment_volumes_ml(labelmap: Labelmap) -> dict[int, float]:
@@ -51,17 +92,7 @@ def build_volume_report(
     description = series_description(
         f"SR volumes {labelmap.description}", src, prov.description_suffix
     )
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=uids.uid("observer-device"),
-        name=SPRIM,
-        manufacturer_name=SPRIM,
-        model_name=SPRIM_MODEL,
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
-    )
+    context = _observation_context(prov, source)
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"{SPRIM} {prov.step.name}"[:64], version=prov.step.version
     )
@@ -94,7 +125,7 @@ def build_volume_report(
         )
     report = hd.sr.MeasurementReport(
         observation_context=context,
-        procedure_reported=CT_PROCEDURE,
+        procedure_reported=procedure_reported(source.modality),
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
@@ -136,3 +167,135 @@ def write_volume_report(
         description,
         notes,
     )
+
+
+def _evidence(source: SourceSeries, patient_study: Dataset) -> list[Dataset]:
+    """The source images as SR evidence: references only, the first carrying the sanitized
+    patient and study (highdicom copies them from it)."""
+    out = []
+    for i, h in enumerate(source.headers):
+        d = Dataset()
+        if i == 0:
+            d.update(patient_study)
+        d.StudyInstanceUID = patient_study.StudyInstanceUID
+        d.SeriesInstanceUID = h.SeriesInstanceUID
+        d.SOPClassUID = h.SOPClassUID
+        d.SOPInstanceUID = h.SOPInstanceUID
+        out.append(d)
+    return out
+
+
+def _seg_of(segment: Segment, earlier: Sequence[WrittenObject]) -> tuple[WrittenObject, int] | None:
+    """The SEG this job wrote holding ``segment``, and its segment number there (latest first)."""
+    for w in reversed(earlier):
+        if w.kind == "seg" and segment in w.segments:
+            return w, w.segments.index(segment) + 1
+    return None
+
+
+def _measurement(m: Measurement, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=coded(m.name),
+        value=m.value,
+        unit=coded(m.unit),
+        method=coded(m.method) if m.method else None,
+        derivation=coded(m.derivation) if m.derivation else None,
+        algorithm_id=algorithm,
+    )
+
+
+def build_measurement_report(
+    output: Measurements, source: SourceSeries, prov: Provenance
+) -> tuple[hd.sr.Comprehensive3DSR, int, str, tuple[str, ...]]:
+    """The TID 1500 report of a step's measurements (see module docstring)."""
+    src = source.first
+    notes: list[str] = []
+    uids = prov.uids(source)
+    number = derived_series_number(src, prov, 0)
+    description = series_description(f"SR {output.description}", src, prov.description_suffix)
+    patient_study = Dataset()
+    copy_patient_study(src, patient_study, notes)
+    evidence = _evidence(source, patient_study)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=f"{SPRIM} {prov.step.name}"[:64], version=prov.step.version
+    )
+    segs: dict[str, Dataset] = {}
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    for k, (segment, measurements) in enumerate(output.by_segment().items(), start=1):
+        tracking = hd.sr.TrackingIdentifier(
+            uid=uids.uid(f"measurement-group-{k}"),
+            identifier=(segment.name if segment else output.description)[:64],
+        )
+        values = [_measurement(m, algorithm) for m in measurements]
+        found = _seg_of(segment, prov.earlier) if segment else None
+        if segment and found:
+            seg, segment_number = found
+            if seg.sop_instance_uid not in segs:
+                segs[seg.sop_instance_uid] = pydicom.dcmread(seg.path, stop_before_pixels=True)
+            group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.sop_class_uid,
+                    sop_instance_uid=seg.sop_instance_uid,
+                    segment_number=segment_number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(source.series_uid),
+                ),
+                finding_type=coded(segment.type),
+                finding_category=coded(segment.category),
+                algorithm_id=algorithm,
+                measurements=values,
+            )
+        else:
+            group = hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                finding_type=coded(segment.type) if segment else None,
+                finding_category=coded(segment.category) if segment else None,
+                algorithm_id=algorithm,
+                measurements=values,
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup.from_source_image(h)
+                    for h in source.headers
+                ],
+            )
+        groups.append(group)
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(prov, source),
+        procedure_reported=procedure_reported(source.modality),
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*evidence, *segs.values()],
+        content=report[0],
+        series_instance_uid=uids.series_uid,
+        series_number=number,
+        sop_instance_uid=uids.instance_uid(0),
+        instance_number=1,
+        manufacturer=SPRIM,
+        is_complete=True,
+    )
+    sr.SeriesDescription = description
+    copy_patient_study(src, sr, notes)
+    sr.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
+    return sr, number, description, unique(notes)
+
+
+@writer("measurements")
+def write_measurements(
+    output: Measurements, source: SourceSeries, prov: Provenance, out_dir: Path
+) -> list[WrittenObject]:
+    """Write a step's Measurements as a TID 1500 Comprehensive 3D SR."""
+    sr, number, description, notes = build_measurement_report(output, source, prov)
+    path = series_folder(out_dir, number, description) / "SR0001.dcm"
+    sr.save_as(path)
+    return [
+        WrittenObject(
+            path,
+            "sr",
+            sr.SOPClassUID,
+            sr.SOPInstanceUID,
+            sr.SeriesInstanceUID,
+            number,
+            description,
+            notes,
+        )
+    ]
