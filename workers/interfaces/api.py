@@ -14,8 +14,6 @@ interface only (no study, job, institution or token), and the browser page must 
 schema before anyone can paste a token into it.
 """
 
-import hmac
-import json
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
@@ -23,8 +21,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from workers.core.config import settings
 from workers.core.metrics import StoreCensus, exposition
+from workers.interfaces.auth import PRIORITIES, UID_PATTERN, institution_for
 from workers.platform.dispatcher import Dispatcher
 from workers.platform.jobstore import STATES, UNREACHABLE, Job, JobStore, open_store, unreachable
 from workers.platform.reprocess import BadRequest, NotFound, cancel, reprocess, retry, visible
@@ -34,8 +32,6 @@ JobState = Literal[STATES]  # type: ignore[valid-type]
 MAX_BODY_BYTES = 64 * 1024
 MAX_STEPS = 16
 MAX_PARAMS = 32
-#: A DICOM UID as sprim looks it up (digits and dots, at most 64 characters).
-UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 Uid = Annotated[str, Field(max_length=64, pattern=UID_PATTERN)]
 #: Job ids are 32-bit in the store: larger or negative ids are malformed, not missing.
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -123,13 +119,11 @@ class JobOut(BaseModel):
         return cls(**{k: getattr(j, k) for k in cls.model_fields})
 
 
-def _tokens() -> dict[str, str]:
-    raw = settings().api_tokens
-    return json.loads(raw) if raw else {}
-
-
-def create_app(store: JobStore | None = None, disp: Dispatcher | None = None) -> FastAPI:
-    """The API app; ``store``/``disp`` default to the process-wide ones."""
+def create_app(
+    store: JobStore | None = None, disp: Dispatcher | None = None, *, console: bool = True
+) -> FastAPI:
+    """The API app, with the web console under ``/console`` (``console=False``: API only);
+    ``store``/``disp`` default to the process-wide ones."""
     app = FastAPI(title="sprim", description=__doc__, version="1")
     app.add_middleware(BodyLimit)
     bearer = HTTPBearer(auto_error=False)
@@ -150,9 +144,9 @@ def create_app(store: JobStore | None = None, disp: Dispatcher | None = None) ->
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "token required", {"WWW-Authenticate": "Bearer"}
             )
-        for tok, inst in _tokens().items():
-            if hmac.compare_digest(tok.encode(), cred.credentials.encode()):
-                return inst
+        inst = institution_for(cred.credentials)
+        if inst is not None:
+            return inst
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid token", {"WWW-Authenticate": "Bearer"}
         )
@@ -225,7 +219,7 @@ def create_app(store: JobStore | None = None, disp: Dispatcher | None = None) ->
             job = reprocess(
                 s, study_uid, [{"use": st.use, "with": st.with_} for st in req.steps],
                 requester=f"{req.requester}@{inst}", institution=inst, series_uid=req.series_uid,
-                priority={"urgent": 2, "normal": 1, "low": 0}[req.priority], disp=disp,
+                priority=PRIORITIES[req.priority], disp=disp,
             )  # fmt: skip
         except NotFound as e:
             raise HTTPException(404, str(e)) from None
@@ -240,4 +234,8 @@ def create_app(store: JobStore | None = None, disp: Dispatcher | None = None) ->
             raise HTTPException(404, f"study {study_uid} not found")
         return [JobOut.of(j) for j in jobs]
 
+    if console:
+        from workers.interfaces.console import mount_console
+
+        mount_console(app, get_store, disp)
     return app
