@@ -7,7 +7,7 @@ by the job store's release (see :mod:`workers.platform.jobstore`): the broker ne
 ``SPRIM_DISPATCH_WINDOW`` jobs, so a burst waits in the store, not in RabbitMQ.
 
 ``celery -A tasks worker -l info`` consumes both queues; ``celery -A tasks flower`` can watch
-(task events are on). ``SPRIM_WORKER_METRICS_PORT``: Prometheus endpoint (:mod:`tasks.metrics`).
+(task events are on). ``SPRIM_METRICS_PORT``: Prometheus endpoint (:mod:`tasks.metrics`).
 """
 
 from __future__ import annotations

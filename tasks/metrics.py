@@ -1,4 +1,4 @@
-"""Prometheus endpoint of a Celery worker: ``SPRIM_WORKER_METRICS_PORT`` (0: none).
+"""Prometheus endpoint of a Celery worker: ``SPRIM_METRICS_PORT`` (0: none).
 
 The prefork pool runs jobs in child processes, each with its own memory, so a counter in one
 is invisible to the others. prometheus_client's multiprocess mode has every process of the
@@ -33,13 +33,13 @@ def _clear_earlier_processes(folder: Path) -> None:
 @signals.worker_init.connect
 def _serve_metrics(**_kw) -> None:
     """In the worker's main process, before the pool forks."""
-    port = settings().worker_metrics_port
+    port = settings().metrics_port
     if not port:
         return
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         raise SystemExit(
-            "SPRIM_WORKER_METRICS_PORT is set but PROMETHEUS_MULTIPROC_DIR is not: the pool "
+            "SPRIM_METRICS_PORT is set but PROMETHEUS_MULTIPROC_DIR is not: the pool "
             "processes' metrics need a folder of this worker's own (e.g. /tmp/sprim-metrics)"
         )
     Path(folder).mkdir(parents=True, exist_ok=True)

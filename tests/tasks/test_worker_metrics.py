@@ -32,7 +32,7 @@ def test_worker_serves_the_sum_of_its_pool_processes(platform, tmp_path):
     port, folder = free_port(), tmp_path / "prom"
     folder.mkdir()
     (folder / "counter_1.db").write_bytes(b"left by an earlier run")  # unreadable if kept
-    extra = {"SPRIM_WORKER_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    extra = {"SPRIM_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(folder)}
     platform.env.update(extra)
     try:
         worker = platform.start_worker("metrics", concurrency=2)

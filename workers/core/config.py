@@ -59,11 +59,12 @@ class Settings(BaseSettings):
     release_interval_s: float = Field(
         5.0, description="Workers also release waiting jobs this often."
     )
-    worker_metrics_port: int = Field(
+    metrics_port: int = Field(
         0,
         ge=0,
-        description="Port of a Celery worker's Prometheus endpoint (all its pool processes, "
-        "through PROMETHEUS_MULTIPROC_DIR, which must then name an empty folder). 0: none.",
+        description="Port of the Prometheus endpoint of `sprim worker` (all its pool processes, "
+        "through PROMETHEUS_MULTIPROC_DIR, which must then name a folder of its own), "
+        "`sprim watch` and `sprim listen`. 0: none (`sprim serve` has /metrics).",
     )
     plugins: str = Field("", description="Comma-separated modules imported at start (extra steps).")
     api_tokens: str = Field(

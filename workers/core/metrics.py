@@ -4,7 +4,8 @@ Counters and histograms are process-local: the process that did the work counts 
 adds, at scrape time, what the job store holds now (:class:`StoreCensus`: jobs per state, queue
 depth, dispatch window use). Celery's prefork pool runs jobs in child processes: workers use
 prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, one empty folder per worker;
-served by ``tasks.metrics`` on ``SPRIM_WORKER_METRICS_PORT``) and :func:`exposition` reads it.
+served by ``tasks.metrics`` on ``SPRIM_METRICS_PORT``) and :func:`exposition` reads it.
+``sprim watch`` and ``sprim listen`` serve theirs on ``SPRIM_METRICS_PORT`` (:func:`serve_metrics`).
 
 Labels are bounded: rule names, institutions, step names, defect codes, states, operations —
 never a study, series or job id.
@@ -12,6 +13,7 @@ never a study, series or job id.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +27,7 @@ __all__ = [
     "ARCHIVE_ERRORS", "JOBS", "JOB_SECONDS", "REFUSALS", "RELEASED", "STABLE_TO_STORED",
     "STEP_SECONDS", "STORE_SECONDS", "STORE_UNREACHABLE", "StoreCensus", "archive_error",
     "attempt_finished", "exposition", "job_entered", "refused", "rule_label", "stable_to_stored",
-    "time_store_statements",
+    "serve_metrics", "time_store_statements",
 ]  # fmt: skip
 
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -230,6 +232,19 @@ class _Union(Collector):
     def collect(self) -> Iterable:
         for p in self.parts:
             yield from p.collect()
+
+
+def serve_metrics() -> None:
+    """``SPRIM_METRICS_PORT``: serve this process's metrics over HTTP (``sprim watch``,
+    ``sprim listen``; a Celery worker serves its pool's: ``tasks.metrics``)."""
+    from workers.core.config import settings
+
+    port = settings().metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
+        logging.getLogger("sprim").info("event=metrics_serving port=%d", port)
 
 
 def exposition(*extra: Collector) -> bytes:

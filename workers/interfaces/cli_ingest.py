@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from workers.core.metrics import serve_metrics
 from workers.platform.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def watch_cmd(
     from workers.platform.submission import notify_study
 
     _logging(verbose)
+    serve_metrics()  # SPRIM_METRICS_PORT
     cfg = settings()
     if not (url or cfg.watch_url or cfg.archive_url):
         typer.echo("error: set --url, SPRIM_WATCH_URL or SPRIM_ARCHIVE_URL", err=True)
@@ -165,6 +167,7 @@ def listen_cmd(
     from workers.platform.submission import submit_study
 
     _logging(verbose)
+    serve_metrics()  # SPRIM_METRICS_PORT
     cfg = settings()
     root = store or cfg.listen_store or cfg.home / "incoming"
     our_aet = aet or cfg.ae_title
