@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -45,12 +48,13 @@ def test_metrics_need_an_all_institutions_token(client):
     assert r.status_code == 403 and "'*' token" in r.text
 
 
-def test_scrape_after_real_jobs(client, sprim_env, store_url):
+def jobs_of_every_kind(client, sprim_env, store_url) -> tuple[dict, dict]:
+    """Real jobs that move every series: done, refused (gate, step), archive error; the scrapes
+    before and after them."""
     from workers.archives.folder import FolderArchive
     from workers.platform import submission
     from workers.platform.jobstore import open_store
 
-    t_start = time.time()
     before = scrape(client)
     archive = FolderArchive(sprim_env / "archive", name="local")
 
@@ -82,7 +86,12 @@ def test_scrape_after_real_jobs(client, sprim_env, store_url):
     gone = client.get(f"/jobs/{r.json()['id']}", headers=A).json()
     assert gone["state"] == "failed" and "not found" in gone["error"]
 
-    after = scrape(client)
+    return before, scrape(client)
+
+
+def test_scrape_after_real_jobs(client, sprim_env, store_url):
+    t_start = time.time()
+    before, after = jobs_of_every_kind(client, sprim_env, store_url)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -149,3 +158,38 @@ def test_unreachable_store_is_a_value_not_a_failed_scrape(sprim_env):
     m = scrape(TestClient(create_app(down)))
     assert value(m, "sprim_job_store_up") == 0
     assert any(name == "process_cpu_seconds_total" for name, _ in m)  # the rest still answers
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "dashboards" / "sprim.json"
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard: panels' targets and variables."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = []
+
+    def walk(panels):
+        for p in panels:
+            exprs.extend(t["expr"] for t in p.get("targets", []) if t.get("expr"))
+            walk(p.get("panels", []))  # rows
+
+    walk(dash["panels"])
+    for v in dash.get("templating", {}).get("list", []):
+        q = v.get("query")
+        exprs.append(q["query"] if isinstance(q, dict) else q)
+    return exprs
+
+
+def test_every_metric_the_dashboard_queries_is_exported(client, sprim_env, store_url):
+    exprs = dashboard_queries()
+    assert len(exprs) >= 15
+    queried = {name for e in exprs for name in re.findall(r"\b(sprim_[A-Za-z0-9_:]+)", e)}
+    assert all(re.search(r"\bsprim_", e) for e in exprs), "a query without a sprim metric"
+    _, after = jobs_of_every_kind(client, sprim_env, store_url)
+    exported = {name for name, _labels in after}
+    assert queried - exported == set(), f"queried, never exported: {sorted(queried - exported)}"
+    # and the dashboard shows every family sprim defines (none forgotten)
+    families = {re.sub(r"_(total|bucket|sum|count|created)$", "", n) for n in exported
+                if n.startswith("sprim_")}  # fmt: skip
+    shown = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in queried}
+    assert families - shown == set(), f"exported, not on the dashboard: {families - shown}"
