@@ -26,6 +26,10 @@ sysdeps:
 	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	@# docker-compose (v1, Debian) checks docker/compose.yaml in the tests: no engine needed
+	@command -v docker-compose >/dev/null 2>&1 || { echo "installing: docker-compose"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
 
 # RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 (started if not running).
 services: sysdeps
