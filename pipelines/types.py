@@ -208,7 +208,7 @@ class Measurement:
         How it was measured (CID 7474), e.g. ``("126030", "DCM", "Sum of segmented voxel
         method for volume")``.
     derivation : Code or None
-        A statistic over the region (CID 7464), e.g. SCT ``("255619001", "SCT", "Mean")``.
+        A statistic over the region (CID 7464), e.g. SCT ``("373098007", "SCT", "Mean")``.
     """
 
     name: Code
