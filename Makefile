@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# Debian packages: DICOM peers and validator, the archive, the broker.
-SYS_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc rabbitmq-server:rabbitmq-server
+# Debian packages: DICOM peers and validator, the archive, the broker, the browser of the
+# report/console tests, Mesa's EGL for VTK's off-screen mesh previews.
+SYS_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc rabbitmq-server:rabbitmq-server \
+	chromium:chromium chromedriver:chromium-driver
 sysdeps:
 	@missing=""; for pair in $(SYS_TOOLS); do bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$pkg"; done; \
 	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	  ldconfig -p | grep -q libEGL_mesa || missing="$$missing libegl1 libegl-mesa0"; \
 	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	@# docker-compose (v1, Debian) checks docker/compose.yaml in the tests: no engine needed
@@ -47,6 +50,7 @@ benchdeps:
 
 demo: venv
 	$(BIN)/sprim run demo/ct-abdomen --out $(DEMO_OUT)
+	@echo "report: $(abspath $(DEMO_OUT))/report.html"
 
 lint: venv
 	$(BIN)/ruff check pipelines workers tasks tests bench

@@ -37,7 +37,7 @@ from pipelines.types import ImageSeries, Labelmap, Mesh, Output, Volume
 #: Longest side (pixels) of one key image, one overlay level, one mesh view, one cine frame.
 KEY_IMAGE_PX = 192
 MESH_VIEW_PX = 224
-CINE_PX = 160
+CINE_PX = 224
 #: Cine frames kept at most (a 360-view MIP plays every other view; the loop time is kept).
 MAX_CINE_FRAMES = 60
 #: Where the key images and overlay levels are taken, as fractions through the stack/region.
@@ -286,6 +286,15 @@ def overlay_tile(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def overlay_window(modality: str, data: np.ndarray, body_part: str, kind: str) -> Window:
+    """The window a segment is checked on: lung or bone for those, otherwise the body part's
+    window for soft tissue (a body outline on a chest CT: soft tissue, not lung)."""
+    windows = windows_for(modality, data, body_part, kind)
+    if modality.upper() != "CT" or _LUNG_WORDS.search(kind) or _BONE_WORDS.search(kind):
+        return windows[0]
+    return next((w for w in windows if w is not LUNG), SOFT_TISSUE)
+
+
 def segment_levels(labels: np.ndarray) -> list[int]:
     """Slices (first axis of ``labels``) at :data:`LEVELS` through those holding a segment;
     the middle slice when none does."""
@@ -304,7 +313,7 @@ def overlay(labelmap: Labelmap, source: Volume, body_part: str = "") -> Preview:
         raise ValueError(f"labelmap {lab.shape} and source {src.shape} grids differ")
     levels = segment_levels(lab)
     names = " ".join(s.name for s in labelmap.segments)
-    window = windows_for(source.modality, src, body_part, f"{names} {labelmap.description}")[0]
+    window = overlay_window(source.modality, src, body_part, f"{names} {labelmap.description}")
     shape = _display_shape(src.shape[1], src.shape[2], *_slice_mm(source.image), KEY_IMAGE_PX)
     tiles = [
         overlay_tile(window.apply(_resize(src[k], shape)), _resize(lab[k], shape, order=0))

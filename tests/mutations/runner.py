@@ -153,11 +153,15 @@ def run_case(case: Case, root: Path, keep: bool = False) -> Result:
 
 
 def written(out: Path) -> list[Path]:
-    """Derived objects in the output folder (anything but the summary and the log)."""
+    """Derived objects in the output folder (not the summary, log, report.html or previews/)."""
     if not out.is_dir():
         return []
     return [
-        p for p in out.rglob("*") if p.is_file() and p.name not in ("summary.json", "sprim-run.log")
+        p
+        for p in out.rglob("*")
+        if p.is_file()
+        and p.name not in ("summary.json", "sprim-run.log", "report.html")
+        and p.relative_to(out).parts[0] != "previews"
     ]
 
 

@@ -211,3 +211,16 @@ def test_preview_dispatches_on_the_kind_of_output() -> None:
     assert "axial stack" in pv.preview(ax, ph.volume, "CHEST").caption
     assert "over source slices" in pv.preview(lm, ph.volume, "CHEST").caption
     assert pv.preview(box_mesh((0, 0, 0), (9, 9, 9)), ph.volume).frames[0].dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("body_part", "segment", "expected"),
+    [
+        ("CHEST", "Right lung Left lung", pv.LUNG),
+        ("CHEST", "Body", pv.SOFT_TISSUE),
+        ("ABDOMEN", "Bone", pv.BONE),
+        ("HEAD", "Brain", pv.BRAIN),
+    ],
+)
+def test_segments_are_shown_on_the_window_of_their_tissue(body_part, segment, expected) -> None:
+    assert pv.overlay_window("CT", np.zeros((2, 2, 2)), body_part, segment) == expected

@@ -62,9 +62,11 @@ def test_failed_step_and_output_are_reported_and_the_rest_is_written(tmp_path, c
     good = len(by_step["test.one_unwritable"].outputs)
     assert good == src.volume.image.GetSize()[2]
     assert by_step["reformat.mpr"].outputs
-    # what is on disk is exactly what was reported written: no half-written FLAT left behind
+    # what is on disk is exactly what was reported written, and a preview of each output
+    # written: no half-written FLAT left behind, no preview of it
     on_disk = {p for p in tmp_path.rglob("*") if p.is_file()}
-    assert on_disk == {w.path for w in report.written}
+    assert on_disk == {w.path for w in report.written} | {p.path for p in report.previews}
+    assert {p.series_description for p in report.previews} == {"GOOD COPY", "COR 3mm AVG"}
 
 
 def test_sprim_run_shows_partial_jobs_and_each_failed_output(tmp_path):

@@ -82,7 +82,9 @@ _register_ingest(app)
 @app.command("run")
 def run_cmd(
     inputs: list[Path] = typer.Argument(..., help="DICOM folders, files or .zip archives."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for derived DICOM and summary.json."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for derived DICOM, previews, summary.json, report.html."
+    ),
     rules: Path | None = typer.Option(
         None, "--rules", help="Routing rules YAML (default: built-in)."
     ),
@@ -196,7 +198,11 @@ def _print_summary(summary) -> None:
             console.print(f"  ... and {len(summary.skipped) - _SKIPPED_SHOWN} more (summary.json)")
     if summary.error:
         console.print(Text.assemble(("error: ", "red"), shown(summary.error, 1000)))
-    console.print(Text.assemble("results in ", (shown(summary.out_dir), "bold"), " (summary.json)"))
+    console.print(
+        Text.assemble(
+            "results in ", (shown(summary.out_dir), "bold"), " (summary.json, report.html)"
+        )
+    )
 
 
 from workers.interfaces.cli_jobs import register as _register_platform  # noqa: E402

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from pipelines import StepError, get_step
 from pipelines.rules import RulesError  # noqa: F401  (the CLI catches it from here)
+from workers.processing.report import REPORT_FILE, write_report
 from workers.processing.runner import StepCall, run_steps
 from workers.reading.inputs import Skipped
 from workers.reading.series import SeriesFiles, diagnose, read_series, scan
@@ -52,6 +53,8 @@ class JobResult:
     steps: list[dict] = field(default_factory=list)
     #: Each output (or whole step, output "") that could not be made: step, output, reason.
     failures: list[dict] = field(default_factory=list)
+    #: A picture of each output (workers.processing.previews.PreviewFile, path relative to OUT).
+    previews: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +148,10 @@ def run(
     finally:
         summary.seconds = round(time.perf_counter() - t0, 3)
         (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+        try:
+            write_report(summary, out_dir)
+        except Exception:  # noqa: BLE001  summary.json holds it all; the page is for reading
+            log.exception("%s not written", REPORT_FILE)
         _unlog(handler)
     return summary
 
@@ -207,6 +214,7 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
             }
             for s in report.steps
         ]
+        res.previews = [p.record(out_dir) for p in report.previews]
     except (SeriesError, StepError) as e:
         res.error = str(e)
     except Exception as e:  # noqa: BLE001  one broken series must not stop the run

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from pipelines import Output, Step, StepError
 from workers.core import metrics
 from workers.core.config import settings
+from workers.processing.previews import PreviewFile, write_previews
 from workers.reading.source import SeriesError, SourceSeries
 from workers.writers import Provenance, WrittenObject, write_output
 
@@ -66,6 +67,8 @@ class RunReport:
     source_series_uid: str
     steps: list[StepReport] = field(default_factory=list)
     failures: list[OutputFailure] = field(default_factory=list)
+    #: Pictures of the outputs for people (``OUT/previews/``), never sent to an archive.
+    previews: list[PreviewFile] = field(default_factory=list)
 
     @property
     def written(self) -> list[WrittenObject]:
@@ -155,7 +158,9 @@ def run_steps(
             continue
         written: list[WrittenObject] = []
         stop = False
+        marks: list[int] = []  # where each output's objects start in ``written``
         for j, out in enumerate(outputs):
+            marks.append(len(written))
             if stop:
                 report.failures.append(OutputFailure(name, out.description, _NOT_RUN))
                 continue
@@ -192,6 +197,15 @@ def run_steps(
                 written,
             )
         )
+        if not stop:  # after the step's timing: drawing previews is not the step's work
+            marks.append(len(written))
+            shown = [
+                (o, written[a:b]) for o, a, b in zip(outputs, marks[:-1], marks[1:], strict=True)
+            ]
+            try:
+                report.previews += write_previews(shown, source, out_dir)
+            except Exception:  # noqa: BLE001  (only the time limit is passed on)
+                stop = True
         if stop:
             return _not_run(report, calls[i + 1 :])
     return report
