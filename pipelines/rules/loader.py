@@ -172,15 +172,15 @@ class _Ctx:
         try:
             params = st.validate(dict(raw))
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = err.get("loc") or ()
-            eline = _line(raw, loc[0], wline) if loc else wline
-            where = ".".join(map(str, loc)) or "with"
-            raise self.fail(
-                f"rule {rname}: step {use} param {where}: {err['msg']}"
-                f"{'' if len(e.errors()) == 1 else f' (+{len(e.errors()) - 1} more)'}",
-                eline,
-            ) from None
+            # Every refused param, each with its own line when it differs from the first's.
+            parts, eline = [], wline
+            for k, err in enumerate(e.errors()):
+                loc = err.get("loc") or ()
+                line_k = _line(raw, loc[0], wline) if loc else wline
+                eline = line_k if k == 0 else eline
+                at = f" (line {line_k})" if k and line_k != eline else ""
+                parts.append(f"param {'.'.join(map(str, loc)) or 'with'}{at}: {err['msg']}")
+            raise self.fail(f"rule {rname}: step {use} {'; '.join(parts)}", eline) from None
         return RunStep(str(use), st, params, _plain(raw), uline)
 
     def rule(self, r: Any, line: int, seen: set[str]) -> Rule | None:

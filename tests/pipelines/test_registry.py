@@ -43,7 +43,7 @@ LIVER = Segment(1, "Liver", ORGAN, Code("10200004", "SCT", "Liver"))
 SPLEEN = Segment(2, "Spleen", ORGAN, Code("78961009", "SCT", "Spleen"))
 VOLUME = Code("118565006", "SCT", "Volume")
 DENSITY = Code("112031", "DCM", "Attenuation Coefficient")
-MEAN = Code("255619001", "SCT", "Mean")
+MEAN = Code("373098007", "SCT", "Mean")
 
 
 class NoParams(BaseModel, frozen=True, extra="forbid"):

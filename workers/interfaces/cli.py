@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
 
 import typer
@@ -46,27 +48,52 @@ console = Console()
 def _root() -> None:
     """Shared post-processing for medical imaging: DICOM in, derived DICOM out."""
     from workers.core.phi import quiet_phi_warnings
-    from workers.core.plugins import load_plugins
+    from workers.core.plugins import PluginError, load_plugins
 
     quiet_phi_warnings()  # before any writer runs: some library warnings print patient names
-    load_plugins()  # SPRIM_PLUGINS site step modules, before any command lists or runs steps
+    try:
+        load_plugins()  # SPRIM_PLUGINS site step modules, before any command lists or runs steps
+    except PluginError as e:
+        Console(stderr=True).print(Text.assemble(("error: ", "red"), str(e)), soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def type_text(annotation: object) -> str:
+    """A param's type as `sprim steps` shows it: ``float``, ``one of: AVG, MIP``,
+    ``list of: axial, coronal, sagittal``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(str(a) for a in args)
+    if origin in (list, tuple, set, frozenset) and args:
+        inner = type_text(args[0])
+        return f"{origin.__name__} of: {inner.removeprefix('one of: ')}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 @app.command("steps")
 def steps_cmd() -> None:
     """List the registered steps with their params, defaults, ranges and units."""
+    # Text, not markup: docstrings and descriptions hold brackets ("[lower_hu, upper_hu]").
     for s in all_steps():
-        table = Table(title=f"{s.name} {s.version} — {s.summary}", title_justify="left")
+        title = Text(f"{s.name} {s.version} — {s.summary}")
+        table = Table(title=title, title_justify="left")
         table.add_column("param")
         table.add_column("type")
         table.add_column("default")
         table.add_column("range")
         table.add_column("description")
         for name, f in s.params.model_fields.items():
-            ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace(
-                "typing.", ""
+            table.add_row(
+                Text(name),
+                Text(type_text(f.annotation)),
+                Text(repr(f.default)),
+                Text(param_range(f)),
+                Text(f.description or ""),
             )
-            table.add_row(name, ann, repr(f.default), param_range(f), f.description or "")
         console.print(table)
 
 
