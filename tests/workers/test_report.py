@@ -171,3 +171,26 @@ def test_a_preview_that_cannot_be_drawn_is_left_out_and_logged(tmp_path: Path, c
         assert wp.write_previews([(lm, [obj])], Source(), tmp_path) == []  # type: ignore[arg-type]
     assert "preview of Lungs not made" in caplog.text
     assert not (tmp_path / "previews").exists() or not any((tmp_path / "previews").iterdir())
+
+
+def test_platform_job_keeps_its_previews_with_its_record_not_in_the_archive(sprim_env, store_url):
+    from tests.platform_kit import write_study
+    from workers.archives.folder import FolderArchive
+    from workers.platform import submission
+    from workers.platform.jobstore import open_store
+    from workers.processing.previews import job_previews_dir
+
+    archive = FolderArchive(sprim_env / "archive", name="local")
+    st, _ = write_study(sprim_env / "archive" / "in", institution="SITE A")
+    [j] = submission.submit_study(st, archive, {})
+    done = open_store(store_url).get(j.id)
+    assert done.state == "done", done.error
+    (out,) = done.outputs
+    (p,) = out["previews"]
+    assert p["series_uid"] == out["series_uid"] and p["frames"] == 1
+    kept = job_previews_dir(j.id) / p["path"]  # the work folder is gone; the preview is kept
+    assert kept.is_file() and kept.stat().st_size == p["bytes"]
+    with Image.open(kept) as im:
+        assert im.format == "JPEG"
+    stored = [f for f in (sprim_env / "archive" / st).rglob("*") if f.is_file()]
+    assert stored and all(f.suffix == ".dcm" for f in stored)  # the archive got DICOM only

@@ -27,6 +27,7 @@ from workers.platform.jobstore import FINAL, Job, JobStore, StoreUnavailable, op
 from workers.platform.leases import Lease, backoff, dead, is_local, process_tag, requeue_lost
 from workers.platform.storing import OutputStore, overlap_s
 from workers.platform.submission import archive_for, release_after
+from workers.processing.previews import job_previews_dir, keep
 from workers.processing.routing import current_rules
 from workers.reading.source import SeriesError
 
@@ -273,6 +274,9 @@ def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
             timings["store"] = time.perf_counter() - t0  # the wait after the last step
         log.info("job=%d event=stores outputs=%d during_steps_s=%.2f after_steps_s=%.2f",
                  job.id, len(stored), overlap_s(stored, steps_end), timings["store"])  # fmt: skip
+        # Previews of the stored outputs outlive the work folder (the console shows them).
+        previews_dir = job_previews_dir(job.id)
+        kept = keep(report.previews, previews_dir, {w.series_uid for w in report.written})
     except ArchiveError as e:
         metrics.archive_error("fetch" if lease.step == "fetch" else "store", e.transient)
         if e.transient and job.attempts < settings().max_attempts:
@@ -297,6 +301,8 @@ def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     outputs = _output_records(report.written)
+    for o in outputs:  # paths relative to the job's previews folder
+        o["previews"] = [p.record(previews_dir) for p in kept if p.series_uid == o["series_uid"]]
     stored = f"{len(report.written)} objects stored"
     if report.state == "done":
         return final("done", stored, outputs=outputs, error=None)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,25 @@ def write_previews(
             )
         )
     return made
+
+
+def job_previews_dir(job_id: int) -> Path:
+    """Where a platform job keeps its previews (``SPRIM_HOME/previews/job-<id>/``): its work
+    folder is removed after the attempt; the console serves them from here."""
+    from workers.core.config import settings
+
+    return settings().home / FOLDER / f"job-{job_id}"
+
+
+def keep(previews: Sequence[PreviewFile], folder: Path, series_uids: set[str]) -> list[PreviewFile]:
+    """Move the previews of ``series_uids`` (the outputs stored) into ``folder``; the others
+    (outputs the archive refused) are left to be removed with the work folder."""
+    kept = []
+    for p in previews:
+        if p.series_uid not in series_uids or not p.path.is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / p.path.name
+        shutil.move(p.path, target)
+        kept.append(replace(p, path=target))
+    return kept
