@@ -220,7 +220,11 @@ def build_measurement_report(
         name=f"{SPRIM} {prov.step.name}"[:64], version=prov.step.version
     )
     segs: dict[str, Dataset] = {}
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    Group = (
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    )
+    groups: list[Group] = []
     for k, (segment, measurements) in enumerate(output.by_segment().items(), start=1):
         tracking = hd.sr.TrackingIdentifier(
             uid=uids.uid(f"measurement-group-{k}"),
@@ -228,6 +232,7 @@ def build_measurement_report(
         )
         values = [_measurement(m, algorithm) for m in measurements]
         found = _seg_of(segment, prov.earlier) if segment else None
+        group: Group
         if segment and found:
             seg, segment_number = found
             if seg.sop_instance_uid not in segs:
