@@ -23,7 +23,8 @@ Decisions (what a PACS administrator will read in refusals and notes):
   orientations, sizes or pixel spacings, a single image, positions off a straight line:
   refused.
 - **Orientation**: ImageOrientationPatient must be two unit vectors at a right angle within
-  the tolerances of :mod:`workers.reading.validate` (which checks every slice's geometry values first);
+  the tolerances of :mod:`workers.reading.validate` (which checks every slice's geometry
+  values first);
   within them the vectors are normalised, beyond them the series is refused (never
   straightened silently). Slice spacing must be plausible (:func:`validate.check_slice_spacing`).
 """
@@ -130,8 +131,7 @@ def plan_stack(
     SeriesError
         The slices do not form one volume; the message names the defect.
     """
-    n = len(keys)
-    if n == 0:
+    if not keys:
         raise SeriesError(f"{name}: no images with pixel data", code="pixel-format")
     if len(set(sizes)) > 1:
         shown = ", ".join(f"{c}x{r}" for r, c in sorted(set(sizes))[:4])
@@ -139,73 +139,17 @@ def plan_stack(
             f"{name}: mixed image sizes ({shown}); a volume needs one size", code="pixel-format"
         )
     validate.check_geometry(name, positions, orientations, pixel_spacings, labels)
-
+    _check_one_plane(name, orientations, pixel_spacings)
     iop0 = orientations[0]
     r = _unit(iop0[:3])
     # Within the orthogonality tolerance: make the column vector exactly perpendicular.
     c = _unit(iop0[3:] - np.dot(iop0[3:], r) * r)
     normal = np.cross(r, c)
-    if (np.abs(orientations - iop0).max(axis=1) > 1e-3).any():
-        planes = []
-        for iop in orientations:
-            p = plane_name(np.cross(iop[:3], iop[3:]))
-            if p not in planes:
-                planes.append(p)
-        kinds = ", ".join(planes) if len(planes) > 1 else f"{planes[0]} at different angles"
-        raise SeriesError(
-            f"{name}: mixed slice orientations ({kinds}); a volume needs one", code="geometry"
-        )
-    if (np.abs(pixel_spacings - pixel_spacings[0]).max(axis=1) > 1e-3).any():
-        raise SeriesError(f"{name}: mixed pixel spacings; a volume needs one", code="geometry")
-
-    # Sort along the normal; stable, so the caller's order (InstanceNumber) breaks ties.
-    d = positions @ normal
-    order = list(np.argsort(d, kind="stable"))
-    groups: list[list[int]] = [[order[0]]]
-    for i in order[1:]:
-        if d[i] - d[groups[-1][0]] < SAME_POSITION_MM:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
     notes: list[str] = []
-    dropped = 0
-    unique: list[int] = []
-    for g in groups:
-        distinct = list(dict.fromkeys(keys[i] for i in g))
-        if len(distinct) > 1:
-            k = len(distinct)
-            why = why_same_position(g) if why_same_position else ""
-            why = why or "several echoes, phases or acquisitions in one series"
-            raise SeriesError(
-                f"{name}: {k} {unit}s at the same slice position ({d[g[0]]:.2f} mm along the "
-                f"slice normal): {why}; a volume needs one {unit} per position"
-            )
-        dropped += len(g) - 1
-        unique.append(g[0])
-    if dropped:
-        notes.append(f"{dropped} duplicate copies of the same {unit}s ignored")
-    if len(unique) == 1:
-        raise SeriesError(f"{name}: a single {unit}, not a volume")
-
+    unique = _one_per_position(name, positions @ normal, keys, unit, why_same_position, notes)
     pos = positions[unique]
     px = float(min(pixel_spacings[0]))
-    travel = pos[-1] - pos[0]
-    along = _unit(travel)
-    # Off-line residual of each slice: positions must lie on one straight line.
-    rel = pos - pos[0]
-    t = rel @ along
-    resid = np.linalg.norm(rel - np.outer(t, along), axis=1).max()
-    if resid > max(0.05, 0.1 * px):
-        raise SeriesError(
-            f"{name}: slice positions do not lie on a straight line (off by up to "
-            f"{resid:.2f} mm); a volume needs parallel slices along one axis",
-            code="geometry",
-        )
-    shear = np.linalg.norm(travel - np.dot(travel, normal) * normal)
-    tilt = 0.0
-    if shear > max(0.01, 0.05 * px):
-        tilt = math.degrees(math.atan2(shear, float(np.dot(travel, normal))))
-
+    t, tilt = _travel(name, pos, normal, px)
     gaps = np.diff(t)
     step = float(t[-1] / (len(t) - 1))
     tol = max(0.02, 0.02 * step)
@@ -222,6 +166,84 @@ def plan_stack(
     direction = np.stack([r, c, normal], axis=1)
     spacing = (float(pixel_spacings[0][1]), float(pixel_spacings[0][0]), step)
     return StackPlan(unique, pos[0].copy(), spacing, direction, pos, tilt, uneven, notes)
+
+
+def _check_one_plane(name: str, orientations: np.ndarray, pixel_spacings: np.ndarray) -> None:
+    """One orientation and one pixel spacing for every slice: else the series is not one volume."""
+    iop0 = orientations[0]
+    if (np.abs(orientations - iop0).max(axis=1) > 1e-3).any():
+        planes: list[str] = []
+        for iop in orientations:
+            p = plane_name(np.cross(iop[:3], iop[3:]))
+            if p not in planes:
+                planes.append(p)
+        kinds = ", ".join(planes) if len(planes) > 1 else f"{planes[0]} at different angles"
+        raise SeriesError(
+            f"{name}: mixed slice orientations ({kinds}); a volume needs one", code="geometry"
+        )
+    if (np.abs(pixel_spacings - pixel_spacings[0]).max(axis=1) > 1e-3).any():
+        raise SeriesError(f"{name}: mixed pixel spacings; a volume needs one", code="geometry")
+
+
+def _one_per_position(
+    name: str,
+    d: np.ndarray,
+    keys: Sequence[str],
+    unit: str,
+    why_same_position: Callable[[list[int]], str] | None,
+    notes: list[str],
+) -> list[int]:
+    """Slice indices sorted along the normal (``d``: each slice's distance along it), one per
+    position: copies of one instance are dropped (noted), different images at one position
+    refuse the series."""
+    # Stable sort: the caller's order (InstanceNumber) breaks ties.
+    order = list(np.argsort(d, kind="stable"))
+    groups: list[list[int]] = [[order[0]]]
+    for i in order[1:]:
+        if d[i] - d[groups[-1][0]] < SAME_POSITION_MM:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    dropped = 0
+    unique: list[int] = []
+    for g in groups:
+        k = len(dict.fromkeys(keys[i] for i in g))
+        if k > 1:
+            why = why_same_position(g) if why_same_position else ""
+            why = why or "several echoes, phases or acquisitions in one series"
+            raise SeriesError(
+                f"{name}: {k} {unit}s at the same slice position ({d[g[0]]:.2f} mm along the "
+                f"slice normal): {why}; a volume needs one {unit} per position"
+            )
+        dropped += len(g) - 1
+        unique.append(g[0])
+    if dropped:
+        notes.append(f"{dropped} duplicate copies of the same {unit}s ignored")
+    if len(unique) == 1:
+        raise SeriesError(f"{name}: a single {unit}, not a volume")
+    return unique
+
+
+def _travel(name: str, pos: np.ndarray, normal: np.ndarray, px: float) -> tuple[np.ndarray, float]:
+    """Each slice's distance from the first along the line they lie on, and the gantry tilt
+    (degrees between that line and the slice normal; 0 when within tolerance)."""
+    travel = pos[-1] - pos[0]
+    along = _unit(travel)
+    # Off-line residual of each slice: positions must lie on one straight line.
+    rel = pos - pos[0]
+    t = rel @ along
+    resid = np.linalg.norm(rel - np.outer(t, along), axis=1).max()
+    if resid > max(0.05, 0.1 * px):
+        raise SeriesError(
+            f"{name}: slice positions do not lie on a straight line (off by up to "
+            f"{resid:.2f} mm); a volume needs parallel slices along one axis",
+            code="geometry",
+        )
+    shear = np.linalg.norm(travel - np.dot(travel, normal) * normal)
+    tilt = 0.0
+    if shear > max(0.01, 0.05 * px):
+        tilt = math.degrees(math.atan2(shear, float(np.dot(travel, normal))))
+    return t, tilt
 
 
 def _classify_uneven(name: str, gaps: np.ndarray, t: np.ndarray, tol: float) -> float:
