@@ -292,6 +292,25 @@ def test_rules_page_and_explain(app, sites):
     assert "SERIES OF SITE A" in page
 
 
+def test_rules_naming_another_institution_are_not_shown_to_a_site(app, sites, sprim_env):
+    from tests.workers.conftest import RULES
+
+    other = """
+  - name: only-site-b
+    match: {institution: {in: [SITE B]}, Modality: {in: [CT]}}
+    run:
+      - {use: test.touch, with: {label: SITEB}}
+"""
+    (sprim_env / "rules.yaml").write_text(RULES + other)  # hot reload
+    a, b, admin = login(app, "tok-a"), login(app, "tok-b"), login(app, "tok-admin")
+    page_a = a.get("/console/rules").text
+    assert 'id="rule-touch"' in page_a and "only-site-b" not in page_a and "SITE B" not in page_a
+    assert "rules.yaml" not in page_a  # the server's file path is for the "*" token
+    assert 'id="rule-only-site-b"' in b.get("/console/rules").text
+    assert 'id="rule-only-site-b"' in admin.get("/console/rules").text
+    assert "only-site-b" not in a.get(f"/console/rules?study={sites['A'][0]}").text
+
+
 def test_load_per_institution(app, sites):
     from workers.platform.jobstore import open_store
 
@@ -362,3 +381,33 @@ def test_store_unreachable_is_one_line(sprim_env):
     c = login(app, "tok-a")
     r = c.get("/console/jobs")
     assert r.status_code == 503 and "job store unreachable at postgresql" in r.text
+
+
+def test_previews_are_served_only_to_the_jobs_institution(app, sites):
+    import io
+
+    from PIL import Image
+
+    from workers.platform.jobstore import open_store
+
+    st_a, _se, job_a = sites["A"]
+    store = open_store()
+    [out] = store.get(job_a).outputs
+    [rec] = out["previews"]  # made by the runner, kept by the executor
+    a, b = login(app, "tok-a"), login(app, "tok-b")
+    url = f"/console/jobs/{job_a}/previews/{rec['path']}"
+    assert f'src="{url}"' in a.get(f"/console/studies/{st_a}").text
+    r = a.get(url)
+    assert r.status_code == 200 and r.headers["content-type"] in ("image/jpeg", "image/webp")
+    assert "private" in r.headers["cache-control"]
+    assert Image.open(io.BytesIO(r.content)).size[0] > 0
+    assert b.get(url).status_code == 404 and _client(app).get(url).status_code == 303
+    assert a.get(f"/console/jobs/{job_a}/previews/other.jpg").status_code == 404
+    # a record naming a file outside the job's previews folder is never served
+    for bad in ("../../jobs.db", "/etc/passwd", "../job-1/x.jpg"):
+        store.transition(job_a, "done", expect=("done",),
+                         outputs=[{**out, "previews": [{**rec, "path": bad}]}])  # fmt: skip
+        name = bad.rsplit("/", 1)[-1]
+        assert a.get(f"/console/jobs/{job_a}/previews/{name}").status_code == 404
+    page = a.get(f"/console/studies/{st_a}").text
+    assert "preview file not found" in page

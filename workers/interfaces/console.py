@@ -279,6 +279,17 @@ def _job(store: JobStore, s: Session, job_id: int) -> Job:
     return j
 
 
+def _applies(rule: Any, s: Session) -> bool:
+    """A rule that can run for this session's institution: one that names other institutions
+    only (in ``institution`` / InstitutionName conditions) is not shown to a site's token."""
+    if s.all:
+        return True
+    for c in (*rule.match, *rule.where):
+        if c.key in ("institution", "InstitutionName") and not c.test({c.key: s.institution}):
+            return False
+    return True
+
+
 # -- the reprocess form, generated from a step's params model -----------------------------------
 @dataclass
 class ParamField:
@@ -769,8 +780,11 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
                 error = "sprim has no routing attributes recorded for this study"
             else:
                 verdicts = explain(rs, view.series, view.context)
+        if verdicts is not None:
+            verdicts = [v for v in verdicts if _applies(rs.get(v.rule), s)]
         return page(request, "rules.html", s, title="Rules", rules=rs, path_=str(rules_path()),
-                    study=study.strip()[:64], verdicts=verdicts, view=view, error=error)  # fmt: skip
+                    shown=[r for r in rs.rules if _applies(r, s)], study=study.strip()[:64],
+                    verdicts=verdicts, view=view, error=error)  # fmt: skip
 
     # -- load -----------------------------------------------------------------------------
     @ui.get("/load", response_class=HTMLResponse)

@@ -56,11 +56,11 @@ def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
 
 
 def _changed(base: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    diffs = [
-        f"{k}={json.dumps(new[k], separators=(',', ':')).strip(chr(34))}"
-        for k in sorted(new)
-        if base.get(k) != new[k]
-    ]
+    def shown(v: Any) -> str:  # 5.0 -> "5": the description has 24 characters for all changes
+        v = int(v) if isinstance(v, float) and v.is_integer() else v
+        return json.dumps(v, separators=(",", ":")).strip('"')
+
+    diffs = [f"{k}={shown(new[k])}" for k in sorted(new) if base.get(k) != new[k]]
     return ("[" + ",".join(diffs) + "]") if diffs else ""
 
 
