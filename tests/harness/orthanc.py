@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -69,6 +70,25 @@ class OrthancServer:
         this: an archive that refuses (or silently drops) what it is sent.
     extra : Mapping
         Further configuration keys, merged last.
+    users : Mapping[str, str], optional
+        ``AuthenticationEnabled`` with these ``RegisteredUsers``; :attr:`session` logs in as the
+        first one.
+    ssl_certificate : Path, optional
+        HTTPS (``SslEnabled``): PEM with the server certificate and its key (Orthanc's
+        ``SslCertificate``); :attr:`url` is then ``https://``. Debian 12's Orthanc 1.10.1
+        crashes (SIGSEGV in a civetweb worker) at its first HTTPS connection: use ``tls_proxy``.
+    tls_proxy : tuple of Path, optional
+        HTTPS by a TLS-terminating proxy in front of Orthanc (``socat``, as nginx or stunnel
+        would be in production): (certificate, key); :attr:`url` is then the proxy's
+        ``https://`` address.
+    ca_bundle : Path, optional
+        The CA :attr:`session` trusts for that certificate.
+    dicom_tls : tuple of Path, optional
+        DICOM TLS on the DICOM port: (certificate, key, trusted client CAs); clients must
+        present a certificate signed by one of them.
+    config : Mapping, optional
+        A complete configuration used as it is (e.g. the one in docs/archive-loop.md): only
+        its ports, storage and index folders are replaced by this instance's.
     """
 
     def __init__(
@@ -82,6 +102,12 @@ class OrthancServer:
         sync_storage: bool = False,
         reject_description: str | None = None,
         extra: Mapping | None = None,
+        users: Mapping[str, str] | None = None,
+        ssl_certificate: Path | None = None,
+        ca_bundle: Path | None = None,
+        dicom_tls: tuple[Path, Path, Path] | None = None,
+        config: Mapping | None = None,
+        tls_proxy: tuple[Path, Path] | None = None,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -89,6 +115,9 @@ class OrthancServer:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.tls_proxy = tls_proxy
+        self.proxy_port = free_port() if tls_proxy else None
+        self._proxy: subprocess.Popen | None = None
         self._shm: Path | None = None
         data = self.root
         if in_memory and Path("/dev/shm").is_dir():
@@ -133,16 +162,44 @@ class OrthancServer:
                 "    return false\n  end\n  return true\nend\n"
             )
             self.config["LuaScripts"] = [str(lua)]
+        if users:
+            self.config.update(AuthenticationEnabled=True, RegisteredUsers=dict(users))
+        if ssl_certificate:
+            self.config.update(SslEnabled=True, SslCertificate=str(ssl_certificate))
+        if dicom_tls:
+            cert, key, trusted = dicom_tls
+            self.config.update(
+                DicomTlsEnabled=True, DicomTlsCertificate=str(cert), DicomTlsPrivateKey=str(key),
+                DicomTlsTrustedCertificates=str(trusted), DicomTlsRemoteCertificateRequired=True,
+            )  # fmt: skip
         if extra:
             self.config.update(extra)
+        if config is not None:
+            self.config = json.loads(json.dumps(config))
+            self.config.update(
+                HttpPort=self.http_port, DicomPort=self.dicom_port,
+                StorageDirectory=str(data / "storage"), IndexDirectory=str(data / "index"),
+            )  # fmt: skip
+            self.aet = self.config.get("DicomAet", "ORTHANC")
+        #: requests as an authorised client of this Orthanc (its first user, its CA)
+        self.session = requests.Session()
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE would replace ca_bundle
+        registered = self.config.get("RegisteredUsers") or {}
+        if self.config.get("AuthenticationEnabled") and registered:
+            self.session.auth = next(iter(registered.items()))
+        if ca_bundle:
+            self.session.verify = str(ca_bundle)
         self.config_path = self.root / "orthanc.json"
         self.log_path = self.root / "orthanc.log"
 
     # -- addresses -------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        """REST root, e.g. ``http://127.0.0.1:8042``."""
-        return f"http://127.0.0.1:{self.http_port}"
+        """REST root, e.g. ``http://127.0.0.1:8042`` (``https://`` with SSL on)."""
+        if self.proxy_port:
+            return f"https://127.0.0.1:{self.proxy_port}"
+        scheme = "https" if self.config.get("SslEnabled") else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb_url(self) -> str:
@@ -164,12 +221,19 @@ class OrthancServer:
             cwd=self.root,
         )
         log.close()
+        if self.tls_proxy:
+            cert, key = self.tls_proxy
+            self._proxy = subprocess.Popen(
+                ["socat", f"OPENSSL-LISTEN:{self.proxy_port},bind=127.0.0.1,reuseaddr,fork,"
+                 f"cert={cert},key={key},verify=0", f"TCP:127.0.0.1:{self.http_port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited {self.proc.returncode}: {self.log_tail()}")
             try:
-                if requests.get(self.url + "/system", timeout=1).ok:
+                if self.session.get(self.url + "/system", timeout=1).ok:
                     return self
             except requests.RequestException:
                 pass
@@ -179,6 +243,13 @@ class OrthancServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Orthanc (terminate, wait; kill if it hangs). Storage and ports are kept."""
+        if self._proxy is not None:
+            try:  # socat forks per connection: its whole process group
+                os.killpg(self._proxy.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self._proxy.wait(timeout)
+            self._proxy = None
         if not self.proc:
             return
         if self.proc.poll() is None:
@@ -219,18 +290,18 @@ class OrthancServer:
 
     # -- conveniences for tests ------------------------------------------------------------
     def get(self, path: str, **kw) -> requests.Response:
-        r = requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+        r = self.session.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
         r.raise_for_status()
         return r
 
     def reset(self) -> None:
         """Delete every patient (a clean archive between tests, without a restart)."""
         for pid in self.get("/patients").json():
-            requests.delete(f"{self.url}/patients/{pid}", timeout=30).raise_for_status()
+            self.session.delete(f"{self.url}/patients/{pid}", timeout=30).raise_for_status()
 
     def series_of_study(self, study_uid: str) -> list[dict]:
         """Orthanc's series resources of a study (empty when the study is unknown)."""
-        r = requests.post(
+        r = self.session.post(
             self.url + "/tools/lookup", data=study_uid, timeout=30
         )  # lookup by any UID
         r.raise_for_status()

@@ -51,9 +51,12 @@ def open_archive(spec: str | None = None, *, name: str | None = None) -> Archive
                 transient=False,
                 reason="credentials in the archive URL",
             )
-        key = name or _name_of(spec, cfg.archives)
-        if key is None and spec.rstrip("/") != (cfg.archive_url or "").rstrip("/"):
-            key = ""  # a URL no setting names: no credentials
+        if name:
+            key: str | None = name
+        elif spec.rstrip("/") == (cfg.archive_url or "").rstrip("/"):
+            key = None  # SPRIM_ARCHIVE_URL's own variables
+        else:  # a URL SPRIM_ARCHIVES names (job records keep URLs), else none: no credentials
+            key = _name_of(spec, cfg.archives) or ""
         try:
             access = archive_access(key) if key != "" else None
         except ConfigError as e:

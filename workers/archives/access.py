@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import ssl
+import types
 import warnings
 
 import requests
@@ -68,12 +69,23 @@ def configure_session(session: requests.Session, access: ArchiveAccess, name: st
         warnings.filterwarnings("ignore", message="Unverified HTTPS request")
     elif access.ca_bundle is not None:
         session.verify = str(access.ca_bundle)
+    if session.verify is not True:
+        session.merge_environment_settings = types.MethodType(_own_verify_first, session)  # type: ignore[method-assign]
     if access.client_cert is not None:
         session.cert = (
             (str(access.client_cert), str(access.client_key))
             if access.client_key
             else str(access.client_cert)
         )
+
+
+def _own_verify_first(self, url, proxies, stream, verify, cert):
+    """requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` (set system-wide on many hosts)
+    override a session's ``verify``: the archive's own CA bundle would be silently ignored."""
+    out = requests.Session.merge_environment_settings(self, url, proxies, stream, verify, cert)
+    if verify is None:
+        out["verify"] = self.verify
+    return out
 
 
 def dicom_tls_context(access: ArchiveAccess) -> ssl.SSLContext:

@@ -168,11 +168,11 @@ class DicomWebArchive:
                     if status == 401
                     else "the archive denies this user access"
                 )
+                hint = f"check {var}USERNAME and {var}PASSWORD, or {var}TOKEN"
                 return ArchiveError(
-                    f"{self.name}: {what}: HTTP {status}: {why} "
-                    f"(check {var}USERNAME and {var}PASSWORD, or {var}TOKEN)",
+                    f"{self.name}: {what}: HTTP {status}: {why} ({hint})",
                     transient=False,
-                    reason=f"HTTP {status} {why}",
+                    reason=f"{self.name}: HTTP {status}: {why} ({hint})",
                 )
             return ArchiveError(
                 f"{self.name}: {what}: HTTP {status}",
@@ -181,11 +181,11 @@ class DicomWebArchive:
             )
         tls = describe_tls_error(exc) if isinstance(exc, requests.exceptions.SSLError) else None
         if tls:  # an untrusted certificate is configuration: no retry
+            hint = f"set {var}CA_BUNDLE to the PEM of the CA that signed the archive's certificate"
             return ArchiveError(
-                f"{self.name}: {what}: {tls}; set {var}CA_BUNDLE to the PEM of the CA that "
-                "signed the archive's certificate",
+                f"{self.name}: {what}: {tls}; {hint}",
                 transient="not trusted" not in tls,
-                reason=tls,
+                reason=f"{self.name}: {tls}; {hint}",
             )
         if isinstance(exc, requests.RequestException | OSError):
             return ArchiveError(

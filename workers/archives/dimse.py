@@ -201,12 +201,11 @@ class DimseArchive:
             why = describe_tls_error(e)
             if why is None:
                 return
-        raise ArchiveError(
-            f"{self.name}: DICOM TLS: {why}; set SPRIM_ARCHIVE_<NAME>_CA_BUNDLE to the PEM of the "
-            "CA that signed the archive's certificate",
-            transient="not trusted" not in why,
-            reason=why,
+        text = (
+            f"{self.name}: DICOM TLS: {why}; set SPRIM_ARCHIVE_<NAME>_CA_BUNDLE to the PEM of "
+            "the CA that signed the archive's certificate"
         )
+        raise ArchiveError(text, transient="not trusted" not in why, reason=text)
 
 
 def _nodelay(event) -> None:

@@ -547,6 +547,8 @@ class Listener:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
+        if self.ssl_context is not None:
+            logging.getLogger("pynetdicom.dul").addFilter(_TLS_FAILURES)
         self._server = self.ae.start_server(
             (self.host, self.port), block=False, evt_handlers=handlers,
             ssl_context=self.ssl_context,
@@ -599,6 +601,27 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _TlsFailuresAsOneLine(logging.Filter):
+    """A peer failing the TLS handshake (plain DICOM, an untrusted certificate) is one warning
+    line, not pynetdicom's error and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ssl.SSLError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.name = __name__
+            record.msg, record.args = (
+                "event=tls_handshake_failed reason=%s",
+                (exc.reason or exc.__class__.__name__,),
+            )
+            record.exc_info = record.exc_text = None
+            return True
+        return record.getMessage() != "Connection closed before the entire PDU was received"
+
+
+_TLS_FAILURES = _TlsFailuresAsOneLine()
 
 
 def _tls_mode(ctx: ssl.SSLContext | None) -> str:

@@ -83,10 +83,12 @@ def watch_cmd(
     A rule's quiet_period counts from the study's last instance: rules whose period is over
     when Orthanc reports the study stable are routed at once, the others when theirs ends.
     """
+    import requests
+
     from workers.archives import ArchiveError, open_archive
     from workers.archives.access import http_session
     from workers.core.config import settings
-    from workers.ingest.watch import Watcher, state_path
+    from workers.ingest.watch import Watcher, WatchError, state_path
     from workers.platform.jobstore import open_store
     from workers.platform.submission import notify_study
 
@@ -121,7 +123,11 @@ def watch_cmd(
         session=http_session(access, archive.name) if access else None,
     )
     if once:
-        watcher.poll_once()
+        try:
+            watcher.poll_once()
+        except (WatchError, requests.HTTPError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
         return
     stop = threading.Event()
     _on_signals(stop)
