@@ -352,34 +352,53 @@ def _template(
     ds.DerivationCodeSequence = [code_item(*code)]
     ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
     ds.SoftwareVersions = software_versions(prov)  # General Equipment: sprim + the step
-    if is_ct:
+    _modality_module(out, source, ds, sop_class, notes)
+    _image_pixel(out, ds)
+    return ds
+
+
+def _modality_module(
+    out: ImageSeries, source: SourceSeries, ds: Dataset, sop_class: str, notes: list[str]
+) -> None:
+    """The CT, MR or PET Image module (or Secondary Capture's conversion type)."""
+    src = source.first
+    if sop_class == CTImageStorage:
         copy_attributes(src, ds, CT_KEYWORDS, notes)
         if "KVP" not in ds:
             ds.KVP = ""
     elif sop_class == MRImageStorage:
-        copy_attributes(src, ds, MR_KEYWORDS, notes)
-        _mr_from_enhanced(src, ds, notes)
-        for kw in ("ScanningSequence", "SequenceVariant"):  # type 1: unknown is not allowed
-            if not ds.get(kw):  # RM (research mode) is the only defined term for "other"
-                setattr(ds, kw, "RM" if kw == "ScanningSequence" else "NONE")
-        for kw in ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"):
-            if kw not in ds:
-                setattr(ds, kw, "")
-        scanning = (
-            [str(v) for v in ds["ScanningSequence"].value]
-            if ds["ScanningSequence"].VM > 1
-            else [str(ds.ScanningSequence)]
-        )
-        if "IR" not in scanning:  # 2C: InversionTime only for inversion recovery
-            ds.pop("InversionTime", None)
-        elif "InversionTime" not in ds:
-            ds.InversionTime = ""
-        if "RepetitionTime" not in ds and not ("EP" in scanning and ds.SequenceVariant == "SK"):
-            ds.RepetitionTime = ""
+        _mr_image(src, ds, notes)
     elif sop_class == PositronEmissionTomographyImageStorage:
         _pet(out, source, ds, notes)
     else:
         ds.ConversionType = "WSD"  # workstation
+
+
+def _mr_image(src: Dataset, ds: Dataset, notes: list[str]) -> None:
+    """MR Image module: its type 1 and 2C attributes from the source, or their defined defaults."""
+    copy_attributes(src, ds, MR_KEYWORDS, notes)
+    _mr_from_enhanced(src, ds, notes)
+    for kw in ("ScanningSequence", "SequenceVariant"):  # type 1: unknown is not allowed
+        if not ds.get(kw):  # RM (research mode) is the only defined term for "other"
+            setattr(ds, kw, "RM" if kw == "ScanningSequence" else "NONE")
+    for kw in ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"):
+        if kw not in ds:
+            setattr(ds, kw, "")
+    scanning = (
+        [str(v) for v in ds["ScanningSequence"].value]
+        if ds["ScanningSequence"].VM > 1
+        else [str(ds.ScanningSequence)]
+    )
+    if "IR" not in scanning:  # 2C: InversionTime only for inversion recovery
+        ds.pop("InversionTime", None)
+    elif "InversionTime" not in ds:
+        ds.InversionTime = ""
+    if "RepetitionTime" not in ds and not ("EP" in scanning and ds.SequenceVariant == "SK"):
+        ds.RepetitionTime = ""
+
+
+def _image_pixel(out: ImageSeries, ds: Dataset) -> None:
+    """Pixel spacing, slab thickness, cine rate, and the Image Pixel module (16-bit signed)."""
     spacing = out.image.GetSpacing()
     ds.PixelSpacing = [ds_str(spacing[1]), ds_str(spacing[0])]  # row spacing \ column spacing
     thickness = out.slab_thickness_mm or spacing[2]
@@ -394,7 +413,6 @@ def _template(
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.LossyImageCompression = "00"
     ds.BurnedInAnnotation = "NO"
-    return ds
 
 
 _SOURCE_CACHE: dict[
