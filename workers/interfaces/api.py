@@ -9,6 +9,9 @@ ids and UIDs checked for form (422); params whose output would exceed ``SPRIM_MA
 for the study's series are refused (422) before a job exists. A job store that cannot answer
 gives 503 with one line saying where and why.
 
+The web console (:mod:`workers.interfaces.console`) is mounted on the same app under
+``/console`` (``/`` redirects there), with the same tokens and the same authorization.
+
 ``/docs``, ``/openapi.json`` and ``/health`` answer without a token: they describe the
 interface only (no study, job, institution or token), and the browser page must load the
 schema before anyone can paste a token into it.

@@ -235,7 +235,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Bind address."),
     port: int = typer.Option(8000, help="Port."),
 ) -> None:
-    """The REST API (reprocessing, jobs); OpenAPI docs at /docs."""
+    """The REST API (reprocessing, jobs; OpenAPI docs at /docs) and the web console at /."""
     import uvicorn
 
     from workers.core.config import settings
