@@ -42,6 +42,15 @@ TARGETS: tuple[Target, ...] = (
            (("e2e", "row:e2e.latency_400"),)),
     Target("throughput", "6", "sustained throughput, 2 worker processes", ">=", 400.0,
            "studies/h", (("e2e", "row:e2e.throughput"),)),
+    Target("two_hosts", "13", "two worker hosts (concurrency 1 each) vs one (concurrency 1), "
+           "same machine", ">=", 1.6, "x", (("hosts", "row:hosts.ratio"),)),
+    Target("hosts_fairness", "13", "two hosts: burst jobs started between another site's "
+           "submission and its first job's start", "<=", 2.0, "jobs",
+           (("hosts", "row:hosts.fairness"),)),
+    Target("region_hosts", "13", "region (simulated): 2-core worker hosts keeping p95 stable → "
+           "stored under 5 min", "", None, "hosts", (("sim", "row:sim.hosts_needed"),)),
+    Target("region_stat", "13", "region (simulated): STAT lane p95 while one site sends 300 "
+           "studies", "", None, "s", (("sim", "row:sim.stat_p95_burst"),)),
     Target("read_vs_cat", "6", "series read vs `cat` floor (400 x 512²)", "<=", 8.0, "x",
            (("peers", "row:peers.read_vs_cat.synthetic-400"), ("read", "key:^ratio_to_cat$"))),
     Target("reformat_vs_plastimatch", "6", "reformat + write vs plastimatch (2 mm, 400 slices)",

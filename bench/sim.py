@@ -107,21 +107,43 @@ def _rule_split(stages: dict[str, float], mpr_objects: float, all_objects: float
     return per_rule
 
 
+class CostsMissing(Exception):
+    """``e2e.json`` lacks a figure the simulation needs (a ``--quick`` or partial run)."""
+
+
 def measured_costs(results: Path = RESULTS) -> Costs:
+    """Per-rule job costs from a full run's ``e2e.json``; else those ``sim.json`` recorded from
+    the last full one (a ``--quick`` e2e run measures neither the 400-slice study nor 50)."""
+    try:
+        return costs_from_e2e(results)
+    except CostsMissing as e:
+        try:
+            c = json.loads((results / "sim.json").read_text())["raw"]["costs"]
+        except (OSError, KeyError, json.JSONDecodeError):
+            raise e from None
+        sources = {**c["sources"], "note": f"costs as recorded in sim.json: {e}"}
+        return Costs(c["at100"], c["at400"], c["route_delay_s"], c["enqueue_to_start_s"],
+                     c["noise_cv"], sources)  # fmt: skip
+
+
+def costs_from_e2e(results: Path = RESULTS) -> Costs:
     """Per-rule job costs from ``e2e.json``, delays from ``e2e.json`` and ``platform.json``."""
     e2e = json.loads((results / "e2e.json").read_text())
-    plat = e2e["raw"]["platform"]
+    plat = e2e.get("raw", {}).get("platform", {})
+    points = {p["slices"]: p for p in e2e.get("raw", {}).get("cost", {}).get("points", [])}
+    lat = [x for x in plat.get("latency", []) if x.get("slices") == 400]
+    if "throughput" not in plat or not lat or 100 not in points or 400 not in points:
+        raise CostsMissing(f"bench/results/e2e.json ({e2e.get('date')}, "
+                           f"{e2e.get('command')}) is not a full run")  # fmt: skip
     th = plat["throughput"]
     n100 = th["studies"]
     stages100 = {k: v / n100 for k, v in th["timings"].items()}
     objects100 = th["outputs"] / n100
-    lat = [x for x in plat["latency"] if x["slices"] == 400]
     stages400 = {k: statistics.median(x["timings"].get(k, 0.0) for x in lat)
                  for k in lat[0]["timings"]}  # fmt: skip
     objects400 = statistics.median(x["outputs"] for x in lat)
-    points = {p["slices"]: p["objects"] for p in e2e["raw"]["cost"]["points"]}
-    at100 = _rule_split(stages100, points[100], objects100)
-    at400 = _rule_split(stages400, points[400], objects400)
+    at100 = _rule_split(stages100, points[100]["objects"], objects100)
+    at400 = _rule_split(stages400, points[400]["objects"], objects400)
     per_run = [sum(x["timings"].values()) for x in lat]
     cv = statistics.pstdev(per_run) / statistics.mean(per_run) if len(per_run) > 1 else 0.1
     route = statistics.median(max(0.0, x["route_delay_s"]) for x in lat)
@@ -492,7 +514,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  {rule:<16} {costs.at100[rule]:6.2f} / {costs.at400[rule]:6.2f}")
     print(f"  route delay {costs.route_delay_s:.2f} s, enqueue to start "
           f"{costs.enqueue_to_start_s * 1000:.1f} ms, study-to-study spread (CV) "
-          f"{costs.noise_cv:.2f}; from {costs.sources['e2e']}\n")  # fmt: skip
+          f"{costs.noise_cv:.2f}; from {costs.sources['e2e']}")  # fmt: skip
+    if costs.sources.get("note"):
+        print(f"  ({costs.sources['note']})")
+    print()
     rows = table(sc, a.hosts, costs)
     print(render(rows, sc))
     ans = answers(rows)
