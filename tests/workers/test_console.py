@@ -124,6 +124,7 @@ def test_a_token_sees_only_its_institution_everywhere(app, sites, sprim_env):
         (f"/console/fragments/studies/{st_b}/jobs", "/console/fragments/studies/1.2.3.999/jobs"),
         (f"/console/rules?study={st_b}", "/console/rules?study=1.2.3.999"),
         (f"/console/jobs/{job_b}/previews/x.jpg", f"/console/jobs/{2**31 - 1}/previews/x.jpg"),
+        (f"/console/jobs/{job_b}", f"/console/jobs/{2**31 - 1}"),
     ]:
         r, m = a.get(path_b), a.get(missing)
         assert r.status_code == m.status_code == 404, (path_b, r.status_code)
@@ -141,6 +142,10 @@ def test_a_token_sees_only_its_institution_everywhere(app, sites, sprim_env):
 
     assert len(open_store().list(study_uid=st_b)) == 1  # nothing was queued
     assert "SERIES OF SITE A" in a.get(f"/console/studies/{st_a}").text
+    assert (
+        a.get(f"/console/jobs/{job_a}").headers["location"]
+        == f"/console/studies/{st_a}#job-{job_a}"
+    )
 
 
 def test_state_changes_need_the_sessions_csrf_token(app, sites):

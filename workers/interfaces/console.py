@@ -56,6 +56,8 @@ COOKIE = "sprim_session"
 PREFIX = "/console"
 #: Time windows of the jobs filter.
 WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
+#: Jobs listed at most on the jobs page (newest first).
+JOBS_SHOWN = 200
 #: Seconds between refreshes of an auto-refreshing table.
 REFRESH_S = 3
 _UID = re.compile(auth.UID_PATTERN)
@@ -248,7 +250,7 @@ class StudyView:
 
 def study_view(store: JobStore, s: Session, study_uid: str) -> StudyView:
     """The study as this session may see it; :class:`Missing` otherwise (same as no study)."""
-    if not _UID.match(study_uid) or len(study_uid) > 64:
+    if not _UID.fullmatch(study_uid) or len(study_uid) > 64:
         raise Missing(f"study {study_uid[:64]}")
     row = store.study(study_uid)
     jobs = [j for j in store.list(study_uid=study_uid, limit=1000) if visible(j, s.institution)]
@@ -604,12 +606,12 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
         store = get_store()
         jobs = query_jobs(store, s, state=f["state"] or None, rule=f["rule"] or None,
                           institution=f["institution"] or None,
-                          since_s=WINDOWS.get(f["since"]))  # fmt: skip
+                          since_s=WINDOWS.get(f["since"]), limit=JOBS_SHOWN)  # fmt: skip
         return {
             "jobs": jobs, "filters": f, "states": STATES, "windows": list(WINDOWS),
             "rules": _distinct(store, s, JobRow.rule),
             "institutions": _distinct(store, s, JobRow.institution) if s.all else [],
-            "refresh": refresh != "0", "flash": _flash(request),
+            "refresh": refresh != "0", "flash": _flash(request), "limit": JOBS_SHOWN,
             "fragment": f"{PREFIX}/fragments/jobs?" + urlencode({k: v for k, v in f.items() if v}),
         }  # fmt: skip
 
@@ -650,7 +652,8 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
         outputs = [(j, o, output_previews(j, o)) for j in view.jobs for o in (j.outputs or [])]
         return {
             "view": view, "forms": built, "series_choices": list(known.values()),
-            "all_steps": [x.name for x in all_steps()], "audits": audits, "outputs": outputs,
+            "all_steps": [x.name for x in all_steps() if x.name not in built],
+            "audits": audits, "outputs": outputs,
             "active": sum(j.state in ACTIVE for j in view.jobs),
             "fragment": f"{PREFIX}/fragments/studies/{view.study_uid}/jobs",
         }  # fmt: skip
@@ -710,6 +713,12 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
         return RedirectResponse(
             f"{PREFIX}/studies/{study_uid}?ok=queued-{job.id}#job-{job.id}", status_code=303
         )
+
+    @ui.get("/jobs/{job_id}")
+    def job_page(request: Request, job_id: int) -> Response:
+        """A job is shown on its study's page."""
+        j = _job(get_store(), _session(request), job_id)
+        return RedirectResponse(f"{PREFIX}/studies/{j.study_uid}#job-{j.id}", status_code=303)
 
     # -- previews -------------------------------------------------------------------------
     @ui.get("/jobs/{job_id}/previews/{name}")
