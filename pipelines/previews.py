@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from pipelines.types import ImageSeries, Labelmap, Mesh, Output, Volume
 
+RGB = tuple[float, float, float]
 #: Longest side (pixels) of one key image, one overlay level, one mesh view, one cine frame.
 KEY_IMAGE_PX = 192
 MESH_VIEW_PX = 224
@@ -190,16 +190,46 @@ def _display_shape(
 
 
 def _resize(a: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray:
-    """``a`` (2D) resampled to ``shape``; smoothed first when shrinking (no aliasing), not
-    for labels (``order=0``)."""
-    factors = np.array(shape, float) / a.shape
-    a = np.asarray(a, np.float32 if order else a.dtype)
-    if order and (factors < 1).any():
-        a = ndimage.gaussian_filter(a, sigma=np.maximum(0.0, (1 / factors - 1) / 2))
-    if a.shape == tuple(shape):
-        return a
-    out: np.ndarray = ndimage.zoom(a, factors, order=order, grid_mode=True, mode="nearest")
+    """``a`` (2D) resampled to ``shape``: area-averaged where it shrinks (no aliasing),
+    linearly interpolated where it grows; nearest neighbour for labels (``order=0``)."""
+    out = np.asarray(a, np.float32 if order else a.dtype)
+    for axis, n in enumerate(shape):
+        out = _resample_axis(out, n, axis, order)
     return out
+
+
+def _resample_axis(a: np.ndarray, n: int, axis: int, order: int) -> np.ndarray:
+    """``a`` resampled to ``n`` samples along ``axis`` (pixel-centred grids, same extent)."""
+    m = a.shape[axis]
+    if n == m:
+        return a
+    scale = m / n
+    if not order:
+        idx = np.minimum(((np.arange(n) + 0.5) * scale).astype(np.intp), m - 1)
+        nearest: np.ndarray = np.take(a, idx, axis=axis)
+        return nearest
+    if scale > 1:
+        # Mean over each output pixel's footprint [j, j + 1) * scale: differences of the
+        # running sum, read between samples by linear interpolation (exact for box pixels).
+        pad = [(1, 0) if k == axis else (0, 0) for k in range(a.ndim)]
+        run = np.pad(np.cumsum(a, axis=axis, dtype=np.float64), pad)
+        edges = np.arange(n + 1) * scale
+        i0 = np.minimum(edges.astype(np.intp), m - 1)
+        w = _along(edges - i0, axis, a.ndim)
+        at = np.take(run, i0, axis=axis) * (1 - w) + np.take(run, i0 + 1, axis=axis) * w
+        mean: np.ndarray = (np.diff(at, axis=axis) / scale).astype(np.float32)
+        return mean
+    x = np.clip((np.arange(n) + 0.5) * scale - 0.5, 0, m - 1)
+    i0 = np.minimum(x.astype(np.intp), m - 2) if m > 1 else np.zeros(n, np.intp)
+    w = _along(x - i0, axis, a.ndim) if m > 1 else _along(np.zeros(n), axis, a.ndim)
+    hi = np.take(a, np.minimum(i0 + 1, m - 1), axis=axis)
+    linear: np.ndarray = (np.take(a, i0, axis=axis) * (1 - w) + hi * w).astype(np.float32)
+    return linear
+
+
+def _along(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """``v`` shaped to broadcast along ``axis`` of an ``ndim`` array."""
+    return v.reshape([-1 if k == axis else 1 for k in range(ndim)])
 
 
 def _levels(n: int, fractions: Sequence[float] = LEVELS) -> list[int]:
@@ -216,11 +246,13 @@ def _grey(tile: np.ndarray) -> np.ndarray:
     return np.repeat(tile[..., None], 3, axis=2)
 
 
-def montage(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    """RGB tiles laid out in rows (black gaps); tiles of a row centred vertically."""
+def montage(rows: Sequence[Sequence[np.ndarray]], fill: RGB = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """RGB tiles laid out in rows, ``fill`` (black) between and around them; tiles of a row
+    centred vertically."""
     heights = [max(t.shape[0] for t in r) for r in rows]
     widths = [sum(t.shape[1] for t in r) + GAP * (len(r) - 1) for r in rows]
     out = np.zeros((sum(heights) + GAP * (len(rows) - 1), max(widths), 3), np.uint8)
+    out[:] = np.round(np.array(fill) * 255).astype(np.uint8)
     y = 0
     for r, h in zip(rows, heights, strict=True):
         x = 0
@@ -269,7 +301,10 @@ def cine(series: ImageSeries, modality: str, body_part: str = "") -> Preview:
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
-    edge: np.ndarray = mask & ~ndimage.binary_erosion(mask)
+    """Pixels of ``mask`` with a 4-neighbour outside it (or on the image border)."""
+    p = np.pad(mask, 1)
+    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    edge: np.ndarray = mask & ~inner
     return edge
 
 
@@ -361,9 +396,39 @@ MESH_VIEWS = (
     View("left lateral", (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
     View("anterior-left oblique", (-0.6, 0.65, -0.45), (0.0, 0.0, 1.0)),
 )
-RGB = tuple[float, float, float]
-#: A view, the LPS point at the centre of the picture, half the picture's side (mm).
-Camera = tuple["View", np.ndarray, float]
+
+
+@dataclass(frozen=True)
+class Camera:
+    """An orthographic picture: ``view`` centred on the LPS point ``centre``, ``mm`` per pixel,
+    ``width`` x ``height`` pixels."""
+
+    view: View
+    centre: np.ndarray
+    mm: float
+    width: int
+    height: int
+
+    @classmethod
+    def framing(cls, view: View, lo: np.ndarray, hi: np.ndarray, px: int) -> Camera:
+        """The camera that shows the box ``lo``-``hi`` from ``view`` (5 % margin), its longer
+        side ``px`` pixels."""
+        right, up, _ = view.axes()
+        corners = np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1)
+        rel = corners.T - (lo + hi) / 2
+        w, h = (float(np.abs(rel @ a).max()) * 2.1 + 1e-3 for a in (right, up))
+        mm = max(w, h) / px
+        return cls(view, (lo + hi) / 2, mm, max(1, round(w / mm)), max(1, round(h / mm)))
+
+    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pixel (column, row) floats and depth (mm, into the screen) of LPS ``points``."""
+        right, up, d = self.view.axes()
+        rel = points - self.centre
+        col = rel @ right / self.mm + self.width / 2 - 0.5
+        row = self.height / 2 - rel @ up / self.mm - 0.5
+        return col, row, rel @ d
+
+
 _MESH_COLOURS: dict[str, RGB] = {"bone": (0.92, 0.88, 0.78), "lung": (0.95, 0.62, 0.6)}
 _MESH_DEFAULT_COLOUR = (0.65, 0.78, 0.95)
 BACKGROUND = (0.1, 0.1, 0.12)
@@ -406,35 +471,42 @@ def mesh_views(
     use_vtk = renderer == "vtk" or (renderer == "auto" and offscreen_opengl())
     draw = _render_vtk if use_vtk else _render_numpy
     colour = mesh_colour(mesh)
-    cameras = [(v, (lo + hi) / 2, _half_extent(lo, hi, v)) for v in views]
-    tiles = draw(verts, faces, cameras, px, colour)
+    cameras = [Camera.framing(v, lo, hi, px) for v in views]
+    # Triangles smaller than a pixel cost render time and show nothing: merged first.
+    shown_verts, shown_faces = cluster(verts, faces, min(c.mm for c in cameras))
+    tiles = draw(shown_verts, shown_faces, cameras, colour)
     how = "VTK off-screen" if use_vtk else "numpy rasteriser"
     caption = (
-        f"{mesh.description}: {len(faces)} triangles seen from "
+        f"{mesh.description}: {len(faces)} triangles ({len(shown_faces)} drawn) seen from "
         + ", ".join(v.name for v in views)
         + f" ({how})"
     )
-    return Preview(caption, [montage([tiles])])
+    return Preview(caption, [montage([tiles], BACKGROUND)])
 
 
-def _half_extent(lo: np.ndarray, hi: np.ndarray, view: View) -> float:
-    """Half the side of the square that holds the box seen from ``view`` (plus a margin)."""
-    right, up, _ = view.axes()
-    corners = np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1).T
-    centre = (lo + hi) / 2
-    extent = max(np.abs((corners - centre) @ right).max(), np.abs((corners - centre) @ up).max())
-    return float(extent) * 1.05 + 1e-3
-
-
-def project(
-    points: np.ndarray, view: View, centre: np.ndarray, half: float, px: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel (column, row) floats and depth of LPS ``points`` in the ``px``-square view."""
-    right, up, d = view.axes()
-    rel = points - centre
-    col = (rel @ right / half + 1) * px / 2 - 0.5
-    row = (1 - rel @ up / half) * px / 2 - 0.5
-    return col, row, rel @ d
+def cluster(verts: np.ndarray, faces: np.ndarray, cell_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Vertex clustering: vertices in one ``cell_mm`` cube merged at their mean, triangles
+    that collapse dropped, duplicates kept once. The surface is unchanged at pixel scale."""
+    if not len(faces) or cell_mm <= 0:
+        return verts, faces
+    q = np.floor((verts - verts.min(axis=0)) / cell_mm).astype(np.int64)
+    dims = q.max(axis=0) + 1
+    key = (q[:, 0] * dims[1] + q[:, 1]) * dims[2] + q[:, 2]
+    _, group, counts = np.unique(key, return_inverse=True, return_counts=True)
+    merged = (
+        np.stack(
+            [np.bincount(group, weights=verts[:, k], minlength=len(counts)) for k in range(3)],
+            axis=1,
+        )
+        / counts[:, None]
+    )
+    f = group[faces]
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])]
+    # One copy of each triangle (either winding): its sorted corners as one integer key.
+    c = np.sort(f, axis=1)
+    bits = max(1, int(len(counts)).bit_length())
+    _, first = np.unique((c[:, 0] << (2 * bits)) | (c[:, 1] << bits) | c[:, 2], return_index=True)
+    return merged, f[np.sort(first)]
 
 
 @functools.cache
@@ -485,11 +557,11 @@ def _vtk_window() -> Any:
 
 
 def _render_vtk(
-    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], px: int, colour: RGB
+    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], colour: RGB
 ) -> list[np.ndarray]:
     """The surface rendered once per camera in the process's off-screen window."""
     with _VTK_LOCK:
-        return _render_vtk_locked(verts, faces, cameras, px, colour)
+        return _render_vtk_locked(verts, faces, cameras, colour)
 
 
 #: The one off-screen window is used by one thread at a time (jobs may run in threads).
@@ -497,7 +569,7 @@ _VTK_LOCK = threading.Lock()
 
 
 def _render_vtk_locked(
-    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], px: int, colour: RGB
+    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], colour: RGB
 ) -> list[np.ndarray]:
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401
     from vtkmodules.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray, vtk_to_numpy
@@ -506,7 +578,6 @@ def _render_vtk_locked(
     from vtkmodules.vtkRenderingCore import vtkActor, vtkPolyDataMapper, vtkWindowToImageFilter
 
     window, renderer = _vtk_scene()
-    window.SetSize(px, px)
     if len(faces):
         points = vtkPoints()
         points.SetData(numpy_to_vtk(np.ascontiguousarray(verts), deep=True))
@@ -533,12 +604,13 @@ def _render_vtk_locked(
     camera.ParallelProjectionOn()
     tiles = []
     try:
-        for view, centre, half in cameras:
-            _, up, d = view.axes()
-            camera.SetFocalPoint(*centre)
-            camera.SetPosition(*(centre - d * half * 4))
+        for cam in cameras:
+            _, up, d = cam.view.axes()
+            window.SetSize(cam.width, cam.height)
+            camera.SetFocalPoint(*cam.centre)
+            camera.SetPosition(*(cam.centre - d * cam.mm * (cam.width + cam.height) * 2))
             camera.SetViewUp(*up)
-            camera.SetParallelScale(half)
+            camera.SetParallelScale(cam.mm * cam.height / 2)
             renderer.ResetCameraClippingRange()
             window.Render()
             grab = vtkWindowToImageFilter()
@@ -570,32 +642,24 @@ def _vtk_scene() -> tuple[Any, Any]:
 
 
 def _render_numpy(
-    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], px: int, colour: RGB
+    verts: np.ndarray, faces: np.ndarray, cameras: Sequence[Camera], colour: RGB
 ) -> list[np.ndarray]:
-    return [_rasterise(verts, faces, v, c, h, px, colour) for v, c, h in cameras]
+    return [_rasterise(verts, faces, cam, colour) for cam in cameras]
 
 
-def _rasterise(
-    verts: np.ndarray,
-    faces: np.ndarray,
-    view: View,
-    centre: np.ndarray,
-    half: float,
-    px: int,
-    colour: RGB,
-) -> np.ndarray:
+def _rasterise(verts: np.ndarray, faces: np.ndarray, cam: Camera, colour: RGB) -> np.ndarray:
     """Orthographic z-buffer rasteriser: each triangle sampled on a barycentric grid fine enough
     to touch every pixel it covers, the nearest sample kept per pixel, flat headlight shading."""
-    img = np.empty((px, px, 3), np.uint8)
+    img = np.empty((cam.height, cam.width, 3), np.uint8)
     img[:] = (np.array(BACKGROUND) * 255).round().astype(np.uint8)
     if not len(faces):
         return img
-    col, row, depth = project(verts, view, np.asarray(centre), half, px)
+    col, row, depth = cam.project(verts)
     screen = np.stack([col, row, depth], axis=1)[faces]  # (faces, 3 corners, xyz)
     tri = verts[faces]
     normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     length = np.linalg.norm(normal, axis=1)
-    shade = 0.25 + 0.75 * np.abs(normal @ view.axes()[2]) / np.where(length > 0, length, 1)
+    shade = 0.25 + 0.75 * np.abs(normal @ cam.view.axes()[2]) / np.where(length > 0, length, 1)
     edge = np.max(np.linalg.norm(screen[:, [1, 2, 0], :2] - screen[:, :, :2], axis=2), axis=1)
     n_sub = np.clip(np.ceil(edge * 1.5).astype(int), 1, 256)
     cols, rows, depths, shades = [], [], [], []
@@ -613,8 +677,8 @@ def _rasterise(
     r = np.rint(np.concatenate(rows)).astype(np.int64)
     z = np.concatenate(depths)
     s = np.concatenate(shades)
-    inside = (c >= 0) & (c < px) & (r >= 0) & (r < px)
-    pixel, z, s = (r * px + c)[inside], z[inside], s[inside]
+    inside = (c >= 0) & (c < cam.width) & (r >= 0) & (r < cam.height)
+    pixel, z, s = (r * cam.width + c)[inside], z[inside], s[inside]
     order = np.lexsort((z, pixel))  # per pixel, the nearest sample first
     first = np.ones(len(order), bool)
     first[1:] = pixel[order][1:] != pixel[order][:-1]

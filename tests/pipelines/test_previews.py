@@ -224,3 +224,27 @@ def test_preview_dispatches_on_the_kind_of_output() -> None:
 )
 def test_segments_are_shown_on_the_window_of_their_tissue(body_part, segment, expected) -> None:
     assert pv.overlay_window("CT", np.zeros((2, 2, 2)), body_part, segment) == expected
+
+
+def test_resampling_averages_when_shrinking_and_interpolates_when_growing() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(90, 120)).astype(np.float32)
+    small = pv._resize(a, (30, 40))  # each output pixel: the mean of a 3 x 3 block
+    assert np.allclose(small, a.reshape(30, 3, 40, 3).mean(axis=(1, 3)), atol=1e-4)
+    ramp = np.arange(4, dtype=np.float32)[None, :].repeat(2, axis=0)
+    assert pv._resize(ramp, (2, 8))[0].tolist() == [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3]
+    labels = np.array([[0, 1], [2, 3]], np.uint8)
+    assert pv._resize(labels, (4, 4), order=0).tolist() == [[0, 0, 1, 1]] * 2 + [[2, 2, 3, 3]] * 2
+
+
+def test_clustering_keeps_the_surface_and_drops_sub_pixel_triangles() -> None:
+    from skimage.measure import marching_cubes
+
+    z, y, x = np.mgrid[-40:41, -40:41, -40:41]
+    verts, faces, _, _ = marching_cubes((x**2 + y**2 + z**2 < 30**2).astype(np.float32), 0.5)
+    v, f = pv.cluster(verts.astype(float), faces.astype(np.int64), 3.0)
+    assert len(f) < len(faces) / 4
+    r = np.linalg.norm(v - 40, axis=1)
+    assert np.abs(r - 30).max() < 3.0  # merged vertices stay on the sphere, within a cell
+    assert (f[:, 0] != f[:, 1]).all() and (f[:, 1] != f[:, 2]).all() and (f[:, 0] != f[:, 2]).all()
+    assert len(np.unique(np.sort(f, axis=1), axis=0)) == len(f)
