@@ -7,6 +7,8 @@ threshold (see :mod:`pipelines.steps._masks`). Output labelmaps are uint8 on the
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field
@@ -118,6 +120,28 @@ class BoneParams(BaseModel, frozen=True, extra="forbid"):
     )
 
 
+#: Block max and coarse body of a volume, per grid and parameters: the body, lungs and bone
+#: steps of one series compute them once (read-only arrays, dropped with the volume).
+_SHARED: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def shared_body(
+    volume: Volume, a: np.ndarray, grid: Grid, p: BodyParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(block max, coarse body)`` of ``volume`` on ``grid`` (see :func:`body_coarse`)."""
+    memo = _SHARED.get(id(volume))
+    if memo is None:
+        memo = _SHARED[id(volume)] = {}
+        weakref.finalize(volume, _SHARED.pop, id(volume), None)  # before the id can be reused
+    key = f"{grid.shape}{grid.factors}{p.model_dump_json()}"
+    if key not in memo:
+        top = grid.block_max(a)
+        body = body_coarse(top, grid, volume.image, p)
+        top.flags.writeable = body.flags.writeable = False
+        memo[key] = (top, body)
+    return memo[key]
+
+
 def body_coarse(top: np.ndarray, grid: Grid, image: sitk.Image, p: BodyParams) -> np.ndarray:
     """The patient on the coarse grid (bool) from the block max ``top``; holes filled per slice.
 
@@ -149,7 +173,7 @@ def segment_body(volume: Volume, params: BodyParams) -> Labelmap:
     """Patient outline without table, cushions and clothing (threshold + opening + fill)."""
     a = require_ct(volume, "segment.body")
     grid = Grid.for_image(volume.image, params.coarse_mm)
-    coarse = body_coarse(grid.block_max(a), grid, volume.image, params)
+    _, coarse = shared_body(volume, a, grid, params)
     thr = params.threshold_hu
     labels = refine(grid, coarse.astype(np.uint8), a, lambda sub: sub > thr)
     return Labelmap("Body", to_labelmap_image(labels, volume.image), (BODY,))
@@ -240,7 +264,7 @@ def segment_lungs(volume: Volume, params: LungParams) -> Labelmap:
     a = require_ct(volume, "segment.lungs")
     image = volume.image
     grid = Grid.for_image(image, params.coarse_mm)
-    body = body_coarse(grid.block_max(a), grid, image, BodyParams(coarse_mm=params.coarse_mm))
+    _, body = shared_body(volume, a, grid, BodyParams(coarse_mm=params.coarse_mm))
     air = (grid.subsample(a) < params.threshold_hu) & body
     # Keep the slice-wise enclosed air only: air touching the body outline is outside air.
     air &= erode(body, (0, 1, 1))
@@ -291,8 +315,8 @@ def segment_bone(volume: Volume, params: BoneParams) -> Labelmap:
     a = require_ct(volume, "segment.bone")
     image = volume.image
     grid = Grid.for_image(image, params.coarse_mm)
-    top = grid.block_max(a)  # keeps thin cortex and ribs that a subsample would miss
-    body = body_coarse(top, grid, image, BodyParams(coarse_mm=params.coarse_mm))
+    # block max: keeps thin cortex and ribs that a subsample would miss
+    top, body = shared_body(volume, a, grid, BodyParams(coarse_mm=params.coarse_mm))
     bright = (top >= params.lower_hu) & dilate(body, (1, 1, 1))
     labels, sizes = components(bright)
     min_vox = params.min_component_ml / grid.voxel_ml(image)
