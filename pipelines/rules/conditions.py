@@ -119,31 +119,9 @@ class Condition:
     def test(self, attrs: Mapping[str, Any]) -> bool:
         """True when every operator holds; False for a missing or odd value. Never raises."""
         v = attrs.get(self.key, _MISSING)
-        fast = self.fast
-        if fast is not None:
-            if v is _MISSING or v is None or v == "" or v == []:
-                return False
-            try:
-                return fast(v)
-            except Exception:  # an odd value never crashes routing
-                return False
-        for op, x in self.ops:
-            if op == "exists":
-                if (v is _MISSING or _is_empty(v)) == bool(x):
-                    return False
-                continue
-            if v is _MISSING or _is_empty(v):
-                return False
-            try:
-                if op == "regex":
-                    s = "\\".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
-                    if not x.search(s):
-                        return False
-                elif not _OPS[op](v, x):
-                    return False
-            except Exception:  # an odd value never crashes routing
-                return False
-        return True
+        if self.fast is not None:
+            return _fast_holds(self.fast, v)
+        return all(_holds(op, x, v) for op, x in self.ops)
 
     def why_not(self, attrs: Mapping[str, Any]) -> str | None:
         """None when the condition holds, else a one-line reason naming the attribute."""
@@ -165,6 +143,52 @@ class Condition:
         return f"{self.key} " + " and ".join(f"{op} {_show(x)}" for op, x in self.ops)
 
 
+#: What an odd attribute value can raise in an operator: a number beyond float (``float(10**400)``
+#: in :func:`_num`: OverflowError), a value whose ``==`` is not a bool or an int too long for
+#: ``str`` (ValueError), one-item lists nested past the recursion limit (:func:`_num`). TypeError,
+#: AttributeError, LookupError and re.error (patterns are compiled at load) guard value types no
+#: archive gives today.
+_ODD_VALUE_ERRORS = (
+    TypeError,
+    ValueError,
+    AttributeError,
+    ArithmeticError,
+    LookupError,
+    RecursionError,
+    re.error,
+)
+
+
+def _fast_holds(fast: Callable[[Any], bool], v: Any) -> bool:
+    """The specialised predicate on a present value; False for a missing or odd one."""
+    if v is _MISSING or v is None or v == "" or v == []:
+        return False
+    try:
+        return fast(v)
+    except _ODD_VALUE_ERRORS:  # an odd value never crashes routing
+        return False
+
+
+def _holds(op: str, x: Any, v: Any) -> bool:
+    """One operator on ``v`` (``_MISSING`` when absent); False for a missing or odd value."""
+    absent = v is _MISSING or _is_empty(v)
+    if op == "exists":
+        return absent != bool(x)
+    if absent:
+        return False
+    try:
+        return _apply(op, x, v)
+    except _ODD_VALUE_ERRORS:  # an odd value never crashes routing
+        return False
+
+
+def _apply(op: str, x: Any, v: Any) -> bool:
+    if op == "regex":
+        s = "\\".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+        return bool(x.search(s))
+    return bool(_OPS[op](v, x))
+
+
 def _show(x: Any) -> str:
     return repr(x.pattern) if isinstance(x, re.Pattern) else repr(x)
 
@@ -178,30 +202,61 @@ def compile_condition(key: str, spec: Any, line: int = 0) -> Condition:
         spec = {"eq": spec}
     if not spec:
         raise ValueError(f"{key}: empty condition; use one of {', '.join(OPERATORS)}")
-    ops: list[tuple[str, Any]] = []
-    for op, x in spec.items():
-        if op not in OPERATORS:
-            raise ValueError(f"{key}: unknown operator {op!r}; known: {', '.join(OPERATORS)}")
-        if op in ("in", "contains_all"):
-            if not isinstance(x, list) or not x:
-                raise ValueError(f"{key}: {op} needs a non-empty list, got {x!r}")
-        elif op in ("lt", "lte", "gt", "gte"):
-            if isinstance(x, bool) or not isinstance(x, int | float):
-                raise ValueError(f"{key}: {op} needs a number, got {x!r}")
-        elif op == "exists":
-            if not isinstance(x, bool):
-                raise ValueError(f"{key}: exists needs true or false, got {x!r}")
-        elif op == "regex":
-            if not isinstance(x, str):
-                raise ValueError(f"{key}: regex needs a string, got {x!r}")
-            try:
-                x = re.compile(x)
-            except re.error as e:
-                raise ValueError(f"{key}: bad regex {x!r}: {e}") from None
-        elif isinstance(x, dict | list) and op != "eq":
-            raise ValueError(f"{key}: {op} needs a scalar, got {x!r}")
-        ops.append((op, x))
-    return Condition(key, tuple(ops), line, _fast(tuple(ops)))
+    ops = tuple((op, _operand(key, op, x)) for op, x in spec.items())
+    return Condition(key, ops, line, _fast(ops))
+
+
+def _operand(key: str, op: str, x: Any) -> Any:
+    """The operand of ``op`` checked (a regex compiled); ValueError naming what ``op`` needs."""
+    if op not in OPERATORS:
+        raise ValueError(f"{key}: unknown operator {op!r}; known: {', '.join(OPERATORS)}")
+    return _OPERAND_CHECKS.get(op, _scalar_operand)(key, op, x)
+
+
+def _list_operand(key: str, op: str, x: Any) -> Any:
+    if not isinstance(x, list) or not x:
+        raise ValueError(f"{key}: {op} needs a non-empty list, got {x!r}")
+    return x
+
+
+def _number_operand(key: str, op: str, x: Any) -> Any:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise ValueError(f"{key}: {op} needs a number, got {x!r}")
+    return x
+
+
+def _bool_operand(key: str, op: str, x: Any) -> Any:
+    if not isinstance(x, bool):
+        raise ValueError(f"{key}: exists needs true or false, got {x!r}")
+    return x
+
+
+def _regex_operand(key: str, op: str, x: Any) -> Any:
+    if not isinstance(x, str):
+        raise ValueError(f"{key}: regex needs a string, got {x!r}")
+    try:
+        return re.compile(x)
+    except re.error as e:
+        raise ValueError(f"{key}: bad regex {x!r}: {e}") from None
+
+
+def _scalar_operand(key: str, op: str, x: Any) -> Any:
+    """``eq`` takes any YAML value (a list is compared whole); ``contains`` a scalar."""
+    if isinstance(x, dict | list) and op != "eq":
+        raise ValueError(f"{key}: {op} needs a scalar, got {x!r}")
+    return x
+
+
+_OPERAND_CHECKS: dict[str, Callable[[str, str, Any], Any]] = {
+    "in": _list_operand,
+    "contains_all": _list_operand,
+    "lt": _number_operand,
+    "lte": _number_operand,
+    "gt": _number_operand,
+    "gte": _number_operand,
+    "exists": _bool_operand,
+    "regex": _regex_operand,
+}
 
 
 def _fast_one(op: str, x: Any) -> Callable[[Any], bool] | None:

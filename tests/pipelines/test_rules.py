@@ -109,6 +109,44 @@ def test_missing_or_odd_attributes_never_crash_and_are_explained():
     assert v["z"].startswith("match: BodyPartExamined: missing")
 
 
+#: Values an archive or a bad header may hand a condition, including the awkward ones for each
+#: operator: numbers beyond float, NaN, text for numeric operators, bytes, nested and mixed lists.
+ODD_VALUES = [
+    None, [], [None], "", " ", "n/a", "1e999", "nan", b"\x00\xff", b"CT", float("nan"),
+    float("inf"), 10**400, -(10**400), [10**400, "CT"], [[1.0]], [b"x", None], ["ORIGINAL", 3, None],
+    {"Alphabetic": "DOE^J"}, True, "A\\B", ("CT",),
+]  # fmt: skip
+#: Every operator, on its fast path (one specialised predicate) and its generic path (mixed ops).
+ODD_SPECS = [
+    "CT", 1.5, {"eq": ["A", "B"]}, {"in": ["CT", "MR"]}, {"in": [1, 2.5, 10**400]}, {"lt": 1.5},
+    {"lte": 10**400}, {"gt": -1}, {"gte": 0.0}, {"regex": "(?i)ct"}, {"contains": "A"},
+    {"contains": 3}, {"contains_all": ["A", "B"]}, {"contains_all": [3, 10**400]},
+    {"exists": True}, {"exists": False}, {"lt": 3, "contains": "A"}, {"regex": "A", "in": ["CT"]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", ODD_SPECS, ids=repr)
+def test_odd_values_never_crash_a_condition(spec):
+    from pipelines.rules import compile_condition
+
+    c = compile_condition("SliceThickness", spec)
+    for v in ODD_VALUES:
+        got = c.test({"SliceThickness": v})
+        assert got is True or got is False, (v, got)
+    assert c.test({}) is (spec == {"exists": False})
+
+
+def test_odd_values_fail_numeric_conditions():
+    from pipelines.rules import compile_condition
+
+    lte = compile_condition("SliceThickness", {"lte": 1.5})
+    for v in (float("nan"), "n/a", "1e999", b"1.0", [1.0, 2.0], None, [], {"v": 1.0}):
+        assert lte.test({"SliceThickness": v}) is False, v
+    assert lte.test({"SliceThickness": "1.0"}) and lte.test({"SliceThickness": [1.0]})
+    mixed = compile_condition("SliceThickness", {"lt": 3, "contains": "2"})  # generic path
+    assert mixed.test({"SliceThickness": "2"}) and not mixed.test({"SliceThickness": 10**400})
+
+
 def test_context_keys_match_calling_ae_source_institution():
     rs = load_rules(GOOD)
     mr = [_series("m", Modality="MR")]
