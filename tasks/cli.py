@@ -9,24 +9,36 @@ from __future__ import annotations
 
 import typer
 
-from workers.core.config import settings
 from workers.interfaces.cli import app
 
 
-def _wire() -> None:
-    """Install the dispatcher every command submits jobs through (this is the composition root)."""
-    from workers.interfaces import cli_ingest
-    from workers.platform.dispatcher import set_dispatcher
+def _celery_dispatcher():
+    from tasks.dispatch import CeleryDispatcher
+
+    return CeleryDispatcher()
+
+
+def _default_dispatcher():
+    from workers.core.config import settings
 
     if settings().broker_url:
-        from tasks.dispatch import CeleryDispatcher
+        return _celery_dispatcher()
+    from workers.platform.inprocess import InProcessDispatcher
 
-        set_dispatcher(CeleryDispatcher())
-        cli_ingest.BROKER_DISPATCHER = CeleryDispatcher
-    else:
-        from workers.platform.inprocess import InProcessDispatcher
+    return InProcessDispatcher()
 
-        set_dispatcher(InProcessDispatcher())
+
+def _wire() -> None:
+    """Install the dispatcher every command submits jobs through (this is the composition root).
+
+    Made on the first submission, not here: ``sprim --help`` and ``sprim run`` never import
+    Celery, the job store or the settings (start-up time, issue 13).
+    """
+    from workers.interfaces import cli_ingest
+    from workers.platform.dispatcher import set_dispatcher_factory
+
+    set_dispatcher_factory(_default_dispatcher)
+    cli_ingest.BROKER_DISPATCHER = _celery_dispatcher  # used only when SPRIM_BROKER_URL is set
 
 
 @app.command(

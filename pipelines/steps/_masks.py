@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from pipelines.types import StepError, Volume
 
@@ -121,6 +120,8 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     Per-slice filling does not have the 3D trap (lungs touching the first or last
     slice leak to the volume border in 3D and are silently left unfilled).
     """
+    from scipy import ndimage
+
     labels, n = ndimage.label(~mask, structure=_IN_PLANE)
     if n == 0:
         return mask.copy()
@@ -134,6 +135,8 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 
 def components(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """3D face-connected components: (labels, sizes) with sizes[0] = 0 for the background."""
+    from scipy import ndimage
+
     labels, n = ndimage.label(mask)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     sizes[0] = 0
@@ -144,6 +147,8 @@ def components(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, np.nd
 
 def erode(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
     """Binary erosion by a box of half-widths (z, y, x): separable, fast on coarse grids."""
+    from scipy import ndimage
+
     size = tuple(2 * r + 1 for r in radius)
     eroded: np.ndarray = ndimage.minimum_filter(mask.view(np.uint8), size=size, mode="nearest")
     return eroded.view(bool)
@@ -151,6 +156,8 @@ def erode(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
 
 def dilate(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
     """Binary dilation by a box of half-widths (z, y, x)."""
+    from scipy import ndimage
+
     size = tuple(2 * r + 1 for r in radius)
     dilated: np.ndarray = ndimage.maximum_filter(mask.view(np.uint8), size=size, mode="constant")
     return dilated.view(bool)
@@ -170,6 +177,8 @@ def refine(
     threshold instead of the coarse blocks. Only the labels' bounding box is computed (lungs
     fill a fraction of a chest CT); the rest stays zero pages. Labels must be < 16.
     """
+    from scipy import ndimage
+
     lo = ndimage.minimum_filter(coarse_labels, size=3, mode="nearest")
     hi = ndimage.maximum_filter(coarse_labels, size=3, mode="nearest")
     out = np.zeros(grid.shape, np.uint8)

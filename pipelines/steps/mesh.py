@@ -7,19 +7,14 @@ windowed-sinc smoothing and quadric decimation to a triangle budget. VTK is comp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field
 
-# The three filters' modules only: ``import vtk`` loads every VTK module (+210 MB RSS vs +93 MB).
-from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
-from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPolyData
-from vtkmodules.vtkFiltersCore import (
-    vtkFlyingEdges3D,
-    vtkQuadricDecimation,
-    vtkWindowedSincPolyDataFilter,
-)
+if TYPE_CHECKING:
+    from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from pipelines.registry import registered, step
 from pipelines.steps import segment as _segment  # noqa: F401  (registers SEGMENT_STEPS' steps)
@@ -124,6 +119,12 @@ def _contour(
     crop: np.ndarray, f: tuple[int, ...], spacing_zyx: np.ndarray
 ) -> tuple[vtkPolyData, np.ndarray]:
     """Flying-edges surface of ``crop`` averaged over blocks ``f``, in block-grid mm (x, y, z)."""
+    # VTK is imported where a surface is built: every process that lists steps would pay ~0.5 s.
+    # The three filters' modules only: ``import vtk`` loads every module (+210 MB RSS vs +93 MB).
+    from vtkmodules.util.numpy_support import numpy_to_vtk
+    from vtkmodules.vtkCommonDataModel import vtkImageData
+    from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D
+
     counts = _block_sum(crop, f) if f != (1, 1, 1) else crop  # type: ignore[arg-type]
     # Pad one block of background so surfaces touching the volume border are closed.
     counts = np.ascontiguousarray(np.pad(counts, 1))
@@ -146,6 +147,9 @@ def surface(
     mask: np.ndarray, image: sitk.Image, params: MeshParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """Triangle surface of a (z, y, x) uint8 mask on ``image``'s grid: (vertices LPS mm, faces)."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkFiltersCore import vtkQuadricDecimation, vtkWindowedSincPolyDataFilter
+
     nz = np.flatnonzero(mask.any(axis=(1, 2)))
     ny = np.flatnonzero(mask.any(axis=(0, 2)))
     nx = np.flatnonzero(mask.any(axis=(0, 1)))

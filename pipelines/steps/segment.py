@@ -12,7 +12,6 @@ import weakref
 import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, Field
-from scipy import ndimage
 
 from pipelines.registry import step
 from pipelines.steps._masks import (
@@ -193,6 +192,8 @@ def _trace_airway(
     region; it is followed down while its cross-sections stay small, which stops each branch
     where it merges with lung parenchyma in the axial plane. Empty when no trachea is in view.
     """
+    from scipy import ndimage
+
     sx, sy, _ = image.GetSpacing()
     _, fy, fx = grid.factors
     px_mm2 = sx * fx * sy * fy
@@ -229,6 +230,8 @@ def _split_left_right(lung: np.ndarray, image: sitk.Image) -> np.ndarray | None:
     Erodes until the two largest parts are of comparable size (the anterior and posterior
     junction lines give way first), then grows them back inside the mask.
     """
+    from scipy import ndimage
+
     core, n_eroded = lung, 0
     while True:
         labels, sizes = components(core)
@@ -312,6 +315,8 @@ def segment_bone(volume: Volume, params: BoneParams) -> Labelmap:
     does not). Undiluted contrast at the injection site (superior vena cava, subclavian vein)
     can be as dense as cortex and is then kept.
     """
+    from scipy import ndimage
+
     a = require_ct(volume, "segment.bone")
     image = volume.image
     grid = Grid.for_image(image, params.coarse_mm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -15,21 +16,21 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from pipelines import all_steps
-from pipelines.registry import param_range
-
 
 class _Sprim(TyperGroup):
     """Every command: a job store that cannot answer is one line and exit 3, not a traceback."""
 
     def invoke(self, ctx):
-        from workers.platform.jobstore import UNREACHABLE, unreachable
-
         try:
             return super().invoke(ctx)
-        except UNREACHABLE as e:
+        except Exception as e:
+            # Only a command that opened the job store can fail on it: `sprim run` and
+            # `sprim --help` never import it (SQLAlchemy, ~0.3 s of start-up, issue 13).
+            jobstore = sys.modules.get("workers.platform.jobstore")
+            if jobstore is None or not isinstance(e, jobstore.UNREACHABLE):
+                raise
             Console(stderr=True).print(
-                f"[red]error:[/] {unreachable(e)}", highlight=False, soft_wrap=True
+                f"[red]error:[/] {jobstore.unreachable(e)}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(3) from None
 
@@ -77,6 +78,9 @@ def type_text(annotation: object) -> str:
 @app.command("steps")
 def steps_cmd() -> None:
     """List the registered steps with their params, defaults, ranges and units."""
+    from pipelines import all_steps
+    from pipelines.registry import param_range
+
     # Text, not markup: docstrings and descriptions hold brackets ("[lower_hu, upper_hu]").
     for s in all_steps():
         title = Text(f"{s.name} {s.version} — {s.summary}")

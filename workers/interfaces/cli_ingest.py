@@ -6,11 +6,12 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from workers.core.metrics import serve_metrics
-from workers.platform.dispatcher import Dispatcher
+if TYPE_CHECKING:  # imported where used: `sprim --help` stays fast (issue 13)
+    from workers.platform.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def watch_cmd(
     from workers.archives import ArchiveError, open_archive
     from workers.archives.access import http_session
     from workers.core.config import settings
+    from workers.core.metrics import serve_metrics
     from workers.ingest.watch import Watcher, WatchError, state_path
     from workers.platform.jobstore import open_store
     from workers.platform.submission import notify_study
@@ -168,6 +170,7 @@ def listen_cmd(
     """C-STORE SCP: store instances durably, route each study after its quiet period."""
     from workers.archives.folder import FolderArchive
     from workers.core.config import settings
+    from workers.core.metrics import serve_metrics
     from workers.ingest.listener import Listener, ListenerStore, StudyArrival, routable_series
     from workers.platform.jobstore import open_store
     from workers.platform.submission import submit_study

@@ -9,9 +9,11 @@ workers. ``workers`` never imports Celery.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from workers.platform.jobstore import Job
+if TYPE_CHECKING:
+    from workers.platform.jobstore import Job
 
 log = logging.getLogger("sprim.jobs")
 
@@ -30,6 +32,7 @@ class Dispatcher(Protocol):
 
 
 _installed: Dispatcher | None = None
+_factory: Callable[[], Dispatcher] | None = None
 
 
 def set_dispatcher(d: Dispatcher) -> None:
@@ -38,12 +41,21 @@ def set_dispatcher(d: Dispatcher) -> None:
     _installed = d
 
 
+def set_dispatcher_factory(make: Callable[[], Dispatcher]) -> None:
+    """Install a dispatcher made on first use: commands that submit nothing never import
+    what it needs (the Celery dispatcher imports Celery)."""
+    global _factory
+    _factory = make
+
+
 def installed() -> Dispatcher | None:
     """The installed dispatcher, or None before the composition root installed one."""
     return _installed
 
 
 def dispatcher() -> Dispatcher:
+    if _installed is None and _factory is not None:
+        set_dispatcher(_factory())
     if _installed is None:
         raise RuntimeError(
             "no job dispatcher installed: the program's entry point must call set_dispatcher()"

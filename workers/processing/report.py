@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
-
 if TYPE_CHECKING:
+    import jinja2
+
     from workers.processing.offline import RunSummary
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".web
 
 
 def _environment() -> jinja2.Environment:
+    import jinja2  # when the report is written, not at start-up (issue 13)
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
         autoescape=True,

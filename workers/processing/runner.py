@@ -23,7 +23,6 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines import Output, Step, StepError
-from workers.core import metrics
 from workers.core.config import settings
 from workers.processing.previews import PreviewFile, write_previews
 from workers.reading.source import SeriesError, SourceSeries
@@ -93,6 +92,8 @@ OutputDone = Callable[[str, str, list[WrittenObject]], None]
 def _reason(e: Exception, what: str) -> str:
     """An input defect in its own words; anything else as an internal error (traceback logged)."""
     if isinstance(e, SeriesError | StepError):
+        from workers.core import metrics  # prometheus-client: not on `sprim run`'s start-up
+
         metrics.refused(e)
         return str(e)
     log.exception("internal error in %s", what)
