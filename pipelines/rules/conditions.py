@@ -36,6 +36,13 @@ def _num(v: Any) -> float | None:
     return None
 
 
+def _is_number(v: Any) -> bool:
+    try:
+        return _num(v) is not None
+    except OverflowError:  # an integer beyond float is still a number
+        return True
+
+
 def _items(v: Any) -> list[Any]:
     """A value as a list of items: lists as is, backslash-separated strings split (ImageType)."""
     if isinstance(v, list | tuple):
@@ -134,7 +141,7 @@ class Condition:
             if v is _MISSING or _is_empty(v):
                 return f"{self.key}: missing (want {op} {_show(x)})"
             if not Condition(self.key, ((op, x),)).test(attrs):
-                if op in ("lt", "lte", "gt", "gte") and _num(v) is None:
+                if op in ("lt", "lte", "gt", "gte") and not _is_number(v):
                     return f"{self.key}: {v!r} is not a number (want {op} {_show(x)})"
                 return f"{self.key}: {v!r} {_WORDS[op]} {_show(x)}"
         return f"{self.key}: {v!r} does not match"

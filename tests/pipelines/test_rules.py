@@ -133,6 +133,8 @@ def test_odd_values_never_crash_a_condition(spec):
     for v in ODD_VALUES:
         got = c.test({"SliceThickness": v})
         assert got is True or got is False, (v, got)
+        why = c.why_not({"SliceThickness": v})
+        assert (why is None) is got and (got or why.startswith("SliceThickness: ")), (v, why)
     assert c.test({}) is (spec == {"exists": False})
 
 
@@ -145,6 +147,12 @@ def test_odd_values_fail_numeric_conditions():
     assert lte.test({"SliceThickness": "1.0"}) and lte.test({"SliceThickness": [1.0]})
     mixed = compile_condition("SliceThickness", {"lt": 3, "contains": "2"})  # generic path
     assert mixed.test({"SliceThickness": "2"}) and not mixed.test({"SliceThickness": 10**400})
+    why = lte.why_not({"SliceThickness": 10**400})
+    assert why == f"SliceThickness: {10**400!r} not <= 1.5"
+    assert (
+        lte.why_not({"SliceThickness": "n/a"})
+        == "SliceThickness: 'n/a' is not a number (want lte 1.5)"
+    )
 
 
 def test_context_keys_match_calling_ae_source_institution():
