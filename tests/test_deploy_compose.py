@@ -4,11 +4,16 @@ Prometheus and Grafana are wired to what the compose file runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
+import zipfile
 
+import requests
 import yaml
 
 from tests.deploy_kit import DOCKER, ROOT, SPRIM_SERVICES, compose_config, env_example, mounts
+from tests.harness.orthanc import free_port
 
 
 def test_compose_config_validates(tmp_path):
@@ -100,3 +105,56 @@ def test_image_sources_are_in_the_build_context():
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), src
                 assert f"!{src.rstrip('/')}/" in ignore or f"!{src}" in ignore, src
+
+
+def test_the_installed_package_is_complete_and_serves(tmp_path):
+    """What the image installs (`pip install .`, not the checkout): every file of the packages
+    is in the wheel, and `sprim serve` from it answers /health, /metrics and the console."""
+    r = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "pip"), "wheel", "-q", "--no-deps", "-w",
+         str(tmp_path / "wheel"), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    [wheel] = (tmp_path / "wheel").glob("sprim-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tracked = subprocess.run(["git", "ls-files", "pipelines", "workers", "tasks"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert [f for f in tracked if f not in names] == []
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a wheel is unpacked as it is installed
+    port, token = free_port(), "deploy-test-admin"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPRIM_")}
+    env.update(PYTHONPATH=str(site), SPRIM_HOME=str(tmp_path / "home"),
+               SPRIM_API_TOKENS=json.dumps({token: "*"}))  # fmt: skip
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    serve = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", "from tasks.cli import main; main()",
+         "serve", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(url + "/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "sprim serve did not answer"
+            time.sleep(0.2)
+        m = requests.get(url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert m.status_code == 200 and "sprim_job_store_up 1.0" in m.text
+        assert requests.get(url + "/console/login", timeout=10).status_code == 200
+        assert requests.get(url + "/console/static/console.css", timeout=10).status_code == 200
+        # imported from the installed copy, not from this checkout
+        out = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "python"), "-c", "import workers; print(workers.__file__)"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert out.startswith(str(site))
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
