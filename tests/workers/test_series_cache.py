@@ -245,3 +245,33 @@ def test_archive_down_mid_job_requeues_then_completes(env, orthanc, ct_files, tm
     assert [o["series_description"].split(" [")[0] for o in done.outputs] == ["UP", "DOWN"]
     stored = _in_orthanc(orthanc, study, done.outputs)
     assert stored == {o["series_uid"]: set(o["instances"]) for o in done.outputs}
+
+
+TWO_RULES = """
+rules:
+  - name: first
+    match: {Modality: {in: [CT]}}
+    run: [{use: test.touch, with: {label: ONE}}]
+  - name: second
+    match: {Modality: {in: [CT]}}
+    run: [{use: test.touch, with: {label: TWO}}]
+"""
+
+
+def test_sprim_run_reads_a_series_once_for_all_its_rules(ct_files, tmp_path, monkeypatch):
+    """Offline too: two rules on one series, one read (counted at the reader, which still
+    reads), each rule its own outputs."""
+    import tests.platform_kit  # noqa: F401  (registers test.touch)
+    from workers.processing import offline
+
+    _, files = copy_as_new_study(ct_files[:N_SLICES], tmp_path / "in", "offline-once")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_RULES)
+    reads = []
+    real = offline.read_series
+    monkeypatch.setattr(offline, "read_series", lambda s: reads.append(s) or real(s))
+    summary = offline.run([tmp_path / "in"], tmp_path / "out", plan_fn=offline.plan_rules(rules))
+    assert [(j.rule, j.state) for j in summary.jobs] == [("first", "done"), ("second", "done")]
+    assert len(reads) == 1
+    series = {o["series_uid"] for j in summary.jobs for s in j.steps for o in s["outputs"]}
+    assert len(series) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from workers.processing.report import REPORT_FILE, write_report
 from workers.processing.runner import StepCall, run_steps
 from workers.reading.inputs import Skipped
 from workers.reading.series import SeriesFiles, diagnose, read_series, scan
-from workers.reading.source import SeriesError
+from workers.reading.source import SeriesError, SourceSeries
 
 log = logging.getLogger(__name__)
 #: Warnings and tracebacks of a run, in its output folder.
@@ -140,8 +141,9 @@ def run(
                 f" ({len(skipped)} file(s) skipped, see 'skipped')" if skipped else " (it is empty)"
             )
         jobs, summary.unmatched = plan_fn(found)
+        reads = _Reads(jobs)
         for job in jobs:
-            summary.jobs.append(_run_one(job, out_dir, progress))
+            summary.jobs.append(_run_one(job, out_dir, progress, reads))
     except Exception as e:  # noqa: BLE001  the summary must say what happened, not a traceback
         log.exception("sprim run failed")
         summary.error = f"internal error ({type(e).__name__}); details in {out_dir / LOG_FILE}"
@@ -170,7 +172,33 @@ def _unlog(handler: logging.Handler) -> None:
     handler.close()
 
 
-def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
+class _Reads:
+    """Each series read once for all the rules that picked it, freed after its last job."""
+
+    def __init__(self, jobs: Sequence[PlannedJob]) -> None:
+        self.left = Counter(id(j.series) for j in jobs)
+        self.kept: dict[int, SourceSeries | SeriesError] = {}
+
+    def read(self, job: PlannedJob) -> SourceSeries:
+        key = id(job.series)
+        if key not in self.kept:
+            try:
+                self.kept[key] = read_series(job.series)
+            except SeriesError as e:  # the same defect for every rule that picked it
+                self.kept[key] = e
+        got = self.kept[key]
+        if isinstance(got, SeriesError):
+            raise got
+        return got
+
+    def done(self, job: PlannedJob) -> None:
+        key = id(job.series)
+        self.left[key] -= 1
+        if self.left[key] <= 0:
+            self.kept.pop(key, None)
+
+
+def _run_one(job: PlannedJob, out_dir: Path, progress, reads: _Reads | None = None) -> JobResult:
     a = job.series.attributes
     res = JobResult(
         job.rule,
@@ -184,7 +212,7 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
     try:
         if progress:
             progress(f"reading {res.series_description}")
-        source = read_series(job.series)
+        source = reads.read(job) if reads else read_series(job.series)
         res.notes = list(source.notes)
         report = run_steps(
             source, job.calls, job.rule, out_dir, progress=progress, rule_index=job.rule_index
@@ -223,6 +251,9 @@ def _run_one(job: PlannedJob, out_dir: Path, progress) -> JobResult:
             f"internal error while processing this series ({type(e).__name__}); "
             f"details in {out_dir / LOG_FILE}"
         )
+    finally:
+        if reads:
+            reads.done(job)
     res.seconds = round(time.perf_counter() - t0, 3)
     return res
 
