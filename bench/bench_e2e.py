@@ -6,11 +6,15 @@
 2. **Stages** (no services; skipped when ``bench_3d.py`` exists): segmentations, bone mesh and
    rotating MIP on the 400-slice CT, each step and its DICOM write timed apart.
 3. **Platform**: a private Orthanc (DICOMweb, StableAge 2 s), a private RabbitMQ vhost,
-   ``celery -A tasks worker -c 2`` (two worker processes) and ``sprim watch`` (built-in rules).
+   ``celery -A tasks worker -c 2`` (two worker processes) and ``sprim watch`` (built-in rules,
+   their quiet period set to the StableAge: routed at ``StableStudy``).
    Latency: after a small warm-up study, a 400-slice CT is sent with ``storescu``; the clock
    starts when Orthanc publishes ``StableStudy`` and stops when every job of the study is
-   ``done`` (outputs confirmed stored in Orthanc). Throughput: a stream of studies is loaded
-   while the watcher is stopped; the watcher starts and studies/hour is measured from its start
+   ``done`` (outputs confirmed stored in Orthanc). The floor, in the same run: the outputs of
+   the last latency study sent again by dcmtk ``storescu`` (``TCP_NODELAY=1``) into a fresh
+   Orthanc configured the same; the latency is also given as a ratio to it. Throughput
+   (``--skip throughput`` leaves it out): a stream of studies is loaded while the watcher is
+   stopped; the watcher starts and studies/hour is measured from its start
    to the last job done. WADO-RS fetch vs ``curl`` of the same URL and Orthanc's zip archive
    (skipped when ``bench_archive.py`` measures it).
 
@@ -22,10 +26,14 @@ Run: ``.venv/bin/python -m bench.bench_e2e [--quick] [--runs 3] [--skip cost sta
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +290,11 @@ def platform_bench(
     warm = synthetic_series(24, seed=9)  # data first: generation is not part of the platform
     latency_folders = [synthetic_series(latency_slices, seed=10 + k) for k in range(latency_runs)]
     folders = [synthetic_series(stream_slices, seed=1000 + i) for i in range(studies)]
-    with tempfile.TemporaryDirectory(prefix="sprim-bench-e2e-") as tmp, Platform(Path(tmp)) as p:
+    with (
+        tempfile.TemporaryDirectory(prefix="sprim-bench-e2e-") as tmp,
+        _rules(Path(tmp), out["stable_age_s"]),
+        Platform(Path(tmp), stable_age=out["stable_age_s"]) as p,
+    ):
         storescu(p.orthanc, [warm])  # warm-up: imports, rules, connections (unmeasured)
         p.wait_done({study_uid_of(warm)}, timeout=600)
         for k, folder in enumerate(latency_folders):
@@ -300,12 +312,61 @@ def platform_bench(
             )  # fmt: skip
             if k == 0 and fetch_runs:
                 out["fetch"] = _fetch_vs_archive(p, folder, uid, fetch_runs)
+        if latency_folders:  # the floor: Orthanc ingesting the same outputs from storescu
+            out["ingest_floor"] = _ingest_floor(p, Path(tmp), jobs, latency_runs)
         try:
-            out["throughput"] = _stream(p, folders, stream_slices)
+            if folders:
+                out["throughput"] = _stream(p, folders, stream_slices)
         except Exception as e:  # noqa: BLE001  (keep the latency figures)
             out["throughput_error"] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
         out["worker_peak_rss_mb"] = {str(k): round(v, 1) for k, v in p.peak_rss.items()}
     return out
+
+
+@contextlib.contextmanager
+def _rules(tmp: Path, stable_age: int) -> Iterator[None]:
+    """The built-in rules with their quiet period equal to Orthanc's StableAge: routing at
+    ``StableStudy`` (what the clock starts at), whatever quiet period the defaults carry."""
+    from workers.processing.routing import DEFAULT_RULES
+
+    text = DEFAULT_RULES.read_text()
+    rules = tmp / "rules.yaml"
+    rules.write_text(re.sub(r"quiet_period: *\w+", f"quiet_period: {stable_age}s", text))
+    old = os.environ.get("SPRIM_RULES_FILE")
+    os.environ["SPRIM_RULES_FILE"] = str(rules)  # the platform's processes inherit it
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SPRIM_RULES_FILE", None)
+        else:
+            os.environ["SPRIM_RULES_FILE"] = old
+
+
+def _ingest_floor(p: Platform, root: Path, jobs: list, runs: int) -> dict[str, Any]:
+    """Orthanc's own ingest of one study's outputs: the same objects (downloaded back by WADO-RS,
+    byte for byte) sent by dcmtk ``storescu`` (one association, ``TCP_NODELAY=1``) into a fresh
+    Orthanc configured like the platform's, ``runs`` times (a fresh Orthanc each)."""
+    from tests.harness.orthanc import OrthancServer
+    from workers.archives.dicomweb import DicomWebArchive
+
+    folder = root / "outputs"
+    archive = DicomWebArchive(p.orthanc.dicomweb_url)
+    for j in jobs:
+        for o in j.outputs or []:
+            archive.fetch_series(j.study_uid, o["series_uid"], folder / o["series_uid"])
+    files = sorted(folder.rglob("*.dcm"))
+    times = []
+    for k in range(max(1, runs)):
+        with OrthancServer(root / f"floor-{k}", stable_age=p.orthanc.config["StableAge"]) as floor:
+            args = ["storescu", "-aet", "BENCH", "-aec", floor.aet, "-R", "-nh", "+sd", "+r",
+                    "127.0.0.1", str(floor.dicom_port), str(folder)]  # fmt: skip
+            times.append(run_cmd(args, timeout=600).seconds)
+            n = floor.get("/statistics").json()["CountInstances"]
+            if n != len(files):
+                raise RuntimeError(f"floor Orthanc kept {n} of {len(files)} outputs")
+    return {"objects": len(files), "mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+            "seconds": statistics.median(times), "runs": times}  # fmt: skip
 
 
 def _stream(p: Platform, folders: list[Path], slices: int) -> dict[str, Any]:
@@ -373,8 +434,20 @@ def platform_rows(pl: dict[str, Any], cmd: str) -> list[dict]:
             f"{x0['outputs']} objects stored" + (f"; FAILED: {bad[0]['errors']}" if bad else "")
         )
         what = f"end to end, default CT rule, {x0['slices']}-slice CT: StableStudy → stored"
-        rows.append(row("e2e.latency_400", what, _med(vals), "s", target=10.0, detail=detail,
+        rows.append(row("e2e.latency_400", what, _med(vals), "s", target=8.0, detail=detail,
                         command=cmd))  # fmt: skip
+        fl = pl.get("ingest_floor")
+        if fl:
+            detail = (f"dcmtk storescu (TCP_NODELAY=1, one association) of the same {fl['objects']}"
+                      f" objects ({fl['mb']:.0f} MB) into a fresh Orthanc like the platform's: "
+                      f"runs {', '.join(f'{t:.2f}' for t in fl['runs'])} s")  # fmt: skip
+            rows.append(row("e2e.ingest_floor", "Orthanc's own ingest of one study's outputs "
+                            "(floor)", fl["seconds"], "s", detail=detail, command=cmd))  # fmt: skip
+            detail = (f"StableStudy → stored {_med(vals):.2f} s / Orthanc ingest of the outputs "
+                      f"{fl['seconds']:.2f} s")  # fmt: skip
+            rows.append(row("e2e.latency_vs_ingest", "StableStudy → stored / Orthanc's own ingest"
+                            " of those outputs", _med(vals) / fl["seconds"], "x", target=1.5,
+                            detail=detail, command=cmd))  # fmt: skip
         li = [x["last_instance_to_done_s"] for x in lat]
         what = f"last instance in Orthanc → all outputs stored (StableAge {pl['stable_age_s']} s)"
         detail = f"storescu of the study {x0['send_s']:.2f} s"
@@ -444,7 +517,7 @@ def main() -> None:
     ap.add_argument("--latency-slices", type=int, default=None)
     ap.add_argument("--cost-rule", default=COST_RULE, help='Rule timed vs slices ("*": all).')
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["cost", "stages", "platform", "fetch"])  # fmt: skip
+                    choices=["cost", "stages", "platform", "fetch", "throughput"])  # fmt: skip
     args = ap.parse_args()
     runs = args.runs or (1 if args.quick else 3)
     sizes = args.sizes or ([50, 100, 200] if args.quick else [100, 200, 400, 800])
@@ -457,7 +530,9 @@ def main() -> None:
         "platform": lambda: platform_bench(
             latency_slices=args.latency_slices or (100 if args.quick else 400),
             latency_runs=runs,
-            studies=args.studies or (4 if args.quick else STREAM_STUDIES),
+            studies=0
+            if "throughput" in args.skip
+            else args.studies or (4 if args.quick else STREAM_STUDIES),
             stream_slices=args.stream_slices or (50 if args.quick else 100),
             fetch_runs=0 if "fetch" in args.skip else runs,
         ),

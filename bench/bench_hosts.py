@@ -292,6 +292,18 @@ def _cpu_text(res: dict[str, Any]) -> str:
             f"{res['load_avg'][0]:.1f}")  # fmt: skip
 
 
+def _ceiling_text(one: dict[str, Any], two: dict[str, Any]) -> str:
+    """What the 2 cores allow: CPU per study (workers + Orthanc) against the cores left."""
+    c = one["cpu_s"]
+    ours = sum(v for k, v in c.items() if k.startswith("host")) + c["orthanc"] + c["submitter"]
+    per_study = ours / one["studies"]
+    left = max(0.0, (os.cpu_count() or 2) - two["cpu_s"]["rest"] / two["window_s"])
+    ceiling = left / per_study * 3600.0
+    return (f"CPU per study {per_study:.1f} core-s (workers + Orthanc + submitter, one-host run); "
+            f"the cores other work left during the two-host run ({left:.2f}) allow "
+            f"{ceiling:.0f} studies/h = {ceiling / one['studies_per_hour']:.2f}x one host")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=12)
@@ -335,7 +347,7 @@ def main() -> None:
             detail=f"one host {one['studies_per_hour']:.0f} studies/h ({one['seconds']:.0f} s), "
             f"two hosts {two['studies_per_hour']:.0f} studies/h ({two['seconds']:.0f} s: "
             f"{hosts_detail}); ratios of {len(ok)} round(s) {', '.join(f'{x:.2f}' for x in ratios)}"
-            f"; {_cpu_text(one)}; {_cpu_text(two)}", command=cmd,
+            f"; {_ceiling_text(one, two)}; {_cpu_text(one)}; {_cpu_text(two)}", command=cmd,
         ))  # fmt: skip
         for key, res in (("one", one), ("two", two)):
             rows.append(row(

@@ -191,39 +191,14 @@ class _Ctx:
             raise self.fail(
                 f"unknown rule key {k!r}; known: {', '.join(sorted(_RULE_KEYS))}", _line(r, k, line)
             )
-        name = r.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise self.fail(
-                f"rule needs a name of letters, digits, _.-; got {name!r}", _line(r, "name", line)
-            )
-        if name in seen:
-            raise self.fail(f"duplicate rule name {name!r}", _line(r, "name", line))
-        seen.add(name)
-        trig = r.get("trigger") or {}
-        tline = _line(r, "trigger", line)
-        if not isinstance(trig, dict) or set(trig) - {"on", "quiet_period"}:
-            raise self.fail(f"rule {name}: trigger takes 'on' and 'quiet_period'", tline)
-        on = trig.get("on", "study_stable")
-        self.one_of(on, TRIGGERS, f"rule {name}: trigger on", _line(trig, "on", tline))
-        try:
-            quiet = parse_duration(trig.get("quiet_period", 0))
-        except ValueError as e:
-            raise self.fail(
-                f"rule {name}: quiet_period: {e}", _line(trig, "quiet_period", tline)
-            ) from None
+        name = self.rule_name(r, line, seen)
+        on, quiet = self.trigger(r, name, line)
         sel = r.get("select_series") or {}
         sline = _line(r, "select_series", line)
-        if not isinstance(sel, dict) or (extra := set(sel) - {"where", "exclude", "prefer"}):
-            raise self.fail(f"rule {name}: select_series takes where, exclude, prefer", sline)
-        prefer = sel.get("prefer", "first")
-        self.one_of(prefer, PREFER, f"rule {name}: prefer", _line(sel, "prefer", sline))
+        prefer = self.prefer(sel, name, sline)
         prio = r.get("priority", "normal")
         self.one_of(prio, PRIORITIES, f"rule {name}: priority", _line(r, "priority", line))
-        run = r.get("run")
-        rline = _line(r, "run", line)
-        if not isinstance(run, list) or not run:
-            raise self.fail(f"rule {name}: 'run' must be a non-empty list of steps", rline)
-        steps = tuple(self.run_step(it, name, _line(run, i, rline)) for i, it in enumerate(run))
+        steps = self.run_steps(r, name, line)
         dest = r.get("destination")
         if dest is not None and not isinstance(dest, str):
             raise self.fail(
@@ -253,6 +228,49 @@ class _Ctx:
                 f"rule {name}: enabled must be true or false", _line(r, "enabled", line)
             )
         return rule if enabled else None
+
+    def rule_name(self, r: dict[Any, Any], line: int, seen: set[str]) -> str:
+        """The rule's name, refused unless well-formed and new in this file."""
+        name = r.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise self.fail(
+                f"rule needs a name of letters, digits, _.-; got {name!r}", _line(r, "name", line)
+            )
+        if name in seen:
+            raise self.fail(f"duplicate rule name {name!r}", _line(r, "name", line))
+        seen.add(name)
+        return name
+
+    def trigger(self, r: dict[Any, Any], name: str, line: int) -> tuple[str, float]:
+        """``trigger: {on, quiet_period}`` -> (event, quiet period in seconds)."""
+        trig = r.get("trigger") or {}
+        tline = _line(r, "trigger", line)
+        if not isinstance(trig, dict) or set(trig) - {"on", "quiet_period"}:
+            raise self.fail(f"rule {name}: trigger takes 'on' and 'quiet_period'", tline)
+        on = trig.get("on", "study_stable")
+        self.one_of(on, TRIGGERS, f"rule {name}: trigger on", _line(trig, "on", tline))
+        try:
+            quiet = parse_duration(trig.get("quiet_period", 0))
+        except ValueError as e:
+            raise self.fail(
+                f"rule {name}: quiet_period: {e}", _line(trig, "quiet_period", tline)
+            ) from None
+        return on, quiet
+
+    def prefer(self, sel: Any, name: str, sline: int) -> str:
+        """``select_series`` keys checked; its ``prefer`` (the conditions are compiled later)."""
+        if not isinstance(sel, dict) or set(sel) - {"where", "exclude", "prefer"}:
+            raise self.fail(f"rule {name}: select_series takes where, exclude, prefer", sline)
+        prefer = sel.get("prefer", "first")
+        self.one_of(prefer, PREFER, f"rule {name}: prefer", _line(sel, "prefer", sline))
+        return prefer
+
+    def run_steps(self, r: dict[Any, Any], name: str, line: int) -> tuple[RunStep, ...]:
+        run = r.get("run")
+        rline = _line(r, "run", line)
+        if not isinstance(run, list) or not run:
+            raise self.fail(f"rule {name}: 'run' must be a non-empty list of steps", rline)
+        return tuple(self.run_step(it, name, _line(run, i, rline)) for i, it in enumerate(run))
 
 
 def _plain(v: Any) -> Any:

@@ -315,6 +315,11 @@ def test_unknown_ca_wrong_or_missing_password_are_clear_permanent_errors(
     ok = _archive(monkeypatch, url, username="sprim", password_file=str(secrets / "pw"),
                   ca_bundle=str(pki["ca"]))  # fmt: skip
     assert ok.series_of_study("1.2.3.4") == []
+    (secrets / "pw").write_text(WRONG)  # rotated: read again at the next request
+    with pytest.raises(ArchiveError, match="refused sprim's credentials"):
+        ok.series_of_study("1.2.3.4")
+    (secrets / "pw").write_text(SECRET)
+    assert ok.series_of_study("1.2.3.4") == []
     # credentials in the URL are refused (they would show in logs and job records)
     with pytest.raises(ArchiveError, match="credentials in the archive URL") as e:
         _archive(monkeypatch, url.replace("https://", f"https://sprim:{SECRET}@"))

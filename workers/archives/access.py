@@ -30,7 +30,7 @@ class _Basic(AuthBase):
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         user = self._access.username or ""
-        pw = self._access.password.get_secret_value() if self._access.password else ""
+        pw = self._access.secret("password")
         token = base64.b64encode(f"{user}:{pw}".encode()).decode()
         r.headers["Authorization"] = f"Basic {token}"
         return r
@@ -46,8 +46,7 @@ class _Bearer(AuthBase):
         self._access = access
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        assert self._access.token is not None
-        r.headers["Authorization"] = f"Bearer {self._access.token.get_secret_value()}"
+        r.headers["Authorization"] = f"Bearer {self._access.secret('token')}"
         return r
 
     def __repr__(self) -> str:

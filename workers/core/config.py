@@ -170,7 +170,6 @@ class Settings(BaseSettings):
     zip_max_depth: int = Field(
         1, ge=0, description="Zips inside zips opened: 1 = one level, 0 = none (deeper: skipped)."
     )
-
     # -- one read per series, storing while computing (issue 13) --
     series_cache_mb: int = Field(
         2048,
@@ -254,6 +253,18 @@ class ArchiveAccess(BaseSettings):
     @property
     def has_credentials(self) -> bool:
         return bool(self.username or self.token)
+
+    def secret(self, name: str) -> str:
+        """``password`` or ``token`` now: its file is read again at every call (a rotated
+        secret needs no restart); the value read at start if the file cannot be read."""
+        path = getattr(self, f"{name}_file")
+        if path is not None:
+            try:
+                return Path(path).read_text().rstrip("\r\n")
+            except OSError:
+                pass
+        value = getattr(self, name)
+        return value.get_secret_value() if value is not None else ""
 
     def summary(self) -> dict[str, str]:
         """What is set, secrets as ``<set>``: for ``sprim config`` and logs."""
