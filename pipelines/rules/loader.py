@@ -261,7 +261,7 @@ class _Ctx:
         """``select_series`` keys checked; its ``prefer`` (the conditions are compiled later)."""
         if not isinstance(sel, dict) or set(sel) - {"where", "exclude", "prefer"}:
             raise self.fail(f"rule {name}: select_series takes where, exclude, prefer", sline)
-        prefer = sel.get("prefer", "first")
+        prefer: str = sel.get("prefer", "first")
         self.one_of(prefer, PREFER, f"rule {name}: prefer", _line(sel, "prefer", sline))
         return prefer
 
