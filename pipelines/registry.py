@@ -203,31 +203,8 @@ def step(
     produces_t = (produces,) if isinstance(produces, str) else tuple(produces)
 
     def register(fn: StepFn) -> StepFn:
-        if not _NAME.match(name):
-            raise ValueError(f"step name {name!r} must be dotted lower case, e.g. 'reformat.mpr'")
-        if not _SEMVER.match(version):
-            raise ValueError(f"step {name}: version {version!r} is not semver (1.2.3)")
-        if not (isinstance(params, type) and issubclass(params, BaseModel)):
-            raise TypeError(f"step {name}: params must be a pydantic model class")
-        kinds = output_kinds()
-        if not produces_t or (bad := [k for k in produces_t if k not in kinds]):
-            raise ValueError(
-                f"step {name}: unknown output kind(s) {bad if produces_t else '(none)'}; known: "
-                f"{', '.join(sorted(kinds))} (a new kind is an Output subclass registered "
-                "with pipelines.types.output_kind)"
-            )
-        if resource not in QUEUES:
-            raise ValueError(
-                f"step {name}: resource {resource!r} is not a queue; one of {', '.join(QUEUES)}"
-            )
-        if seg_algorithm is not None and "labelmap" not in produces_t:
-            raise ValueError(f"step {name}: seg_algorithm is for steps that produce a labelmap")
-        doc = inspect.getdoc(fn)
-        if not doc:
-            raise ValueError(f"step {name}: a docstring is required (it is shown by `sprim steps`)")
-        sig = inspect.signature(fn)
-        if len(sig.parameters) < 2:
-            raise TypeError(f"step {name}: signature must be fn(volume, params, prior=())")
+        _check_declaration(name, version, params, produces_t, resource, seg_algorithm)
+        doc = _step_doc(name, fn)
         new = Step(
             name,
             version,
@@ -249,6 +226,47 @@ def step(
         return fn
 
     return register
+
+
+def _check_declaration(
+    name: str,
+    version: str,
+    params: type[BaseModel],
+    produces: tuple[str, ...],
+    resource: str,
+    seg_algorithm: SegAlgorithm | None,
+) -> None:
+    """Refuse a step whose name, version, params, output kinds, queue or SEG family is wrong."""
+    if not _NAME.match(name):
+        raise ValueError(f"step name {name!r} must be dotted lower case, e.g. 'reformat.mpr'")
+    if not _SEMVER.match(version):
+        raise ValueError(f"step {name}: version {version!r} is not semver (1.2.3)")
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        raise TypeError(f"step {name}: params must be a pydantic model class")
+    kinds = output_kinds()
+    if not produces or (bad := [k for k in produces if k not in kinds]):
+        raise ValueError(
+            f"step {name}: unknown output kind(s) {bad if produces else '(none)'}; known: "
+            f"{', '.join(sorted(kinds))} (a new kind is an Output subclass registered "
+            "with pipelines.types.output_kind)"
+        )
+    if resource not in QUEUES:
+        raise ValueError(
+            f"step {name}: resource {resource!r} is not a queue; one of {', '.join(QUEUES)}"
+        )
+    if seg_algorithm is not None and "labelmap" not in produces:
+        raise ValueError(f"step {name}: seg_algorithm is for steps that produce a labelmap")
+
+
+def _step_doc(name: str, fn: StepFn) -> str:
+    """The step function's docstring, refused when missing or when it takes under 2 arguments."""
+    doc = inspect.getdoc(fn)
+    if not doc:
+        raise ValueError(f"step {name}: a docstring is required (it is shown by `sprim steps`)")
+    sig = inspect.signature(fn)
+    if len(sig.parameters) < 2:
+        raise TypeError(f"step {name}: signature must be fn(volume, params, prior=())")
+    return doc
 
 
 def registered(name: str) -> Step:
