@@ -77,6 +77,7 @@ def test_authz_matrix_has_no_gap(app, client, sites):
     # endpoint -> (own call expectation, fill for A's ids, fill for B's ids)
     matrix = {
         ("GET", "/jobs"): ({200}, "/jobs", "/jobs"),
+        ("GET", "/metrics"): ({403}, "/metrics", "/metrics"),  # every institution's: "*" only
         ("GET", "/jobs/{job_id}"): ({200}, f"/jobs/{job_a}", f"/jobs/{job_b}"),
         ("GET", "/jobs/{job_id}/audit"): ({200}, f"/jobs/{job_a}/audit", f"/jobs/{job_b}/audit"),
         ("POST", "/jobs/{job_id}/cancel"): (
@@ -100,7 +101,7 @@ def test_authz_matrix_has_no_gap(app, client, sites):
             r = _call(client, method, path_a, who, body)
             assert r.status_code == 401, (template, who, r.status_code)
             assert st_a not in r.text
-        if template != "/jobs":  # another institution's job or study does not exist for A
+        if template not in ("/jobs", "/metrics"):  # another's job or study does not exist for A
             r = _call(client, method, path_b, A, body)
             assert r.status_code == 404, (template, r.status_code, r.text)
             assert se_b not in r.text and "SITE B" not in r.text
