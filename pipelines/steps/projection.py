@@ -130,6 +130,69 @@ def _to_axial(image: sitk.Image) -> sitk.Image:
     )
 
 
+def _segment_masks(
+    volume: Volume, params: MipParams, prior: Sequence[Output]
+) -> list[tuple[np.ndarray, bool]]:
+    """(mask, inside) of ``exclude_segment`` then ``only_segment``: voxels of the named segments."""
+    masks: list[tuple[np.ndarray, bool]] = []
+    for name, inside in ((params.exclude_segment, False), (params.only_segment, True)):
+        if name:
+            lm, segs = labelmap_for(volume, name, prior)
+            lab = sitk.GetArrayViewFromImage(lm.image)
+            m = lab == segs[0].label
+            for seg in segs[1:]:
+                m |= lab == seg.label
+            masks.append((m, inside))
+    return masks
+
+
+def _windowed(
+    a: np.ndarray, masks: list[tuple[np.ndarray, bool]], params: MipParams, floor: float
+) -> np.ndarray:
+    """``a``, or a copy whose voxels outside the segments or the HU window are the floor."""
+    if not (masks or params.lower_hu is not None or params.upper_hu is not None):
+        return a
+    a = np.array(a)  # private copy; excluded voxels become the floor (copyto: no temporaries)
+    for m, inside in masks:
+        np.copyto(a, floor, where=~m if inside else m)
+    if params.lower_hu is not None:
+        np.copyto(a, floor, where=a < params.lower_hu)
+    if params.upper_hu is not None:
+        np.copyto(a, floor, where=a > params.upper_hu)
+    if not (a > floor).any():
+        raise StepError("nothing left to project inside the chosen window/segment")
+    return a
+
+
+def _ray_field(
+    pooled: np.ndarray,
+    origin: np.ndarray,
+    d2: np.ndarray,
+    fxy: int,
+    spacing_xy: tuple[float, float],
+    params: MipParams,
+) -> tuple[np.ndarray, float, int]:
+    """Centre (LPS x, y), half width (mm) and width (pixels) of the views' field.
+
+    Rays only cross the in-plane box of what is not air (a 550 mm field of view often holds a
+    350 mm patient): centre and radius of that box. Threshold: 10% up the value range.
+    """
+    top = pooled.max(axis=0).astype(np.float32)
+    lo_v, hi_v = float(top.min()), float(np.percentile(top, 99.5))
+    jy, ix = np.nonzero(top > lo_v + 0.1 * (hi_v - lo_v))
+    if not len(ix):
+        raise StepError("the volume is uniform: nothing to project")
+    x0, x1, y0, y1 = ix.min(), ix.max(), jy.min(), jy.max()
+    corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], float)
+    corner_pos = origin[:2] + (corners * fxy + (fxy - 1) / 2) * spacing_xy @ d2.T
+    centre = corner_pos.mean(axis=0)
+    half = float(np.max(np.hypot(*(corner_pos - centre).T))) + params.pixel_mm
+    width = int(np.ceil(2 * half / params.pixel_mm))
+    if width > MAX_PIXELS:
+        raise StepError(_too_wide(params, width))
+    return centre, half, width
+
+
 @step(
     "projection.rotating_mip",
     version="1.0.0",
@@ -142,38 +205,17 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     image = volume.image
     if image.GetDimension() != 3:
         raise StepError("a rotating MIP needs a 3D volume")
-    masks: list[tuple[np.ndarray, bool]] = []
-    for name, inside in ((params.exclude_segment, False), (params.only_segment, True)):
-        if name:
-            lm, segs = labelmap_for(volume, name, prior)
-            lab = sitk.GetArrayViewFromImage(lm.image)
-            m = lab == segs[0].label
-            for seg in segs[1:]:
-                m |= lab == seg.label
-            masks.append((m, inside))
+    masks = _segment_masks(volume, params, prior)
     if not _axial(image):
         image = _to_axial(image)
-        masks = (
-            [
-                (sitk.GetArrayFromImage(_to_axial(sitk.GetImageFromArray(m.view(np.uint8)))) > 0, i)
-                for m, i in masks
-            ]
-            if masks
-            else []
-        )
+        masks = [
+            (sitk.GetArrayFromImage(_to_axial(sitk.GetImageFromArray(m.view(np.uint8)))) > 0, i)
+            for m, i in masks
+        ]
     a = sitk.GetArrayViewFromImage(image)
     floor = np.iinfo(np.int16).min if a.dtype == np.int16 else float(a.min())
     background = params.lower_hu if params.lower_hu is not None else float(a.min())
-    if masks or params.lower_hu is not None or params.upper_hu is not None:
-        a = np.array(a)  # private copy; excluded voxels become the floor (copyto: no temporaries)
-        for m, inside in masks:
-            np.copyto(a, floor, where=~m if inside else m)
-        if params.lower_hu is not None:
-            np.copyto(a, floor, where=a < params.lower_hu)
-        if params.upper_hu is not None:
-            np.copyto(a, floor, where=a > params.upper_hu)
-        if not (a > floor).any():
-            raise StepError("nothing left to project inside the chosen window/segment")
+    a = _windowed(a, masks, params, floor)
     # Pool to blocks of at least pixel_mm (max keeps small bright vessels and bone): rays
     # sampled every pixel_mm then visit every block.
     sx, sy, sz = image.GetSpacing()
@@ -186,21 +228,7 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
     d = np.array(image.GetDirection()).reshape(3, 3)
     origin = np.array(image.GetOrigin())
     d2 = d[:2, :2]
-    # Rays only cross the in-plane box of what is not air (a 550 mm field of view often holds a
-    # 350 mm patient): centre and radius of that box. Threshold: 10% up the value range.
-    top = pooled.max(axis=0).astype(np.float32)
-    lo_v, hi_v = float(top.min()), float(np.percentile(top, 99.5))
-    jy, ix = np.nonzero(top > lo_v + 0.1 * (hi_v - lo_v))
-    if not len(ix):
-        raise StepError("the volume is uniform: nothing to project")
-    x0, x1, y0, y1 = ix.min(), ix.max(), jy.min(), jy.max()
-    corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], float)
-    corner_pos = origin[:2] + (corners * fxy + (fxy - 1) / 2) * (sx, sy) @ d2.T
-    centre = corner_pos.mean(axis=0)
-    half = float(np.max(np.hypot(*(corner_pos - centre).T))) + params.pixel_mm
-    width = int(np.ceil(2 * half / params.pixel_mm))
-    if width > MAX_PIXELS:
-        raise StepError(_too_wide(params, width))
+    centre, half, width = _ray_field(pooled, origin, d2, fxy, (sx, sy), params)
     # Rows go head -> foot: pooled slices by descending z.
     z_of = origin[2] + d[2, 2] * sz * (np.arange(nz) * fz + (fz - 1) / 2)
     rows = np.argsort(-z_of, kind="stable")
