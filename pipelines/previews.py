@@ -512,15 +512,18 @@ def cluster(verts: np.ndarray, faces: np.ndarray, cell_mm: float) -> tuple[np.nd
 @functools.cache
 def offscreen_opengl() -> bool:
     """VTK can render off-screen here (EGL; no display needed). Probed once per process:
-    rendering where it cannot crashes the process instead of raising."""
-    try:
-        window = _vtk_window()
-    except Exception:  # noqa: BLE001  (no OpenGL module at all: the numpy path)
-        return False
-    with _vtk_quiet():
-        ok = bool(window.SupportsOpenGL())
-    window.Finalize()
-    return ok
+    rendering where it cannot crashes the process instead of raising. The probe's window is
+    the one the renders use (a second OpenGL context would cost as much again)."""
+    with _VTK_LOCK:
+        try:
+            window, _ = _vtk_scene()
+        except Exception:  # noqa: BLE001  (no OpenGL module at all: the numpy path)
+            return False
+        with _vtk_quiet():
+            ok = bool(window.SupportsOpenGL())
+        if ok:
+            window.ReleaseCurrent()
+        return ok
 
 
 class _vtk_quiet:
