@@ -301,14 +301,17 @@ def platform_bench(
             uid = study_uid_of(folder)
             t_send = time.time()
             send_s = storescu(p.orthanc, [folder])
+            cpu0 = _cpu_s(p)
             stable = p.wait_stable({uid})[uid]
             jobs = p.wait_done({uid})
+            cpu = {k: round(v - cpu0[k], 2) for k, v in _cpu_s(p).items()}
             done = max(j.finished_at or 0 for j in jobs)
             out["latency"].append(
                 {"slices": latency_slices, "send_s": send_s, "stable_after_send_s":
                  stable - t_send - send_s, "stable_to_done_s": done - stable,
                  "last_instance_to_done_s": done - t_send - send_s,
-                 "route_delay_s": min(j.created_at for j in jobs) - stable, **_job_summary(jobs)}
+                 "route_delay_s": min(j.created_at for j in jobs) - stable,
+                 "cpu_s": cpu, **_job_summary(jobs)}
             )  # fmt: skip
             if k == 0 and fetch_runs:
                 out["fetch"] = _fetch_vs_archive(p, folder, uid, fetch_runs)
@@ -321,6 +324,35 @@ def platform_bench(
             out["throughput_error"] = f"{type(e).__name__}: {str(e).strip()[-300:]}"
         out["worker_peak_rss_mb"] = {str(k): round(v, 1) for k, v in p.peak_rss.items()}
     return out
+
+
+def _cpu_s(p: Platform) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the worker (main + pool processes), Orthanc
+    and the watcher: what the 2 cores were given to, for the floor a run cannot beat."""
+    import psutil
+
+    def tree(pid: int | None) -> float:
+        if pid is None:
+            return 0.0
+        try:
+            procs = [psutil.Process(pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.Error:
+            return 0.0
+        total = 0.0
+        for q in procs:
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                continue
+        return total
+
+    return {
+        "workers": tree(p.worker.pid if p.worker else None),
+        "orthanc": tree(p.orthanc.proc.pid if p.orthanc.proc else None),
+        "watch": tree(p.watcher.pid if p.watcher else None),
+    }
 
 
 @contextlib.contextmanager
@@ -347,6 +379,8 @@ def _ingest_floor(p: Platform, root: Path, jobs: list, runs: int) -> dict[str, A
     """Orthanc's own ingest of one study's outputs: the same objects (downloaded back by WADO-RS,
     byte for byte) sent by dcmtk ``storescu`` (one association, ``TCP_NODELAY=1``) into a fresh
     Orthanc configured like the platform's, ``runs`` times (a fresh Orthanc each)."""
+    import psutil
+
     from tests.harness.orthanc import OrthancServer
     from workers.archives.dicomweb import DicomWebArchive
 
@@ -356,17 +390,22 @@ def _ingest_floor(p: Platform, root: Path, jobs: list, runs: int) -> dict[str, A
         for o in j.outputs or []:
             archive.fetch_series(j.study_uid, o["series_uid"], folder / o["series_uid"])
     files = sorted(folder.rglob("*.dcm"))
-    times = []
+    times: list[float] = []
+    cpu: list[float] = []
     for k in range(max(1, runs)):
         with OrthancServer(root / f"floor-{k}", stable_age=p.orthanc.config["StableAge"]) as floor:
             args = ["storescu", "-aet", "BENCH", "-aec", floor.aet, "-R", "-nh", "+sd", "+r",
                     "127.0.0.1", str(floor.dicom_port), str(folder)]  # fmt: skip
+            c0 = psutil.Process(floor.proc.pid).cpu_times()
             times.append(run_cmd(args, timeout=600).seconds)
+            c1 = psutil.Process(floor.proc.pid).cpu_times()
+            cpu.append(c1.user + c1.system - c0.user - c0.system)
             n = floor.get("/statistics").json()["CountInstances"]
             if n != len(files):
                 raise RuntimeError(f"floor Orthanc kept {n} of {len(files)} outputs")
     return {"objects": len(files), "mb": round(sum(f.stat().st_size for f in files) / 1e6, 1),
-            "seconds": statistics.median(times), "runs": times}  # fmt: skip
+            "seconds": statistics.median(times), "runs": times,
+            "orthanc_cpu_s": round(statistics.median(cpu), 2)}  # fmt: skip
 
 
 def _stream(p: Platform, folders: list[Path], slices: int) -> dict[str, Any]:
@@ -433,6 +472,11 @@ def platform_rows(pl: dict[str, Any], cmd: str) -> list[dict]:
             f"created {x0['route_delay_s']:.2f} s; in the worker (s): {tm}; "
             f"{x0['outputs']} objects stored" + (f"; FAILED: {bad[0]['errors']}" if bad else "")
         )
+        if x0.get("cpu_s"):
+            c = x0["cpu_s"]
+            detail += (f"; CPU from the last instance sent to all stored: workers {c['workers']:.1f}"
+                       f" s, Orthanc {c['orthanc']:.1f} s, watch {c['watch']:.1f} s = "
+                       f"{sum(c.values()) / 2:.1f} s of 2 cores")  # fmt: skip
         what = f"end to end, default CT rule, {x0['slices']}-slice CT: StableStudy → stored"
         rows.append(row("e2e.latency_400", what, _med(vals), "s", target=8.0, detail=detail,
                         command=cmd))  # fmt: skip
@@ -440,7 +484,8 @@ def platform_rows(pl: dict[str, Any], cmd: str) -> list[dict]:
         if fl:
             detail = (f"dcmtk storescu (TCP_NODELAY=1, one association) of the same {fl['objects']}"
                       f" objects ({fl['mb']:.0f} MB) into a fresh Orthanc like the platform's: "
-                      f"runs {', '.join(f'{t:.2f}' for t in fl['runs'])} s")  # fmt: skip
+                      f"runs {', '.join(f'{t:.2f}' for t in fl['runs'])} s; Orthanc CPU "
+                      f"{fl.get('orthanc_cpu_s', 0):.1f} s")  # fmt: skip
             rows.append(row("e2e.ingest_floor", "Orthanc's own ingest of one study's outputs "
                             "(floor)", fl["seconds"], "s", detail=detail, command=cmd))  # fmt: skip
             detail = (f"StableStudy → stored {_med(vals):.2f} s / Orthanc ingest of the outputs "
