@@ -148,21 +148,50 @@ def surface(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Triangle surface of a (z, y, x) uint8 mask on ``image``'s grid: (vertices LPS mm, faces)."""
     from vtkmodules.util.numpy_support import vtk_to_numpy
-    from vtkmodules.vtkFiltersCore import vtkQuadricDecimation, vtkWindowedSincPolyDataFilter
 
+    crop, lo = _crop(mask)
+    spacing_zyx = np.array(image.GetSpacing()[::-1])
+    poly, block_mm, f = _contour_in_budget(crop, spacing_zyx, params)
+    poly = _smoothed_and_decimated(poly, params)
+    pts = vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)  # (x, y, z) in mm
+    faces = vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3).astype(np.int32)
+    # Back to fine (x, y, z) voxel indices: block k (after the pad) is centred on fine k*f+(f-1)/2.
+    fx = np.array(f[::-1], dtype=np.float64)
+    idx = (pts / block_mm[::-1] - 1.0) * fx + (fx - 1.0) / 2.0 + lo[::-1]
+    # Smoothing can push a vertex a fraction of a voxel past the volume's edge where the
+    # structure leaves the field of view: keep every vertex inside the imaged box.
+    np.clip(idx, -0.5, np.array(image.GetSize()) - 0.5, out=idx)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    lps = np.array(image.GetOrigin()) + (idx * np.array(image.GetSpacing())) @ direction.T
+    if np.linalg.det(direction) < 0:
+        faces = faces[:, ::-1].copy()  # a mirrored grid flips the winding: keep normals outward
+    return lps.astype(np.float32), faces
+
+
+def _crop(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's bounding box and its first (z, y, x) index; StepError when it is empty."""
     nz = np.flatnonzero(mask.any(axis=(1, 2)))
     ny = np.flatnonzero(mask.any(axis=(0, 2)))
     nx = np.flatnonzero(mask.any(axis=(0, 1)))
     if not len(nz):
         raise StepError("the segment is empty: no surface to build")
     lo = np.array([nz[0], ny[0], nx[0]])
-    crop = mask[nz[0] : nz[-1] + 1, ny[0] : ny[-1] + 1, nx[0] : nx[-1] + 1]
-    spacing_zyx = np.array(image.GetSpacing()[::-1])
+    return mask[nz[0] : nz[-1] + 1, ny[0] : ny[-1] + 1, nx[0] : nx[-1] + 1], lo
 
-    def factors(mm: float, floor: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(max(o, min(6, round(mm / s))) for o, s in zip(floor, spacing_zyx, strict=True))
 
-    f0 = factors(params.contour_mm, (1, 1, 1))
+def _factors(mm: float, floor: tuple[int, ...], spacing_zyx: np.ndarray) -> tuple[int, ...]:
+    """Block size (voxels per axis, ``floor`` to 6) closest to ``mm``."""
+    return tuple(max(o, min(6, round(mm / s))) for o, s in zip(floor, spacing_zyx, strict=True))
+
+
+def _contour_in_budget(
+    crop: np.ndarray, spacing_zyx: np.ndarray, params: MeshParams
+) -> tuple[vtkPolyData, np.ndarray, tuple[int, ...]]:
+    """Contour on blocks of ``contour_mm``, grown until ``max_triangles`` is met (or 6 voxels).
+
+    Returns the surface (block-grid mm), the block size in mm and in voxels.
+    """
+    f0 = _factors(params.contour_mm, (1, 1, 1), spacing_zyx)
     f = f0
     poly = None
     if crop.size / np.prod(f0) > _PROBE_VOXELS:
@@ -185,12 +214,19 @@ def surface(
         target_mm = max(target_mm, float((spacing_zyx * f).min())) * float(
             np.cbrt(n / params.max_triangles)
         )
-        grown = factors(target_mm, f)
+        grown = _factors(target_mm, f, spacing_zyx)
         if grown == f:  # rounding kept the blocks: grow the finest axis by one voxel
             k = int(np.argmin(spacing_zyx * f))
             grown = tuple(x + (i == k and x < 6) for i, x in enumerate(f))
         f, poly = grown, None
     assert poly is not None  # the loop contours at least once
+    return poly, block_mm, f
+
+
+def _smoothed_and_decimated(poly: vtkPolyData, params: MeshParams) -> vtkPolyData:
+    """Windowed-sinc smoothing, then quadric decimation to ``target_reduction`` / the budget."""
+    from vtkmodules.vtkFiltersCore import vtkQuadricDecimation, vtkWindowedSincPolyDataFilter
+
     if params.smoothing_iterations:
         smooth = vtkWindowedSincPolyDataFilter()
         smooth.SetInputData(poly)
@@ -211,19 +247,7 @@ def surface(
         dec.VolumePreservationOn()
         dec.Update()
         poly = dec.GetOutput()
-    pts = vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)  # (x, y, z) in mm
-    faces = vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3).astype(np.int32)
-    # Back to fine (x, y, z) voxel indices: block k (after the pad) is centred on fine k*f+(f-1)/2.
-    fx = np.array(f[::-1], dtype=np.float64)
-    idx = (pts / block_mm[::-1] - 1.0) * fx + (fx - 1.0) / 2.0 + lo[::-1]
-    # Smoothing can push a vertex a fraction of a voxel past the volume's edge where the
-    # structure leaves the field of view: keep every vertex inside the imaged box.
-    np.clip(idx, -0.5, np.array(image.GetSize()) - 0.5, out=idx)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    lps = np.array(image.GetOrigin()) + (idx * np.array(image.GetSpacing())) @ direction.T
-    if np.linalg.det(direction) < 0:
-        faces = faces[:, ::-1].copy()  # a mirrored grid flips the winding: keep normals outward
-    return lps.astype(np.float32), faces
+    return poly
 
 
 @step("mesh.surface", version="1.0.0", params=MeshParams, produces="mesh")
