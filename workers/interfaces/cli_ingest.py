@@ -57,10 +57,13 @@ def _dispatcher() -> Dispatcher:
 
 
 def _already_submitted(study_uid: str, key: str) -> bool:
+    """Routing holds this hand-on: a job (or no-match record) carries its watch key. A study
+    noted but not routed yet when the watcher died (or whose rules wait for their quiet period)
+    is handed on again: routing never queues the same rule on the same series twice."""
     from workers.platform.jobstore import open_store
 
-    row = open_store().study(study_uid)
-    return bool(row and (row.context or {}).get("watch_key") == key)
+    jobs = open_store().list(study_uid=study_uid, limit=1000)
+    return any((j.context or {}).get("watch_key") == key for j in jobs)
 
 
 def watch_cmd(
