@@ -116,22 +116,21 @@ class Session:
     def all(self) -> bool:
         return self.institution == "*"
 
-    @property
-    def only(self) -> str | None:
-        """The institution filter of store queries (None: all)."""
-        return None if self.all else self.institution
-
 
 class LoginRequired(Exception):
     pass
 
 
+class Refused(Exception):
+    """A state change without this session's CSRF token, or posted from another site."""
+
+
 class Missing(Exception):
     """A study or job that does not exist for this session (never says whose it is)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, message: str | None = None) -> None:
         super().__init__(what)
-        self.what = what
+        self.message = message or f"{what} not found"
 
 
 def _session(request: Request) -> Session:
@@ -140,6 +139,13 @@ def _session(request: Request) -> Session:
     if inst is None or cookie is None:
         raise LoginRequired()
     return Session(inst, cookie)
+
+
+def _maybe_session(request: Request) -> Session | None:
+    try:
+        return _session(request)
+    except LoginRequired:
+        return None
 
 
 async def _form(request: Request) -> dict[str, list[str]]:
@@ -516,9 +522,9 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
 
     @ui.exception_handler(Missing)
     async def _missing(request: Request, e: Exception) -> Response:
-        s = _maybe_session(request)
-        return page(request, "error.html", s, 404, title="Not found",
-                    message=f"{e.what} not found")  # type: ignore[attr-defined]  # fmt: skip
+        msg = e.message if isinstance(e, Missing) else "not found"
+        return page(request, "error.html", _maybe_session(request), 404, title="Not found",
+                    message=msg)  # fmt: skip
 
     async def _store_down(request: Request, exc: Exception) -> Response:
         store = get_store_safe()
@@ -535,21 +541,12 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
         except Exception:  # noqa: BLE001
             return None
 
-    def _maybe_session(request: Request) -> Session | None:
-        try:
-            return _session(request)
-        except LoginRequired:
-            return None
-
     def _check_post(request: Request, s: Session, form: dict[str, list[str]]) -> None:
         if not _same_origin(request) or not auth.csrf_ok(s.cookie, _one(form, "csrf")):
-            raise _Forbidden()
+            raise Refused()
 
-    class _Forbidden(Exception):
-        pass
-
-    @ui.exception_handler(_Forbidden)
-    async def _forbidden(request: Request, _e: Exception) -> Response:
+    @ui.exception_handler(Refused)
+    async def _refused(request: Request, _e: Exception) -> Response:
         return page(request, "error.html", _maybe_session(request), 403, title="Refused",
                     message="the form was not sent from this console (CSRF check failed); "
                     "reload the page and try again")  # fmt: skip
@@ -571,7 +568,7 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
         nxt = _next(_one(form, "next"))
         token = _one(form, "token").strip()
         if not _same_origin(request):
-            raise _Forbidden()
+            raise Refused()
         if not token or len(token) > 512 or auth.institution_for(token) is None:
             return page(request, "login.html", None, 401, next=nxt, error="unknown token")
         resp = RedirectResponse(nxt, status_code=303)
@@ -697,8 +694,8 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
                 requester=f"console@{s.institution}", institution=s.institution,
                 series_uid=series_uid, priority=auth.PRIORITIES[priority], disp=disp,
             )  # fmt: skip
-        except NotFound as e:
-            raise Missing(str(e).removesuffix(" not found")) from None
+        except NotFound as e:  # words of reprocess(): the same for another's study as for none
+            raise Missing(f"study {study_uid}", str(e)) from None
         except BadRequest as e:
             for f in sf.fields:  # what was typed stays in the form, next to its error
                 if f.kind == "choices":
@@ -707,7 +704,8 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
                 elif f"p.{f.name}" in form:
                     f.value = _one(form, f"p.{f.name}")
                 f.error = e.fields.get(f.name, "")
-            sf.error = str(e) if not e.fields else "fix the values marked below"
+            marked = e.fields and set(e.fields) <= {f.name for f in sf.fields}
+            sf.error = "fix the values marked below" if marked else str(e)
             return page(request, "study.html", s, 422, title=f"Study {study_uid}", flash="",
                         **_study_ctx(s, view, sf.step, {sf.step: sf}))  # fmt: skip
         return RedirectResponse(
