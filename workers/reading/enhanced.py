@@ -96,72 +96,102 @@ def _describe(frames: list[dict[str, Any]]) -> Callable[[list[int]], str]:
     return why
 
 
+def _frames(name: str, files: list[Path], headers: list[Dataset]) -> list[dict[str, Any]]:
+    """Every frame of every file: geometry, rescale and what tells stacks apart."""
+    frames: list[dict[str, Any]] = []
+    for f, h in enumerate(headers):
+        try:
+            frames += _file_frames(name, f, h)
+        except SeriesError:
+            raise
+        except Exception as e:  # noqa: BLE001  a damaged functional group sequence is an input defect
+            raise SeriesError(
+                f"{name}: the functional groups of {files[f].name} cannot be read "
+                f"({type(e).__name__}: {e})",
+                code="unreadable",
+            ) from e
+    return frames
+
+
+def _file_frames(name: str, f: int, h: Dataset) -> list[dict[str, Any]]:
+    """The frames of file ``f`` from its per-frame, else shared, functional groups."""
+    n = int(h.get("NumberOfFrames") or 1)
+    per_frame = list(h.get("PerFrameFunctionalGroupsSequence") or [])
+    shared_seq = h.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    if not per_frame and shared is None:
+        raise SeriesError(
+            f"{name}: multi-frame object without functional groups (no per-frame slice "
+            "positions), cannot place its frames in a volume"
+        )
+    if per_frame and len(per_frame) != n:
+        raise SeriesError(f"{name}: {n} frames but {len(per_frame)} per-frame descriptions")
+    return [_frame(name, f, h, i, per_frame[i] if per_frame else None, shared) for i in range(n)]
+
+
+def _frame(
+    name: str, f: int, h: Dataset, i: int, fr: Dataset | None, shared: Dataset | None
+) -> dict[str, Any]:
+    slope = _group_value(fr, shared, "PixelValueTransformationSequence", "RescaleSlope")
+    icpt = _group_value(fr, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+    if slope is None:
+        slope, icpt = pixels.rescale_of(h)
+    rescale = pixels.display_rescale(h, _rescale(name, slope, icpt, h))
+    return {
+        "file": f,
+        "index": i,
+        "pos": _vec(_group_value(fr, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+        "iop": _vec(
+            _group_value(fr, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+        ),
+        "spacing": _vec(_group_value(fr, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+        "rescale": rescale,
+        "temporal": _group_value(fr, shared, "FrameContentSequence", "TemporalPositionIndex"),
+        "stack": _group_value(fr, shared, "FrameContentSequence", "StackID"),
+        "echo": _group_value(fr, shared, "MREchoSequence", "EffectiveEchoTime"),
+        "bvalue": _group_value(fr, shared, "MRDiffusionSequence", "DiffusionBValue"),
+        "frame_type": _frame_type(fr, shared),
+        "key": f"{h.get('SOPInstanceUID', f)}:{i}",
+    }
+
+
+def _decode_frames(
+    name: str,
+    files: list[Path],
+    chosen: list[dict[str, Any]],
+    rescales: list[tuple[float, float]],
+    vol: np.ndarray,
+    shape: tuple[int, int],
+) -> None:
+    """Decode the chosen frames of each file into ``vol`` (one slice each), rescaled."""
+    rows, cols = shape
+    for f, path in enumerate(files):
+        wanted = {fr["index"]: k for k, fr in enumerate(chosen) if fr["file"] == f}
+        if not wanted:
+            continue
+        indices = sorted(wanted)
+        try:
+            for idx, raw in zip(indices, iter_pixels(str(path), indices=indices), strict=True):
+                k = wanted[idx]
+                if raw.shape != (rows, cols):
+                    raise SeriesError(
+                        f"{name}: frame {idx + 1} of {path.name} decodes to "
+                        f"{'x'.join(str(d) for d in raw.shape[::-1])} pixels, the header says "
+                        f"{cols}x{rows}",
+                        code="pixel-format",
+                    )
+                pixels.put(vol[k], raw, *rescales[k])
+        except SeriesError:
+            raise
+        except Exception as e:
+            raise SeriesError(
+                f"{name}: cannot decode the pixel data of {path.name}: {e}", code="unreadable"
+            ) from e
+
+
 def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> SourceSeries:
     """A volume from enhanced multi-frame objects; see the module docstring for stacks."""
-
-    frames: list[dict[str, Any]] = []
-    try:
-        for f, h in enumerate(headers):
-            n = int(h.get("NumberOfFrames") or 1)
-            per_frame = list(h.get("PerFrameFunctionalGroupsSequence") or [])
-            shared_seq = h.get("SharedFunctionalGroupsSequence")
-            shared = shared_seq[0] if shared_seq else None
-            if not per_frame and shared is None:
-                raise SeriesError(
-                    f"{name}: multi-frame object without functional groups (no per-frame slice "
-                    "positions), cannot place its frames in a volume"
-                )
-            if per_frame and len(per_frame) != n:
-                raise SeriesError(f"{name}: {n} frames but {len(per_frame)} per-frame descriptions")
-            for i in range(n):
-                fr = per_frame[i] if per_frame else None
-                slope = _group_value(fr, shared, "PixelValueTransformationSequence", "RescaleSlope")
-                icpt = _group_value(
-                    fr, shared, "PixelValueTransformationSequence", "RescaleIntercept"
-                )
-                if slope is None:
-                    slope, icpt = pixels.rescale_of(h)
-                rescale = pixels.display_rescale(h, _rescale(name, slope, icpt, h))
-                frames.append(
-                    {
-                        "file": f,
-                        "index": i,
-                        "pos": _vec(
-                            _group_value(
-                                fr, shared, "PlanePositionSequence", "ImagePositionPatient"
-                            ),
-                            3,
-                        ),
-                        "iop": _vec(
-                            _group_value(
-                                fr, shared, "PlaneOrientationSequence", "ImageOrientationPatient"
-                            ),
-                            6,
-                        ),
-                        "spacing": _vec(
-                            _group_value(fr, shared, "PixelMeasuresSequence", "PixelSpacing"), 2
-                        ),
-                        "rescale": rescale,
-                        "temporal": _group_value(
-                            fr, shared, "FrameContentSequence", "TemporalPositionIndex"
-                        ),
-                        "stack": _group_value(fr, shared, "FrameContentSequence", "StackID"),
-                        "echo": _group_value(fr, shared, "MREchoSequence", "EffectiveEchoTime"),
-                        "bvalue": _group_value(
-                            fr, shared, "MRDiffusionSequence", "DiffusionBValue"
-                        ),
-                        "frame_type": _frame_type(fr, shared),
-                        "key": f"{h.get('SOPInstanceUID', f)}:{i}",
-                    }
-                )
-    except SeriesError:
-        raise
-    except Exception as e:  # noqa: BLE001  a damaged functional group sequence is an input defect
-        raise SeriesError(
-            f"{name}: the functional groups of {files[f].name} cannot be read "
-            f"({type(e).__name__}: {e})",
-            code="unreadable",
-        ) from e
+    frames = _frames(name, files, headers)
     if any(np.isnan(fr["pos"]).any() or np.isnan(fr["iop"]).any() for fr in frames):
         raise SeriesError(
             f"{name}: frames without plane position or orientation, cannot place them in a volume",
@@ -189,28 +219,7 @@ def read_enhanced(name: str, files: list[Path], headers: list[Dataset]) -> Sourc
     validate.check_volume_size(name, len(chosen) * rows * cols, dtype.itemsize)
     validate.check_volume_size(name, int(np.prod(output_shape(plan, rows, cols))), dtype.itemsize)
     image, vol = pixels.new_volume((len(chosen), rows, cols), dtype)
-    for f, path in enumerate(files):
-        wanted = {fr["index"]: k for k, fr in enumerate(chosen) if fr["file"] == f}
-        if not wanted:
-            continue
-        indices = sorted(wanted)
-        try:
-            for idx, raw in zip(indices, iter_pixels(str(path), indices=indices), strict=True):
-                k = wanted[idx]
-                if raw.shape != (rows, cols):
-                    raise SeriesError(
-                        f"{name}: frame {idx + 1} of {path.name} decodes to "
-                        f"{'x'.join(str(d) for d in raw.shape[::-1])} pixels, the header says "
-                        f"{cols}x{rows}",
-                        code="pixel-format",
-                    )
-                pixels.put(vol[k], raw, *rescales[k])
-        except SeriesError:
-            raise
-        except Exception as e:
-            raise SeriesError(
-                f"{name}: cannot decode the pixel data of {path.name}: {e}", code="unreadable"
-            ) from e
+    _decode_frames(name, files, chosen, rescales, vol, (rows, cols))
     padded = [
         pixels.padded_values(headers[fr["file"]], rescales[k], dtype) for k, fr in enumerate(chosen)
     ]
