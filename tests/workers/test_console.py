@@ -100,6 +100,9 @@ def test_a_token_removed_from_the_table_ends_its_sessions(app, sites, monkeypatc
     monkeypatch.setenv("SPRIM_API_TOKENS", '{"tok-b": "SITE B"}')
     settings.cache_clear()
     assert c.get("/console/jobs").status_code == 303
+    monkeypatch.setenv("SPRIM_API_TOKENS", "")
+    settings.cache_clear()
+    assert "no tokens are configured: set SPRIM_API_TOKENS" in c.get("/console/login").text
 
 
 def test_a_token_sees_only_its_institution_everywhere(app, sites, sprim_env):

@@ -560,7 +560,10 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
 
     @ui.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, next: str = "") -> HTMLResponse:
-        return page(request, "login.html", None, next=_next(next), error="")
+        return page(request, "login.html", None, next=_next(next), error=_no_tokens())
+
+    def _no_tokens() -> str:
+        return "" if auth.tokens() else "no tokens are configured: set SPRIM_API_TOKENS"
 
     @ui.post("/login")
     async def login(request: Request) -> Response:
@@ -570,7 +573,8 @@ def mount_console(app: FastAPI, get_store, disp=None) -> None:
         if not _same_origin(request):
             raise Refused()
         if not token or len(token) > 512 or auth.institution_for(token) is None:
-            return page(request, "login.html", None, 401, next=nxt, error="unknown token")
+            return page(request, "login.html", None, 401, next=nxt,
+                        error=_no_tokens() or "unknown token")  # fmt: skip
         resp = RedirectResponse(nxt, status_code=303)
         resp.set_cookie(
             COOKIE, auth.session_cookie(token), max_age=auth.SESSION_S, path=PREFIX,
