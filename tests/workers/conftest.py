@@ -70,8 +70,10 @@ def sprim_env(tmp_path, store_url, store, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("SPRIM_BROKER_URL", raising=False)
     settings.cache_clear()
-    dispatcher.set_dispatcher(inprocess.InProcessDispatcher())
+    disp = inprocess.InProcessDispatcher()
+    dispatcher.set_dispatcher(disp)
     submission._ARCHIVES.clear()
     yield tmp_path
+    disp.stop()  # no timer of this test may release jobs of the next one's store
     settings.cache_clear()
     assert os.environ.get("SPRIM_RULES_FILE") == str(rules)

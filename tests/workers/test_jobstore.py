@@ -208,6 +208,7 @@ def test_late_series_retriggers_after_quiet_period(sprim_env, store_url):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.5)  # the superseded routing (seq1) must not have created anything
+    disp.stop()
     jobs_ = store.list(study_uid=st)
     assert len(jobs_) == 1 and jobs_[0].series_uid != first  # the thinner late series won
     assert any(a.detail for a in store.audit_trail(job_id=jobs_[0].id))
@@ -455,10 +456,13 @@ def test_embedded_queue_recovers_after_its_process_died(sprim_env, store_url):
     with _settings(SPRIM_RETRY_BACKOFF_S="0.1", SPRIM_RELEASE_INTERVAL_S="1"):
         disp = inprocess.InProcessDispatcher(store, background=True)
         disp.start()
-        deadline = time.monotonic() + 30
-        while {store.get(x.id).state for x in (a, b, c)} != {"done"}:
-            assert time.monotonic() < deadline, [store.get(x.id) for x in (a, b, c)]
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 30
+            while {store.get(x.id).state for x in (a, b, c)} != {"done"}:
+                assert time.monotonic() < deadline, [store.get(x.id) for x in (a, b, c)]
+                time.sleep(0.1)
+        finally:
+            disp.stop()
     assert store.get(a.id).attempts == 2 and store.get(b.id).attempts == 1
 
 

@@ -33,6 +33,8 @@ class InProcessDispatcher:
         self._lock = threading.Lock()
         self._draining = False
         self._loop: threading.Thread | None = None
+        self._timers: set[threading.Timer] = set()
+        self._stopped = threading.Event()
 
     def _push(self, fn, *args) -> None:
         with self._lock:
@@ -65,9 +67,26 @@ class InProcessDispatcher:
                 log.exception("event=inprocess_error")
 
     def _later(self, delay_s: float, fn, *args) -> None:
-        t = threading.Timer(delay_s, self._push, args=(fn, *args))
+        if self._stopped.is_set():
+            return
+
+        def fire() -> None:
+            self._timers.discard(t)
+            if not self._stopped.is_set():
+                self._push(fn, *args)
+
+        t = threading.Timer(delay_s, fire)
         t.daemon = True
+        self._timers.add(t)
         t.start()
+
+    def stop(self) -> None:
+        """Cancel pending delayed work and the release loop (the process goes on without them:
+        what is left is recovered by the next embedded process or release)."""
+        self._stopped.set()
+        for t in list(self._timers):
+            t.cancel()
+        self._timers.clear()
 
     def send_job(self, job: Job) -> None:
 
@@ -102,8 +121,7 @@ class InProcessDispatcher:
                 log.warning("event=release_loop_error error=%s", type(e).__name__)
 
         def loop() -> None:
-            stop = threading.Event()
-            while not stop.wait(max(1.0, settings().release_interval_s)):
+            while not self._stopped.wait(max(1.0, settings().release_interval_s)):
                 tick()
 
         tick()
