@@ -123,7 +123,8 @@ def _read_header(path: Path) -> tuple[Dataset, int | None] | None:
             tag = fp.read(4)
     except (InvalidDicomError, OSError, EOFError):
         return None
-    except Exception as e:  # a corrupt file must not stop the scan of the others
+    # pydicom raises anything (struct.error, KeyError, NotImplementedError...) on a corrupt header:
+    except Exception as e:  # noqa: BLE001  a corrupt file must not stop the scan of the others
         log.warning("unreadable DICOM file skipped: %s (%s)", path, e)
         return None
     little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
@@ -147,7 +148,33 @@ def scan(inputs: Path | list[Path], skipped: list[Skipped] | None = None) -> lis
     """
     paths = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     walk = InputWalk()
-    groups: dict[tuple[str, str], list[tuple[Path, Dataset, int | None]]] = {}
+    out = _series_files(_headers_by_series(walk, paths), walk)
+    for s in out:  # damaged files whose SeriesInstanceUID could be recovered
+        uid = s.attributes.get("SeriesInstanceUID")
+        s.unreadable = [k for k in walk.skipped if k.series_uid and k.series_uid == uid]
+    if skipped is not None:
+        skipped += walk.skipped
+    out.sort(
+        key=lambda s: (
+            s.attributes.get("StudyInstanceUID", ""),
+            _int(s.attributes.get("SeriesNumber")),
+            s.attributes["SeriesInstanceUID"],
+            s.attributes.get("SOPClassUID", ""),
+        )
+    )
+    return out
+
+
+_Member = tuple[Path, Dataset, int | None]
+
+
+def _headers_by_series(walk: InputWalk, paths: list[Path]) -> dict[tuple[str, str], list[_Member]]:
+    """(path, header, PixelData offset) of each image file, by (SeriesInstanceUID, SOPClassUID).
+
+    Non-DICOM files, unreadable headers, DICOMDIRs and files without a SeriesInstanceUID are
+    recorded on ``walk`` as skipped.
+    """
+    groups: dict[tuple[str, str], list[_Member]] = {}
     for path in walk.files(paths):
         try:
             got = _read_header(path)
@@ -168,6 +195,14 @@ def scan(inputs: Path | list[Path], skipped: list[Skipped] | None = None) -> lis
             walk.skip(path, reason, series_uid_of(path))
         else:
             groups.setdefault((str(uid), sop_class), []).append((path, ds, offset))
+    return groups
+
+
+def _series_files(
+    groups: dict[tuple[str, str], list[_Member]], walk: InputWalk
+) -> list[SeriesFiles]:
+    """One :class:`SeriesFiles` per group, images in order; a group whose routing attributes
+    cannot be read is skipped whole."""
     keepalive = walk.keep or None
     out = []
     for members in groups.values():
@@ -187,19 +222,6 @@ def scan(inputs: Path | list[Path], skipped: list[Skipped] | None = None) -> lis
                 _keepalive=keepalive,
             )
         )
-    for s in out:  # damaged files whose SeriesInstanceUID could be recovered
-        uid = s.attributes.get("SeriesInstanceUID")
-        s.unreadable = [k for k in walk.skipped if k.series_uid and k.series_uid == uid]
-    if skipped is not None:
-        skipped += walk.skipped
-    out.sort(
-        key=lambda s: (
-            s.attributes.get("StudyInstanceUID", ""),
-            _int(s.attributes.get("SeriesNumber")),
-            s.attributes["SeriesInstanceUID"],
-            s.attributes.get("SOPClassUID", ""),
-        )
-    )
     return out
 
 
