@@ -206,46 +206,60 @@ def expected_pixel_bytes(v: dict[str, Any]) -> int:
 
 
 def _pixel_format_defects(v: dict[str, Any], pixel_bytes: int | None) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+    colour = _colour_defect(v)
+    if colour is not None:
+        return [("pixel-format", colour)]
+    rows, cols = _int(v, "Rows"), _int(v, "Columns")
+    words = _matrix_defects(v, rows, cols)
+    bits = _int(v, "BitsAllocated")
+    words += _bits_defects(v, bits)
+    frames = _int(v, "NumberOfFrames", 1)
+    if frames is None or frames < 1:
+        words.append(f"NumberOfFrames {v.get('NumberOfFrames')!r} is not a positive number")
+    if not words and pixel_bytes is not None:
+        want = expected_pixel_bytes(v)
+        if pixel_bytes not in (want, want + want % 2):
+            words.append(
+                f"PixelData holds {pixel_bytes} bytes but {rows} x {cols} x {frames} frame(s) of "
+                f"{bits} bits need {want}"
+            )
+    return [("pixel-format", w) for w in words]
 
-    def bad(words: str) -> None:
-        out.append(("pixel-format", words))
 
+def _colour_defect(v: dict[str, Any]) -> str | None:
     samples = _int(v, "SamplesPerPixel", 1)
     photometric = str(v.get("PhotometricInterpretation") or "")
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        bad(
+        return (
             f"colour images ({photometric or f'{samples} samples per pixel'}); "
             "sprim builds greyscale volumes only"
         )
-        return out
-    rows, cols = _int(v, "Rows"), _int(v, "Columns")
+    return None
+
+
+def _matrix_defects(v: dict[str, Any], rows: int | None, cols: int | None) -> list[str]:
+    out = []
     for kw, n in (("Rows", rows), ("Columns", cols)):
         if n is None or not 1 <= n <= MAX_MATRIX:
             shown = n if n is not None else "missing" if v.get(kw) is None else "not a number"
-            bad(f"{kw} {shown} (1 to {MAX_MATRIX} expected)")
-    bits = _int(v, "BitsAllocated")
+            out.append(f"{kw} {shown} (1 to {MAX_MATRIX} expected)")
+    return out
+
+
+def _bits_defects(v: dict[str, Any], bits: int | None) -> list[str]:
+    """BitsAllocated, BitsStored and HighBit (first defect only), PixelRepresentation."""
+    out = []
     stored = _int(v, "BitsStored", bits)
     high = _int(v, "HighBit", None if stored is None else stored - 1)
     rep = _int(v, "PixelRepresentation", 0)
     if bits not in (8, 16, 32):
-        bad(f"BitsAllocated {bits} (8, 16 or 32 expected)")
+        out.append(f"BitsAllocated {bits} (8, 16 or 32 expected)")
     elif stored is None or not 1 <= stored <= bits:
-        bad(f"BitsStored {stored} does not fit BitsAllocated {bits}")
+        out.append(f"BitsStored {stored} does not fit BitsAllocated {bits}")
     elif high != stored - 1:
-        bad(f"HighBit {high} is not BitsStored - 1 ({stored - 1})")
+        out.append(f"HighBit {high} is not BitsStored - 1 ({stored - 1})")
     if rep not in (0, 1):
-        bad(f"PixelRepresentation {rep} (0 or 1 expected)")
-    frames = _int(v, "NumberOfFrames", 1)
-    if frames is None or frames < 1:
-        bad(f"NumberOfFrames {v.get('NumberOfFrames')!r} is not a positive number")
-    if not out and pixel_bytes is not None:
-        want = expected_pixel_bytes(v)
-        if pixel_bytes not in (want, want + want % 2):
-            bad(
-                f"PixelData holds {pixel_bytes} bytes but {rows} x {cols} x {frames} frame(s) of "
-                f"{bits} bits need {want}"
-            )
+        out.append(f"PixelRepresentation {rep} (0 or 1 expected)")
     return out
 
 
