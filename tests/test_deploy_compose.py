@@ -29,7 +29,9 @@ def test_compose_config_validates(tmp_path):
         env = s["environment"]
         assert "@rabbitmq:5672/" in env["SPRIM_BROKER_URL"]
         assert "@postgres:5432/" in env["SPRIM_JOB_STORE_URL"]
-        assert env["SPRIM_ARCHIVE_URL"] == "http://orthanc:8042/dicom-web"
+        assert env["SPRIM_WATCH_URL"] == "http://orthanc:8042"
+        assert json.loads(env["SPRIM_ARCHIVES"]) == {"orthanc": "http://orthanc:8042/dicom-web"}
+        assert env["SPRIM_ARCHIVE_ORTHANC_USERNAME"] and "SPRIM_ARCHIVE_URL" not in env
         assert set(s["depends_on"]) == {"rabbitmq", "postgres", "orthanc"}
     assert [services[n]["command"][:2] for n in ("api", "worker", "watch", "listen")] == [
         ["sprim", "serve"], ["sprim", "worker"], ["sprim", "watch"], ["sprim", "listen"],
