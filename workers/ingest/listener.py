@@ -8,12 +8,15 @@
   gets a failure status (see ``STATUS_*``) and one log line; the association and the server go
   on. Non-image SOP classes (SR, SEG, PR, KOS, RT, encapsulated documents...) are stored as
   received and never routed (:func:`routable_series`).
-- An accepted instance is written durably (temp file, fsync, length read back, rename,
+- An accepted instance is written durably (temp file, fdatasync, length read back, rename,
   directory fsync) *before* the success status; the bytes received are written as they are
-  (no re-encoding). A failed write answers 0xA700 and leaves no partial file.
+  (no re-encoding). A failed write answers 0xA700 and leaves no partial file. The directory
+  fsyncs of instances renamed into the same series folder meanwhile (concurrent associations)
+  are one fsync: group commit, each response still after the fsync covering its rename.
 - Completeness by quiet period: a study is handed on once no instance of it arrived for
   ``quiet_period`` seconds; instances arriving later re-arm it (a late series re-triggers).
-- Concurrent associations are served on their own threads (pynetdicom).
+- Concurrent associations are served on their own threads by :mod:`workers.ingest.scp`
+  (not pynetdicom: its reactor cost 5-7x storescp per instance; see that module).
 - Optional DICOM TLS (``ssl_context``, :func:`workers.core.tls.server_context`): every
   association is then TLS; the handshake runs in the association's thread.
 
@@ -37,14 +40,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
+import pydicom.uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt, sop_class
-from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
 
+from workers.ingest import scp
 from workers.reading.pixels import is_image_sop_class
 from workers.reading.validate import check_instance
 
@@ -64,7 +65,7 @@ _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, Float-, DoubleF
 #: Image SOP classes sprim builds volumes from: the full input-gate check applies to each
 #: instance. Other image classes (SC, DX, US...) are stored once they read as an image.
 VOLUME_SOP_CLASSES = frozenset(
-    str(getattr(sop_class, name))
+    str(getattr(pydicom.uid, name))
     for name in (
         "CTImageStorage", "EnhancedCTImageStorage", "LegacyConvertedEnhancedCTImageStorage",
         "MRImageStorage", "EnhancedMRImageStorage", "LegacyConvertedEnhancedMRImageStorage",
@@ -96,6 +97,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _DirSync:
+    """Group commit of one folder's fsyncs: a caller returns once an fsync that *started after
+    its rename* has completed; callers arriving while one runs share the next one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cond = threading.Condition()
+        self.renamed = 0  # renames announced
+        self.synced = 0  # renames covered by a completed fsync
+        self.running = False
+        self.fsyncs = 0
+
+    def sync(self) -> None:
+        with self.cond:
+            self.renamed += 1
+            mine = self.renamed
+            while self.synced < mine:
+                if self.running:
+                    self.cond.wait()
+                    continue
+                self.running, target = True, self.renamed
+                self.cond.release()
+                try:
+                    _fsync_dir(self.path)
+                finally:
+                    self.cond.acquire()
+                    self.running = False
+                    self.cond.notify_all()
+                self.synced, self.fsyncs = max(self.synced, target), self.fsyncs + 1
 
 
 @dataclass
@@ -280,6 +312,18 @@ def _image_defects(ds: Dataset, pixel_bytes: int | None) -> list[str]:
     return []
 
 
+def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """``writev`` of every part (one system call for the usual header + one-fragment body)."""
+    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    while views:
+        n = os.writev(fd, views[:1024])
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
 def routable_series(series: Sequence[dict]) -> list[dict]:
     """The series of a study rules may pick: non-image SOP classes are kept for the archive only."""
     return [s for s in series if is_image_sop_class(str(s.get("SOPClassUID") or ""))]
@@ -316,7 +360,7 @@ class ListenerStore:
         self.fsync = fsync
         self._lock = threading.Lock()
         self._open: dict[str, StudyArrival] = {}
-        self._known_dirs: set[Path] = set()
+        self._known_dirs: dict[Path, _DirSync] = {}
         self.received = 0
         self.refused = 0
         self._resume()
@@ -348,23 +392,25 @@ class ListenerStore:
         parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         size = sum(memoryview(p).nbytes for p in parts)
         series_dir = self.root / study / series
-        if series_dir not in self._known_dirs:
+        dir_sync = self._known_dirs.get(series_dir)
+        if dir_sync is None:
             series_dir.mkdir(parents=True, exist_ok=True)
             if self.fsync:
                 _fsync_dir(series_dir.parent)
                 _fsync_dir(self.root)
-            self._known_dirs.add(series_dir)
+            dir_sync = self._known_dirs.setdefault(series_dir, _DirSync(series_dir))
         path = series_dir / f"{sop}.dcm"
         tmp = series_dir / f".{sop}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with open(tmp, "wb") as fh:
-                for part in parts:
-                    fh.write(part)
-                fh.flush()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, parts)
                 if self.fsync:
-                    os.fsync(fh.fileno())
+                    os.fdatasync(fd)  # data and size; the name is the folder's fsync below
                 # read back what the file system holds before answering success
-                on_disk = os.fstat(fh.fileno()).st_size
+                on_disk = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
             if on_disk != size:
                 raise OSError(f"{on_disk} of {size} bytes on disk after writing {tmp.name}")
             os.replace(tmp, path)
@@ -372,7 +418,7 @@ class ListenerStore:
             tmp.unlink(missing_ok=True)
             raise
         if self.fsync:
-            _fsync_dir(series_dir)
+            dir_sync.sync()
         self._arrived(study, series, calling_aet)
         return path
 
@@ -463,96 +509,60 @@ class Listener:
         self.host = host
         self.port = port
         self.allowed = [a.strip() for a in allowed_aets if a.strip()]
-        self.ae = AE(ae_title=aet)
-        self.ae.maximum_associations = max_associations
-        # Peers may send PDUs as large as they like: with pynetdicom's default (16 kB) a 512²
-        # slice arrives in 32 PDUs, each reassembled in Python — 5x slower receive (measured).
-        self.ae.maximum_pdu_size = 0
-        self.ae.require_calling_aet = self.allowed
-        for cx in StoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.ae.add_supported_context(Verification)
-        self._server = None
+        self.max_associations = max_associations
+        self._server: scp.Scp | None = None
         self._stop = threading.Event()
         self._tracker: threading.Thread | None = None
 
     # -- handlers --------------------------------------------------------------------------
-    def _on_store(self, event) -> int | Dataset:
-        req = event.request
-        v = judge(
-            req.DataSet, event.context.transfer_syntax,
-            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID,
-        )  # fmt: skip
+    def _on_store(self, req: scp.Request) -> scp.Response:
+        """Judge the header, write the bytes as received, answer: on the association's thread."""
+        body = req.parts[0] if len(req.parts) == 1 else b"".join(req.parts)
+        v = judge(BytesIO(body), req.transfer_syntax, req.sop_class, req.sop_instance)
         if v.status == STATUS_SUCCESS:
-            head = b"\0" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+            head = scp.file_meta(req.sop_class, req.sop_instance, req.transfer_syntax,
+                                 req.calling_aet)  # fmt: skip
             try:
-                with req.DataSet.getbuffer() as body:
-                    self.store.write(v.study, v.series, v.sop, (head, body),
-                                     event.assoc.requestor.ae_title)  # fmt: skip
+                self.store.write(v.study, v.series, v.sop, (head, *req.parts), req.calling_aet)
             except OSError as e:
                 v.status, v.defect = STATUS_OUT_OF_RESOURCES, f"could not be stored ({e})"
         if v.status != STATUS_SUCCESS:
-            return self._refuse(event, v)
+            return self._refuse(req, v)
         log.debug("event=instance_stored study=%s series=%s sop=%s image=%s",
                   v.study, v.series, v.sop, v.image)  # fmt: skip
-        return STATUS_SUCCESS
+        return scp.Response(STATUS_SUCCESS)
 
-    def _refuse(self, event, v: Verdict) -> Dataset:
+    def _refuse(self, req: scp.Request, v: Verdict) -> scp.Response:
         """One log line (no patient data: UIDs and the defect) and the failure status."""
         with self.store._lock:
             self.store.refused += 1
-        req = event.request
         level = logging.ERROR if v.status == STATUS_OUT_OF_RESOURCES else logging.WARNING
         log.log(
             level,
             "event=instance_refused status=0x%04X calling_aet=%s sop=%s series=%s defect=%r",
-            v.status, event.assoc.requestor.ae_title, req.AffectedSOPInstanceUID,
-            v.series or "-", v.defect[:400],
+            v.status, req.calling_aet, req.sop_instance, v.series or "-", v.defect[:400],
         )  # fmt: skip
-        rsp = Dataset()
-        rsp.Status = v.status
         # Error Comment (LO, 64 characters) is shown by most senders next to the status.
-        rsp.ErrorComment = "".join(
-            c if " " <= c <= "~" and c != "\\" else "?" for c in v.defect[:64]
-        )
-        return rsp
+        comment = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in v.defect[:64])
+        return scp.Response(v.status, comment)
 
     @staticmethod
-    def _on_open(event) -> None:
-        import socket
-
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _on_rejected(calling_aet: str, address: tuple) -> None:
+        log.warning("event=association_rejected calling_aet=%s address=%s",
+                    calling_aet, address[0])  # fmt: skip
 
     @staticmethod
-    def _on_rejected(event) -> None:
-        log.warning(
-            "event=association_rejected calling_aet=%s address=%s",
-            event.assoc.requestor.ae_title, event.assoc.requestor.address,
-        )  # fmt: skip
-
-    @staticmethod
-    def _on_accepted(event) -> None:
-        log.info(
-            "event=association_accepted calling_aet=%s address=%s",
-            event.assoc.requestor.ae_title, event.assoc.requestor.address,
-        )  # fmt: skip
+    def _on_accepted(calling_aet: str, address: tuple) -> None:
+        log.info("event=association_accepted calling_aet=%s address=%s",
+                 calling_aet, address[0])  # fmt: skip
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> Listener:
-        handlers = [
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_CONN_OPEN, self._on_open),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-        ]
-        if self.ssl_context is not None:
-            logging.getLogger("pynetdicom.dul").addFilter(_TLS_FAILURES)
-        self._server = self.ae.start_server(
-            (self.host, self.port), block=False, evt_handlers=handlers,
-            ssl_context=self.ssl_context,
-        )  # fmt: skip
+        self._server = scp.Scp(
+            self._on_store, host=self.host, port=self.port, allowed_aets=self.allowed,
+            max_associations=self.max_associations, ssl_context=self.ssl_context,
+            on_accepted=self._on_accepted, on_rejected=self._on_rejected,
+        ).start()  # fmt: skip
         self.port = self._server.server_address[1]
         self._stop.clear()
         self._tracker = threading.Thread(
@@ -601,27 +611,6 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class _TlsFailuresAsOneLine(logging.Filter):
-    """A peer failing the TLS handshake (plain DICOM, an untrusted certificate) is one warning
-    line, not pynetdicom's error and traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ssl.SSLError):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.name = __name__
-            record.msg, record.args = (
-                "event=tls_handshake_failed reason=%s",
-                (exc.reason or exc.__class__.__name__,),
-            )
-            record.exc_info = record.exc_text = None
-            return True
-        return record.getMessage() != "Connection closed before the entire PDU was received"
-
-
-_TLS_FAILURES = _TlsFailuresAsOneLine()
 
 
 def _tls_mode(ctx: ssl.SSLContext | None) -> str:
