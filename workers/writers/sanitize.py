@@ -166,34 +166,16 @@ def _ds16(text: str) -> str | None:
 
 def _value_defect(vr: str, kw: str, text: str) -> tuple[str | None, str | None]:
     """(defect in words, repaired value) of one value; (None, None) when it is valid as it is."""
-    if "\ufffd" in text:
-        return "has bytes that are not valid in the source's character set", None
-    control = _CONTROL_TEXT if vr in ("ST", "LT", "UT") else _CONTROL
-    if control.search(text):
-        return "contains control characters", None
+    defect = _character_defect(vr, text)
+    if defect:
+        return defect, None
     if vr == "PN":
-        groups = text.split("=")
-        if len(groups) > 3 or any(len(g) > 64 or g.count("^") > 4 for g in groups):
-            return "is not a person name (PN: at most 3 groups of 64 characters, 5 parts)", None
-        return None, None
-    if vr == "AS" and not _FORMAT["AS"][0].fullmatch(text):
-        m = re.fullmatch(r"(\d{1,3})\s*([DWMY])", text.strip().upper())
-        if m:
-            return None, f"{int(m.group(1)):03d}{m.group(2)}"
-    if vr in _FORMAT:
-        regex, what = _FORMAT[vr]
-        if not regex.fullmatch(text):
-            return what, None
-    if vr == "DA" or (vr == "DT" and len(text) >= 8):
-        try:
-            datetime.strptime(text[:8], "%Y%m%d")
-        except ValueError:
-            return _FORMAT[vr][1].replace("is not a ", "is not a real ", 1), None
-    if vr == "IS" and not -(2**31) <= int(text) < 2**31:
-        return "is out of the range of an integer string (IS)", None
-    limit = _MAX_CHARS.get(vr)
-    if limit and len(text) > limit:
-        return f"is longer than {limit} characters ({vr})", None
+        return _person_name_defect(text), None
+    if vr == "AS" and (age := _age_repaired(text)):
+        return None, age
+    defect = _format_defect(vr, text) or _length_defect(vr, text)
+    if defect:
+        return defect, None
     if vr == "DS" and len(text.strip()) > 16:
         fixed = _ds16(text)
         return (None, fixed) if fixed else ("is not a decimal number (DS)", None)
@@ -201,6 +183,53 @@ def _value_defect(vr: str, kw: str, text: str) -> tuple[str | None, str | None]:
     if allowed and text and text not in allowed:
         return f"is not one of {', '.join(sorted(allowed))}", None
     return None, None
+
+
+def _character_defect(vr: str, text: str) -> str | None:
+    if "\ufffd" in text:
+        return "has bytes that are not valid in the source's character set"
+    control = _CONTROL_TEXT if vr in ("ST", "LT", "UT") else _CONTROL
+    if control.search(text):
+        return "contains control characters"
+    return None
+
+
+def _person_name_defect(text: str) -> str | None:
+    groups = text.split("=")
+    if len(groups) > 3 or any(len(g) > 64 or g.count("^") > 4 for g in groups):
+        return "is not a person name (PN: at most 3 groups of 64 characters, 5 parts)"
+    return None
+
+
+def _age_repaired(text: str) -> str | None:
+    """A loosely written age (``45y``, ``7 D``) as an AS value (``045Y``); None if valid or not one."""
+    if _FORMAT["AS"][0].fullmatch(text):
+        return None
+    m = re.fullmatch(r"(\d{1,3})\s*([DWMY])", text.strip().upper())
+    return f"{int(m.group(1)):03d}{m.group(2)}" if m else None
+
+
+def _format_defect(vr: str, text: str) -> str | None:
+    """The VR's pattern, a real calendar date (DA, DT), the IS range."""
+    if vr in _FORMAT:
+        regex, what = _FORMAT[vr]
+        if not regex.fullmatch(text):
+            return what
+    if vr == "DA" or (vr == "DT" and len(text) >= 8):
+        try:
+            datetime.strptime(text[:8], "%Y%m%d")
+        except ValueError:
+            return _FORMAT[vr][1].replace("is not a ", "is not a real ", 1)
+    if vr == "IS" and not -(2**31) <= int(text) < 2**31:
+        return "is out of the range of an integer string (IS)"
+    return None
+
+
+def _length_defect(vr: str, text: str) -> str | None:
+    limit = _MAX_CHARS.get(vr)
+    if limit and len(text) > limit:
+        return f"is longer than {limit} characters ({vr})"
+    return None
 
 
 def check_element(elem: DataElement, kw: str) -> tuple[str | None, DataElement | None]:
@@ -300,50 +329,90 @@ def copy_checked(
     absent, empty or invalid, the write is refused (SeriesError naming the attribute).
     """
     for kw in keywords:
-        type1 = kw in TYPE1 or kw in required
-        tag = tag_for_keyword(kw)
-        if tag is None:
-            continue
-        if tag not in src:
-            if kw in required:
-                raise _refuse(src, kw, "is missing in the source")
-            continue
-        try:
-            elem = src[tag]
-            if elem.VR == "SQ":
-                defect, fixed = None, None
-            else:
-                defect, fixed = check_element(elem, kw)
-        except Exception as e:  # noqa: BLE001  (pydicom could not even convert the value)
-            elem, defect, fixed = None, f"cannot be read ({type(e).__name__})", None
-        if elem is not None and elem.VR == "SQ":
-            items = _clean_sequence(elem, kw, notes)
-            if items or kw in TYPE2:
-                dst[tag] = DataElement(tag, "SQ", items)
-            elif type1:
-                raise _refuse(src, kw, "has no usable item")
-            else:
-                dst.pop(tag, None)
-                notes.append(f"{kw} left out: an empty sequence is not allowed there")
-            continue
-        if type1 and defect is None and (elem is None or elem.is_empty):
-            defect = "is empty"
-        if defect is None:
-            if fixed is not None:
-                notes.append(f"{kw}{_shown(elem)} written as{_shown(fixed)}")
-                dst[tag] = fixed
-            elif elem is not None:  # always: a read failure is a defect
-                dst[tag] = copy.deepcopy(elem)
-            continue
-        if type1:
-            raise _refuse(src, kw, f"{_shown(elem).strip()} {defect}".strip())
-        if kw in TYPE2:
-            vr = elem.VR if elem is not None else dictionary_VR(tag)
-            dst[tag] = DataElement(tag, vr, "" if vr in _TEXT_VRS else None)
-            notes.append(f"{kw}{_shown(elem)} {defect}: written empty")
-        else:
-            dst.pop(tag, None)
-            notes.append(f"{kw}{_shown(elem)} {defect}: left out")
+        _copy_attribute(src, dst, kw, notes, required)
+
+
+def _copy_attribute(
+    src: Dataset, dst: Dataset, kw: str, notes: list[str], required: Collection[str]
+) -> None:
+    """One attribute of :func:`copy_checked`: copied, repaired, emptied, left out or refused."""
+    type1 = kw in TYPE1 or kw in required
+    tag = tag_for_keyword(kw)
+    if tag is None:
+        return
+    if tag not in src:
+        if kw in required:
+            raise _refuse(src, kw, "is missing in the source")
+        return
+    elem, defect, fixed = _read_checked(src, tag, kw)
+    if elem is not None and elem.VR == "SQ":
+        _copy_sequence(src, dst, tag, elem, kw, type1, notes)
+        return
+    if type1 and defect is None and (elem is None or elem.is_empty):
+        defect = "is empty"
+    if defect is None:
+        if fixed is not None:
+            notes.append(f"{kw}{_shown(elem)} written as{_shown(fixed)}")
+            dst[tag] = fixed
+        elif elem is not None:  # always: a read failure is a defect
+            dst[tag] = copy.deepcopy(elem)
+        return
+    _copy_defective(src, dst, tag, elem, kw, defect, type1, notes)
+
+
+def _read_checked(
+    src: Dataset, tag: int, kw: str
+) -> tuple[DataElement | None, str | None, DataElement | None]:
+    """(element, defect, repaired element); element None when pydicom cannot read it."""
+    try:
+        elem = src[tag]
+        if elem.VR == "SQ":
+            return elem, None, None
+        return elem, *check_element(elem, kw)
+    except Exception as e:  # noqa: BLE001  (pydicom could not even convert the value)
+        return None, f"cannot be read ({type(e).__name__})", None
+
+
+def _copy_sequence(
+    src: Dataset,
+    dst: Dataset,
+    tag: int,
+    elem: DataElement,
+    kw: str,
+    type1: bool,
+    notes: list[str],
+) -> None:
+    """A sequence with its defective items left out; refused if type 1 and none is left."""
+    items = _clean_sequence(elem, kw, notes)
+    if items or kw in TYPE2:
+        dst[tag] = DataElement(tag, "SQ", items)
+    elif type1:
+        raise _refuse(src, kw, "has no usable item")
+    else:
+        dst.pop(tag, None)
+        notes.append(f"{kw} left out: an empty sequence is not allowed there")
+
+
+def _copy_defective(
+    src: Dataset,
+    dst: Dataset,
+    tag: int,
+    elem: DataElement | None,
+    kw: str,
+    defect: str,
+    type1: bool,
+    notes: list[str],
+) -> None:
+    """A defective value: refused (type 1), written empty (type 2) or left out (type 3)."""
+    if type1:
+        raise _refuse(src, kw, f"{_shown(elem).strip()} {defect}".strip())
+    if kw in TYPE2:
+        vr = elem.VR if elem is not None else dictionary_VR(tag)
+        dst[tag] = DataElement(tag, vr, "" if vr in _TEXT_VRS else None)
+        notes.append(f"{kw}{_shown(elem)} {defect}: written empty")
+    else:
+        dst.pop(tag, None)
+        notes.append(f"{kw}{_shown(elem)} {defect}: left out")
 
 
 def checked_character_set(src: Dataset, dst: Dataset, notes: list[str]) -> None:
