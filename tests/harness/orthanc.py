@@ -79,8 +79,9 @@ class OrthancServer:
         crashes (SIGSEGV in a civetweb worker) at its first HTTPS connection: use ``tls_proxy``.
     tls_proxy : tuple of Path, optional
         HTTPS by a TLS-terminating proxy in front of Orthanc (``socat``, as nginx or stunnel
-        would be in production): (certificate, key); :attr:`url` is then the proxy's
-        ``https://`` address.
+        would be in production): (certificate, key[, client CA]); :attr:`url` is then the
+        proxy's ``https://`` address. With a client CA, clients must show a certificate it
+        signed (mutual TLS).
     ca_bundle : Path, optional
         The CA :attr:`session` trusts for that certificate.
     dicom_tls : tuple of Path, optional
@@ -107,7 +108,7 @@ class OrthancServer:
         ca_bundle: Path | None = None,
         dicom_tls: tuple[Path, Path, Path] | None = None,
         config: Mapping | None = None,
-        tls_proxy: tuple[Path, Path] | None = None,
+        tls_proxy: tuple[Path, ...] | None = None,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -222,24 +223,36 @@ class OrthancServer:
         )
         log.close()
         if self.tls_proxy:
-            cert, key = self.tls_proxy
+            cert, key, *client_ca = self.tls_proxy
+            verify = f"verify=1,cafile={client_ca[0]}" if client_ca else "verify=0"
             self._proxy = subprocess.Popen(
                 ["socat", f"OPENSSL-LISTEN:{self.proxy_port},bind=127.0.0.1,reuseaddr,fork,"
-                 f"cert={cert},key={key},verify=0", f"TCP:127.0.0.1:{self.http_port}"],
+                 f"cert={cert},key={key},{verify}", f"TCP:127.0.0.1:{self.http_port}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
+        # Orthanc itself (the proxy may want a client certificate), then the proxy's port
+        probe = f"http://127.0.0.1:{self.http_port}" if self.tls_proxy else self.url
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited {self.proc.returncode}: {self.log_tail()}")
             try:
-                if self.session.get(self.url + "/system", timeout=1).ok:
+                if self.session.get(probe + "/system", timeout=1).ok and self._proxy_up():
                     return self
             except requests.RequestException:
                 pass
             time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"Orthanc did not answer in {timeout}s: {self.log_tail()}")
+
+    def _proxy_up(self) -> bool:
+        if not self.proxy_port:
+            return True
+        try:
+            socket.create_connection(("127.0.0.1", self.proxy_port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Orthanc (terminate, wait; kill if it hangs). Storage and ports are kept."""

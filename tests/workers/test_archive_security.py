@@ -320,10 +320,30 @@ def test_unknown_ca_wrong_or_missing_password_are_clear_permanent_errors(
         ok.series_of_study("1.2.3.4")
     (secrets / "pw").write_text(SECRET)
     assert ok.series_of_study("1.2.3.4") == []
+    # certificate not checked (tests only): works, and says so at every start
+    ok = _archive(monkeypatch, url, username="sprim", password=SECRET, tls_verify="false")
+    assert ok.series_of_study("1.2.3.4") == []
     # credentials in the URL are refused (they would show in logs and job records)
     with pytest.raises(ArchiveError, match="credentials in the archive URL") as e:
         _archive(monkeypatch, url.replace("https://", f"https://sprim:{SECRET}@"))
     assert SECRET not in str(e.value)
+
+
+def test_client_certificate_for_an_archive_that_requires_one(pki, tmp_path, monkeypatch):
+    from workers.archives import ArchiveError
+
+    with OrthancServer(
+        tmp_path / "orthanc", tls_proxy=(pki["server"], pki["server.key"], pki["ca"])
+    ) as orthanc:  # the proxy asks for a client certificate signed by the CA
+        url, ca = orthanc.dicomweb_url, str(pki["ca"])
+        with pytest.raises(ArchiveError) as e:
+            _archive(monkeypatch, url, ca_bundle=ca).series_of_study("1.2.3.4")
+        assert not e.value.transient
+        assert "pacs:" in str(e.value) and "requires a client certificate" in str(e.value)
+        assert "SPRIM_ARCHIVE_PACS_CLIENT_CERT" in str(e.value)
+        archive = _archive(monkeypatch, url, ca_bundle=ca, client_cert=str(pki["client"]),
+                           client_key=str(pki["client.key"]))  # fmt: skip
+        assert archive.series_of_study("1.2.3.4") == []
 
 
 def test_watch_names_an_untrusted_certificate(secure_orthanc, pki, tmp_path):

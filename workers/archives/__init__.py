@@ -76,7 +76,10 @@ def open_archive(spec: str | None = None, *, name: str | None = None) -> Archive
             from workers.core.tls import client_context
 
             tls = dicom_tls_context(access) if access else client_context()
-        return DimseArchive.from_url(spec, calling_aet=cfg.ae_title, tls=tls, name=name)
+        return DimseArchive.from_url(
+            spec, calling_aet=cfg.ae_title, tls=tls, name=name,
+            variables=access.variables if access else "SPRIM_ARCHIVE_<NAME>_",
+        )  # fmt: skip
     from workers.archives.folder import FolderArchive
 
     path = spec.removeprefix("folder:").removeprefix("file://")

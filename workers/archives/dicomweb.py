@@ -28,7 +28,7 @@ from workers.archives.access import configure_session
 from workers.archives.base import ArchiveError
 from workers.archives.multipart import boundary_of, iter_parts, parts_of
 from workers.core.config import ArchiveAccess
-from workers.core.tls import describe_tls_error
+from workers.core.tls import describe_tls_error, tls_advice
 from workers.reading.series import image_order, series_attributes
 
 log = logging.getLogger(__name__)
@@ -180,11 +180,11 @@ class DicomWebArchive:
                 reason=f"HTTP {status} {body}".strip(),
             )
         tls = describe_tls_error(exc) if isinstance(exc, requests.exceptions.SSLError) else None
-        if tls:  # an untrusted certificate is configuration: no retry
-            hint = f"set {var}CA_BUNDLE to the PEM of the CA that signed the archive's certificate"
+        if tls:  # certificates are configuration: no retry
+            hint, transient = tls_advice(tls, var)
             return ArchiveError(
                 f"{self.name}: {what}: {tls}; {hint}",
-                transient="not trusted" not in tls,
+                transient=transient,
                 reason=f"{self.name}: {tls}; {hint}",
             )
         if isinstance(exc, requests.RequestException | OSError):

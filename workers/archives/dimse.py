@@ -21,7 +21,7 @@ import pydicom
 from pynetdicom import AE, evt
 
 from workers.archives.base import Archive, ArchiveError
-from workers.core.tls import describe_tls_error
+from workers.core.tls import describe_tls_error, tls_advice
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,12 @@ class DimseArchive:
         timeout: float = 30.0,
         name: str | None = None,
         tls: ssl.SSLContext | None = None,
+        variables: str = "SPRIM_ARCHIVE_<NAME>_",
     ) -> None:
         self.aet, self.host, self.port = aet, host, int(port)
         self.tls = tls
+        #: how this archive's variables start, for error messages
+        self.variables = variables
         self.calling_aet = calling_aet
         self.read_from = read_from
         self.timeout = timeout
@@ -201,11 +204,9 @@ class DimseArchive:
             why = describe_tls_error(e)
             if why is None:
                 return
-        text = (
-            f"{self.name}: DICOM TLS: {why}; set SPRIM_ARCHIVE_<NAME>_CA_BUNDLE to the PEM of "
-            "the CA that signed the archive's certificate"
-        )
-        raise ArchiveError(text, transient="not trusted" not in why, reason=text)
+        hint, transient = tls_advice(why, self.variables)
+        text = f"{self.name}: DICOM TLS: {why}; {hint}"
+        raise ArchiveError(text, transient=transient, reason=text)
 
 
 def _nodelay(event) -> None:

@@ -5,6 +5,7 @@ Used by the C-STORE SCU (``dicom+tls://`` destinations) and by ``sprim listen``.
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 
@@ -53,22 +54,52 @@ def client_context(
     return ctx
 
 
+_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
+
+
 def describe_tls_error(exc: BaseException) -> str | None:
-    """Plain words for a TLS failure found in ``exc`` or its causes (None: not a TLS failure)."""
+    """Plain words for a TLS failure found in ``exc`` or its causes (None: not a TLS failure).
+
+    The words say whose side is wrong: "not trusted" (our CA bundle), "requires a client
+    certificate" / "refused sprim's client certificate" (our client certificate), else the
+    handshake failed with OpenSSL's reason.
+    """
     seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return f"the server's certificate is not trusted ({exc.verify_message})"
-        if isinstance(exc, ssl.SSLError):
-            return f"TLS handshake failed ({exc.reason or exc})"
-        text = str(exc)
-        if "CERTIFICATE_VERIFY_FAILED" in text:
-            detail = text.split("CERTIFICATE_VERIFY_FAILED]", 1)[-1].split("(_ssl", 1)[0]
-            return f"the server's certificate is not trusted ({detail.strip(' ]')})"
-        if "SSLError" in text or "SSL:" in text:
-            return f"TLS handshake failed ({text[:200]})"
-        exc = exc.__cause__ or exc.__context__ or (exc.args[0] if exc.args else None)
-        if not isinstance(exc, BaseException):
-            exc = None
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return f"the server's certificate is not trusted ({cur.verify_message})"
+        text = str(cur)
+        reason = cur.reason if isinstance(cur, ssl.SSLError) else None
+        m = _REASON.search(text)
+        reason = reason or (m.group(1) if m else None)
+        if reason or "SSLError" in text:
+            if reason == "CERTIFICATE_VERIFY_FAILED":
+                detail = text.split("CERTIFICATE_VERIFY_FAILED]", 1)[-1].split("(_ssl", 1)[0]
+                return f"the server's certificate is not trusted ({detail.strip(' ]')})"
+            if reason and "CERTIFICATE_REQUIRED" in reason:
+                return f"the server requires a client certificate ({reason})"
+            if reason and ("BAD_CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+                return f"the server refused sprim's client certificate ({reason})"
+            return f"TLS handshake failed ({reason or text[:200]})"
+        nxt = cur.__cause__ or cur.__context__ or (cur.args[0] if cur.args else None)
+        cur = nxt if isinstance(nxt, BaseException) else None
         seen += 1
     return None
+
+
+def tls_advice(why: str, variables: str) -> tuple[str, bool]:
+    """(what to set, transient) for a :func:`describe_tls_error` text; ``variables`` is the
+    archive's variable prefix, e.g. ``SPRIM_ARCHIVE_PACS_``."""
+    if "not trusted" in why:
+        return (
+            f"set {variables}CA_BUNDLE to the PEM of the CA that signed the archive's certificate",
+            False,
+        )
+    if "client certificate" in why:
+        return (
+            f"set {variables}CLIENT_CERT and {variables}CLIENT_KEY to a certificate the archive "
+            "trusts",
+            False,
+        )
+    return "check the archive's TLS set-up", True
