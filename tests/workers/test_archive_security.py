@@ -566,3 +566,28 @@ def test_job_store_migration_is_one_line_then_silent(tmp_path):
     assert first.strip().splitlines() == ["sprim.jobs event=job_store_migrated from=empty to=" +
                                           first.strip().rsplit("=", 1)[1]]  # fmt: skip
     assert second.strip() == ""
+
+
+def test_orthanc_sends_to_listen_over_dicom_tls(pki, tmp_path):
+    """Orthanc as the sender (``DicomModalities`` entry with ``UseDicomTls``), as the guide says."""
+    from workers.core.tls import server_context
+    from workers.ingest.listener import Listener, ListenerStore
+
+    study, _ = write_study(tmp_path / "study", n_slices=2)
+    store = ListenerStore(tmp_path / "incoming", quiet_period=3600, fsync=False)
+    ctx = server_context(pki["server"], pki["server.key"], client_ca=pki["ca"])
+    with Listener(store, port=0, ssl_context=ctx) as listener:
+        with OrthancServer(
+            tmp_path / "orthanc",
+            dicom_tls=(pki["client"], pki["client.key"], pki["ca"]),
+            extra={"DicomModalities": {"sprim": {"AET": "SPRIM", "Host": "127.0.0.1",
+                                                 "Port": listener.port, "UseDicomTls": True}}},
+        ) as orthanc:  # fmt: skip
+            for f in sorted((tmp_path / "study").glob("*.dcm")):  # its DICOM port is TLS
+                orthanc.session.post(f"{orthanc.url}/instances", data=f.read_bytes(),
+                                     timeout=30).raise_for_status()  # fmt: skip
+            sid = orthanc.get("/studies").json()[0]
+            r = orthanc.session.post(f"{orthanc.url}/modalities/sprim/store", data=sid, timeout=60)
+            assert r.ok, r.text
+    assert store.received == 2
+    assert {p.parent.parent.name for p in (tmp_path / "incoming").rglob("*.dcm")} == {study}
