@@ -238,12 +238,7 @@ def _pixels(image: sitk.Image, zero_intercept: bool = False) -> tuple[np.ndarray
 
 def _mr_from_enhanced(src: Dataset, ds: Dataset, notes: list[str]) -> None:
     """MR Image attributes of an enhanced source live in functional groups: fetch them there."""
-    groups = []
-    for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        if src.get(seq_kw):
-            for elem in src[seq_kw].value[0]:
-                if elem.VR == "SQ" and elem.value:
-                    groups.append(elem.value[0])
+    groups = _functional_groups(src)
     for kw in MR_KEYWORDS:
         if ds.get(kw) is None or ds.get(kw) == "":
             found = next((g for g in groups if g.get(kw) not in (None, "")), None)
@@ -253,13 +248,25 @@ def _mr_from_enhanced(src: Dataset, ds: Dataset, notes: list[str]) -> None:
         pulse = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}
         ds.ScanningSequence = pulse.get(str(src.EchoPulseSequence), ["RM"])
     if not ds.get("EchoTime"):
-        echo = next(
-            (g.get("EffectiveEchoTime") for g in groups if g.get("EffectiveEchoTime")), None
-        )
-        if echo is not None:
-            probe = Dataset()
-            probe.EchoTime = echo
-            copy_attributes(probe, ds, ("EchoTime",), notes)
+        _echo_time_from(groups, ds, notes)
+
+
+def _functional_groups(src: Dataset) -> list[Dataset]:
+    """The item of each functional group macro: shared ones, then the first frame's."""
+    groups = []
+    for seq_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if src.get(seq_kw):
+            groups += [e.value[0] for e in src[seq_kw].value[0] if e.VR == "SQ" and e.value]
+    return groups
+
+
+def _echo_time_from(groups: list[Dataset], ds: Dataset, notes: list[str]) -> None:
+    """EchoTime from the first EffectiveEchoTime of the groups (MR Echo macro), checked."""
+    echo = next((g.get("EffectiveEchoTime") for g in groups if g.get("EffectiveEchoTime")), None)
+    if echo is not None:
+        probe = Dataset()
+        probe.EchoTime = echo
+        copy_attributes(probe, ds, ("EchoTime",), notes)
 
 
 def _voi(ds: Dataset, notes: list[str]) -> None:
