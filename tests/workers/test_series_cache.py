@@ -78,10 +78,14 @@ def _touch(label: str, **kw) -> dict:
 
 
 def _in_orthanc(orthanc, study: str, outputs: list[dict]) -> dict[str, set[str]]:
-    from workers.archives.dicomweb import DicomWebArchive
-
-    a = DicomWebArchive(orthanc.dicomweb_url)
-    return {o["series_uid"]: set(a.instance_uids(study, o["series_uid"])) for o in outputs}
+    """SOPInstanceUIDs Orthanc holds for each output series (its REST API)."""
+    found = {}
+    for o in outputs:
+        hit = requests.post(orthanc.url + "/tools/lookup", data=o["series_uid"], timeout=10).json()
+        ids = [h["ID"] for h in hit if h["Type"] == "Series"]
+        tags = orthanc.get(f"/series/{ids[0]}/instances").json() if ids else []
+        found[o["series_uid"]] = {t["MainDicomTags"]["SOPInstanceUID"] for t in tags}
+    return found
 
 
 RUN_JOBS = """
@@ -152,6 +156,26 @@ def test_a_series_changed_since_is_fetched_again(env, orthanc, ct_files, tmp_pat
     entries = sorted(p.name for p in (Path(env["SPRIM_HOME"]) / "cache" / "series").iterdir()
                      if p.is_dir())  # fmt: skip
     assert len(entries) == 2 and all(e.startswith(series) for e in entries)
+
+
+def test_a_cached_series_is_fetched_again_after_its_time(env, orthanc, ct_files, tmp_path,
+                                                        monkeypatch):  # fmt: skip
+    """Past SPRIM_SERIES_CACHE_S an entry is not used (an archive may overwrite instances in
+    place, same count): the series is fetched again."""
+    from workers.core.config import settings
+    from workers.platform.executor import execute_job
+    from workers.platform.jobstore import open_store
+    from workers.platform.seriescache import MEMO
+
+    monkeypatch.setenv("SPRIM_SERIES_CACHE_S", "1")
+    settings.cache_clear()
+    study, series, _ = _send(orthanc, ct_files, tmp_path, "cache-age")
+    store = open_store()
+    assert execute_job(_job(store, orthanc, study, series, [_touch("A")]).id, store).state == "done"
+    MEMO.clear()  # another process
+    time.sleep(1.2)
+    assert execute_job(_job(store, orthanc, study, series, [_touch("B")]).id, store).state == "done"
+    assert _wado_series_gets(orthanc, series) == 2
 
 
 def test_outputs_are_stored_while_later_steps_compute(env, orthanc, ct_files, tmp_path, caplog):

@@ -45,8 +45,8 @@ class Archive(Protocol):
         ...
 
 
-def instance_uids(archive: Archive, study_uid: str, series_uid: str) -> list[str] | None:
-    """The SOPInstanceUIDs of a series now, when the archive can list them cheaply (optional
-    ``instance_uids`` method; ``None``: it cannot, the series is fetched every time)."""
-    lister = getattr(archive, "instance_uids", None)
-    return None if lister is None else list(lister(study_uid, series_uid))
+def instance_count(archive: Archive, study_uid: str, series_uid: str) -> int | None:
+    """How many instances a series has now, when the archive can tell cheaply (optional
+    ``instance_count`` method; ``None``: it cannot, the series is fetched every time)."""
+    counter = getattr(archive, "instance_count", None)
+    return None if counter is None else counter(study_uid, series_uid)

@@ -235,15 +235,23 @@ class DicomWebArchive:
         return data if isinstance(data, list) else []
 
     # -- fetch -----------------------------------------------------------------------------
-    def instance_uids(self, study_uid: str, series_uid: str) -> list[str]:
-        """SOPInstanceUIDs of the series now (QIDO-RS): what a fetch would bring, by name."""
+    def instance_count(self, study_uid: str, series_uid: str) -> int | None:
+        """NumberOfSeriesRelatedInstances of the series now (QIDO-RS at series level: the
+        archive counts from its index, without opening any instance); 0 when it is not there,
+        None when the archive does not give the count."""
         try:
-            hits = self._client.search_for_instances(
-                study_instance_uid=study_uid, series_instance_uid=series_uid, fields=["00080018"]
+            hits = self._client.search_for_series(
+                study_instance_uid=study_uid,
+                search_filters={"SeriesInstanceUID": series_uid},
+                fields=["00201209"],
             )
         except Exception as e:  # noqa: BLE001
-            raise self._error(f"QIDO-RS instances of series {series_uid}", e) from e
-        return [str(u) for u in (_value(h, "00080018") for h in hits) if u]
+            raise self._error(f"QIDO-RS series {series_uid}", e) from e
+        for h in hits:
+            if _value(h, "0020000E") == series_uid:
+                n = _value(h, "00201209")
+                return None if n is None else int(n)
+        return 0
 
     def fetch_series(self, study_uid: str, series_uid: str, dest: Path) -> list[Path]:
         """Stream the series by WADO-RS into ``dest``, one file per instance as it arrives.
@@ -330,6 +338,10 @@ class DicomWebArchive:
         )  # fmt: skip
 
     def _verify(self, study: str, series: str, uids: set[str]) -> None:
+        # The series holds exactly as many instances as were sent: kept (a count is cheap; the
+        # instance-level QIDO-RS below makes Orthanc open every instance).
+        if self.instance_count(study, series) == len(uids):
+            return
         try:
             hits = self._client.search_for_instances(
                 study_instance_uid=study, series_instance_uid=series, fields=["00080018"]

@@ -177,6 +177,12 @@ class Settings(BaseSettings):
         description="Fetched source series kept per host in SPRIM_HOME/cache/series, shared by "
         "the jobs of the rules that match one series (least recently used evicted). 0: off.",
     )
+    series_cache_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a cached series is used after its fetch (then fetched again: an "
+        "archive may overwrite instances in place).",
+    )
     series_memo_s: float = Field(
         60.0,
         ge=0,

@@ -4,18 +4,21 @@ Each job stays a job (its own priority, fairness, provenance, UIDs and failures)
 source is shared, at two levels:
 
 - **Host**: the fetched files live in ``SPRIM_HOME/cache/series/<series>-<key>/``. The key is a
-  digest of the archive, the study, the series and the SOPInstanceUIDs the archive lists for it
-  just before the fetch, so an instance added (or removed) later gives a new key and a new
-  fetch: an entry never stands for other content. An entry is published only when the fetch
-  brought exactly the listed instances and the listing did not change meanwhile. Concurrent
-  processes (Celery pool processes, worker hosts sharing ``SPRIM_HOME``) coordinate with
-  ``flock``: exclusive while fetching, shared while reading; the least recently used entries
-  beyond ``SPRIM_SERIES_CACHE_MB`` are evicted, never one in use.
+  digest of the archive, the study, the series and its instance count as the archive gives it
+  just before the fetch (QIDO-RS at series level: counted from the archive's index, no
+  instance opened), so an instance added (or removed) later gives a new key and a new fetch.
+  An entry is published only when the fetch brought exactly that many instances and the count
+  did not change meanwhile, and it is used for ``SPRIM_SERIES_CACHE_S`` after its fetch (the
+  jobs of one series start within seconds; an archive that overwrites instances in place keeps
+  their count). Concurrent processes (Celery pool processes, worker hosts sharing
+  ``SPRIM_HOME``) coordinate with ``flock``: exclusive while fetching, shared while reading;
+  the least recently used entries beyond ``SPRIM_SERIES_CACHE_MB`` are evicted, never one in
+  use.
 - **Process**: the last :class:`~workers.reading.source.SourceSeries` read, under the same key,
   kept ``SPRIM_SERIES_MEMO_S`` seconds for the next job of that series in this process.
 
-An archive that cannot list a series' instances (no ``instance_uids``) is fetched per job into
-the job's folder, as before.
+An archive that cannot count a series' instances (no ``instance_count``: folder, C-STORE) is
+fetched per job into the job's folder, as before.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workers.archives.base import Archive, instance_uids
+from workers.archives.base import Archive, instance_count
 from workers.core.config import settings
 from workers.reading.source import SeriesError
 
@@ -51,9 +54,9 @@ def cache_root() -> Path:
     return settings().home / "cache" / "series"
 
 
-def content_key(archive: str, study_uid: str, series_uid: str, uids: list[str]) -> str:
-    """Digest naming one series content: same instances -> same key."""
-    doc = json.dumps([archive, study_uid, series_uid, sorted(uids)])
+def content_key(archive: str, study_uid: str, series_uid: str, count: int) -> str:
+    """Digest naming one series content: an instance more or less -> another key."""
+    doc = json.dumps([archive, study_uid, series_uid, count])
     return hashlib.sha256(doc.encode()).hexdigest()[:24]
 
 
@@ -153,25 +156,33 @@ def _entry_files(entry: Path) -> list[Path]:
 
 
 def _fetch_entry(
-    archive: Archive, study_uid: str, series_uid: str, entry: Path, key: str, uids: list[str]
+    archive: Archive, study_uid: str, series_uid: str, entry: Path, count: int
 ) -> bool:
     """Fetch into ``entry`` (exclusive lock held); True if published for other jobs."""
     tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}")
     shutil.rmtree(entry, ignore_errors=True)
     try:
         files = archive.fetch_series(study_uid, series_uid, tmp)
-        ok = len(files) == len(uids) and content_key(
-            archive.name, study_uid, series_uid, instance_uids(archive, study_uid, series_uid) or []
-        ) == key  # fmt: skip
+        ok = len(files) == count == instance_count(archive, study_uid, series_uid)
         os.replace(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if ok:
         size = sum(f.stat().st_size for f in _entry_files(entry))
-        (entry / _COMPLETE).write_text(json.dumps({"series": series_uid, "bytes": size}))
+        marker = {"series": series_uid, "bytes": size, "fetched_at": time.time()}
+        (entry / _COMPLETE).write_text(json.dumps(marker))
     else:  # the series changed while it was fetched: this job's copy only
         log.info("event=series_cache_skip series=%s reason=changed during fetch", series_uid)
     return ok
+
+
+def _fresh(entry: Path) -> bool:
+    """A complete entry fetched less than ``SPRIM_SERIES_CACHE_S`` ago."""
+    try:
+        marker = json.loads((entry / _COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    return time.time() - float(marker.get("fetched_at", 0)) < settings().series_cache_s
 
 
 def _evict(keep: Path) -> None:
@@ -180,6 +191,9 @@ def _evict(keep: Path) -> None:
     limit = settings().series_cache_mb * 2**20
     entries = []
     for d in root.iterdir():
+        if d.name.startswith(".") and time.time() - d.stat().st_mtime > 3600:
+            shutil.rmtree(d, ignore_errors=True)  # a fetch whose process died
+            continue
         marker = d / _COMPLETE
         if d.is_dir() and marker.exists():
             try:
@@ -216,8 +230,8 @@ def load_series(
     called when fetching ends and reading begins (the lease's step).
     """
     t0 = time.perf_counter()
-    uids = instance_uids(archive, study_uid, series_uid) if settings().series_cache_mb else None
-    if not uids:  # no listing (or an empty one: the fetch says "not found")
+    count = instance_count(archive, study_uid, series_uid) if settings().series_cache_mb else None
+    if not count:  # no count (or none there: the fetch says "not found")
         MEMO.clear()
         files = archive.fetch_series(study_uid, series_uid, dest)
         fetch_s = time.perf_counter() - t0
@@ -226,7 +240,7 @@ def load_series(
         t1 = time.perf_counter()
         source = _read(dest, series_uid, len(files))
         return Loaded(source, "fetch", None, fetch_s, time.perf_counter() - t1)
-    key = content_key(archive.name, study_uid, series_uid, uids)
+    key = content_key(archive.name, study_uid, series_uid, count)
     if (source := MEMO.get(key)) is not None:
         log.info("event=series_memo_hit series=%s key=%s", series_uid, key)
         return Loaded(source, "memo", key, time.perf_counter() - t0, 0.0)
@@ -235,13 +249,14 @@ def load_series(
     lock = entry.with_name(entry.name + ".lock")
     how = "cache"
     with _locked(lock, fcntl.LOCK_SH):
-        hit = (entry / _COMPLETE).exists()
+        hit = _fresh(entry)
     if not hit:
         with _locked(lock, fcntl.LOCK_EX):
-            if not (entry / _COMPLETE).exists():  # another process may have fetched meanwhile
+            if not _fresh(entry):  # another process may have fetched meanwhile
                 how = "fetch"
-                if not _fetch_entry(archive, study_uid, series_uid, entry, key, uids):
+                if not _fetch_entry(archive, study_uid, series_uid, entry, count):
                     shutil.rmtree(dest, ignore_errors=True)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(entry, dest)  # not shared: the job's own copy
                     entry = dest
     fetch_s = time.perf_counter() - t0
