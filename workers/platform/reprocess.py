@@ -115,28 +115,10 @@ def reprocess(
     out_steps: list[dict[str, Any]] = []
     suffixes: list[str] = []
     for w in wanted:
-        try:
-            st = get_step(str(w.get("use")))
-        except KeyError as e:
-            raise BadRequest(e.args[0]) from None
-        base: dict[str, Any] = {}
-        for j in ran:  # the params this series ran with, newest first
-            hit = next((s for s in j.steps if s["use"] == st.name), None)
-            if hit and j.series_uid == series_uid:
-                base, rule = dict(hit.get("with") or {}), rule or j.rule
-                break
-        try:
-            params = st.validate({**base, **(w.get("with") or {})})
-        except ValidationError as e:
-            fields = {str(err["loc"][0]): err["msg"] for err in e.errors() if err.get("loc")}
-            raise BadRequest(f"{st.name}: {params_error_text(e)}", fields) from None
-        except Exception as e:  # noqa: BLE001  ('with' that is not a mapping)
-            raise BadRequest(f"{st.name}: {e}") from None
-        _check_size(st, params, known[series_uid])
-        canon = json.loads(canonical_params(params))
-        ref = json.loads(canonical_params(st.validate(base)))
-        suffixes.append(_changed(ref, canon))
-        out_steps.append({"use": st.name, "version": st.version, "with": canon})
+        step, suffix, ran_rule = _requested_step(w, ran, series_uid, known)
+        rule = rule or ran_rule
+        suffixes.append(suffix)
+        out_steps.append(step)
     src = (base_job or ran[0]) if ran else None
     # where the study is: the job it ran as, else the study record, else any job of it
     where: Job | StudyRow = src or row or prior[0]
@@ -158,6 +140,38 @@ def reprocess(
     log.info("job=%d event=reprocess_queued study=%s requester=%s", job.id, study_uid, requester)
     release(store, disp)
     return job
+
+
+def _requested_step(
+    w: Mapping[str, Any], ran: Sequence[Job], series_uid: str, known: Mapping[str, dict]
+) -> tuple[dict[str, Any], str, str | None]:
+    """One requested step: (job step with every param, description suffix of the params that
+    differ from the last run's, the rule of that run); BadRequest naming a refused param."""
+    try:
+        st = get_step(str(w.get("use")))
+    except KeyError as e:
+        raise BadRequest(e.args[0]) from None
+    base, rule = _ran_with(ran, st.name, series_uid)
+    try:
+        params = st.validate({**base, **(w.get("with") or {})})
+    except ValidationError as e:
+        fields = {str(err["loc"][0]): err["msg"] for err in e.errors() if err.get("loc")}
+        raise BadRequest(f"{st.name}: {params_error_text(e)}", fields) from None
+    except Exception as e:  # noqa: BLE001  ('with' that is not a mapping)
+        raise BadRequest(f"{st.name}: {e}") from None
+    _check_size(st, params, known[series_uid])
+    canon = json.loads(canonical_params(params))
+    ref = json.loads(canonical_params(st.validate(base)))
+    return {"use": st.name, "version": st.version, "with": canon}, _changed(ref, canon), rule
+
+
+def _ran_with(ran: Sequence[Job], name: str, series_uid: str) -> tuple[dict[str, Any], str | None]:
+    """The params step ``name`` ran with on the series (newest job first) and that job's rule."""
+    for j in ran:
+        hit = next((s for s in j.steps if s["use"] == name), None)
+        if hit and j.series_uid == series_uid:
+            return dict(hit.get("with") or {}), j.rule
+    return {}, None
 
 
 def visible_row(row: Any, institution: str | None) -> bool:
