@@ -70,6 +70,8 @@ def make_app() -> Celery:
         worker_hijack_root_logger=False,
         worker_max_tasks_per_child=200,
     )
+    if s.worker_recycle_mb:  # checked after each task; KiB (issue 13 item 5)
+        app.conf.worker_max_memory_per_child = s.worker_recycle_mb * 1024
     return app
 
 

@@ -238,6 +238,7 @@ def _smoothed_and_decimated(poly: vtkPolyData, params: MeshParams) -> vtkPolyDat
         smooth.NormalizeCoordinatesOn()
         smooth.Update()
         poly = smooth.GetOutput()
+        del smooth  # the filter holds its input: the unsmoothed surface is freed here
     n = poly.GetNumberOfPolys()
     reduction = max(params.target_reduction, 1.0 - params.max_triangles / max(n, 1))
     if reduction > 0:
@@ -247,6 +248,7 @@ def _smoothed_and_decimated(poly: vtkPolyData, params: MeshParams) -> vtkPolyDat
         dec.VolumePreservationOn()
         dec.Update()
         poly = dec.GetOutput()
+        del dec  # frees the undecimated surface before the arrays are copied out
     return poly
 
 

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         description="Address-space limit (MB) of each job process (RLIMIT_AS of Celery pool "
         "processes); a job over it fails with its own reason. 0: no limit.",
     )
+    worker_recycle_mb: int = Field(
+        1024,
+        ge=0,
+        description="A Celery pool process whose resident memory is above this (MB) after a "
+        "job is replaced by a fresh one (worker_max_memory_per_child): memory a large job "
+        "left in the allocator, VTK and the preview renderer is not carried into the next "
+        "job. 0: never.",
+    )
     # -- archive loop (issue 5) --
     archives: dict[str, str] = Field(
         {},
