@@ -178,6 +178,41 @@ def test_a_cached_series_is_fetched_again_after_its_time(env, orthanc, ct_files,
     assert _wado_series_gets(orthanc, series) == 2
 
 
+def test_a_series_evicted_between_fetch_and_read_is_fetched_again(env, orthanc, ct_files, tmp_path):
+    """Another process evicts the entry after this one fetched it and before it reads: the job
+    fetches once more (without waiting on its own cache lock) and reads the whole series."""
+    import shutil
+
+    from workers.archives import open_archive
+    from workers.platform.seriescache import cache_root, load_series
+
+    study, series, _ = _send(orthanc, ct_files, tmp_path, "cache-evicted")
+    evictions = []
+
+    def evict_once():  # on_read: called between fetch and read
+        if not evictions:
+            for p in cache_root().iterdir():  # as _evict does: the entry, then its lock file
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+                evictions.append(p.name)
+
+    got = {}
+    archive = open_archive(orthanc.dicomweb_url)
+
+    def load():
+        got["loaded"] = load_series(archive, study, series, tmp_path / "job", evict_once)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "load_series waits on its own cache lock"
+    loaded = got["loaded"]
+    assert sorted(e.endswith(".lock") for e in evictions) == [False, True]
+    assert loaded.how == "fetch" and loaded.source.series_uid == series
+    assert loaded.source.volume.image.GetSize()[2] == N_SLICES
+    assert _wado_series_gets(orthanc, series) == 2
+    assert (cache_root() / f"{series}-{loaded.key}" / ".complete").exists()
+
+
 def test_outputs_are_stored_while_later_steps_compute(env, orthanc, ct_files, tmp_path, caplog):
     """The first output is confirmed in Orthanc before the slow second step ends; the job is
     done only with both in Orthanc; no store thread outlives the job."""

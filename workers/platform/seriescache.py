@@ -232,53 +232,85 @@ def load_series(
     t0 = time.perf_counter()
     count = instance_count(archive, study_uid, series_uid) if settings().series_cache_mb else None
     if not count:  # no count (or none there: the fetch says "not found")
-        MEMO.clear()
-        files = archive.fetch_series(study_uid, series_uid, dest)
-        fetch_s = time.perf_counter() - t0
-        if on_read:
-            on_read()
-        t1 = time.perf_counter()
-        source = _read(dest, series_uid, len(files))
-        return Loaded(source, "fetch", None, fetch_s, time.perf_counter() - t1)
+        return _fetch_uncached(archive, study_uid, series_uid, dest, on_read, t0)
     key = content_key(archive.name, study_uid, series_uid, count)
-    if (source := MEMO.get(key)) is not None:
+    if (memo := MEMO.get(key)) is not None:
         log.info("event=series_memo_hit series=%s key=%s", series_uid, key)
-        return Loaded(source, "memo", key, time.perf_counter() - t0, 0.0)
+        return Loaded(memo, "memo", key, time.perf_counter() - t0, 0.0)
     MEMO.drop_other(key)
-    entry = cache_root() / f"{series_uid}-{key}"
-    lock = entry.with_name(entry.name + ".lock")
-    how = "cache"
-    with _locked(lock, fcntl.LOCK_SH):
-        hit = _fresh(entry)
-    if not hit:
-        with _locked(lock, fcntl.LOCK_EX):
-            if not _fresh(entry):  # another process may have fetched meanwhile
-                how = "fetch"
-                if not _fetch_entry(archive, study_uid, series_uid, entry, count):
-                    shutil.rmtree(dest, ignore_errors=True)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(entry, dest)  # not shared: the job's own copy
-                    entry = dest
+    entry, how = _cache_entry(archive, study_uid, series_uid, dest, key, count)
     fetch_s = time.perf_counter() - t0
     if on_read:
         on_read()
     t1 = time.perf_counter()
-    if entry == dest:
-        source = _read(dest, series_uid, len(_entry_files(dest)))
-    else:
-        with _locked(lock, fcntl.LOCK_SH):  # an eviction waits until the read is over
-            if not (entry / _COMPLETE).exists():  # evicted between fetch and read: once more
-                return load_series(archive, study_uid, series_uid, dest, on_read)
-            os.utime(entry / _COMPLETE)  # recently used
-            source = _read(entry, series_uid, len(_entry_files(entry)))
-        if how == "fetch":
-            with contextlib.suppress(OSError):
-                _evict(keep=entry)
+    source = _read_entry(entry, dest, series_uid, fetched=how == "fetch")
+    if source is None:  # evicted between fetch and read: once more
+        return load_series(archive, study_uid, series_uid, dest, on_read)
     read_s = time.perf_counter() - t1
     MEMO.put(key, source)
     log.info("event=series_loaded series=%s how=%s key=%s fetch_s=%.2f read_s=%.2f",
              series_uid, how, key, fetch_s, read_s)  # fmt: skip
     return Loaded(source, how, key, fetch_s, read_s)
+
+
+def _fetch_uncached(
+    archive: Archive,
+    study_uid: str,
+    series_uid: str,
+    dest: Path,
+    on_read: Callable[[], None] | None,
+    t0: float,
+) -> Loaded:
+    """Fetch into the job's folder and read, bypassing the cache (and emptying the memo)."""
+    MEMO.clear()
+    files = archive.fetch_series(study_uid, series_uid, dest)
+    fetch_s = time.perf_counter() - t0
+    if on_read:
+        on_read()
+    t1 = time.perf_counter()
+    source = _read(dest, series_uid, len(files))
+    return Loaded(source, "fetch", None, fetch_s, time.perf_counter() - t1)
+
+
+def _cache_entry(
+    archive: Archive, study_uid: str, series_uid: str, dest: Path, key: str, count: int
+) -> tuple[Path, str]:
+    """(folder holding the series, "cache" or "fetch"): the host cache's entry, fetched into it
+    when missing; ``dest`` when the series is too large to be shared."""
+    entry = cache_root() / f"{series_uid}-{key}"
+    lock = _lock_of(entry)
+    with _locked(lock, fcntl.LOCK_SH):
+        hit = _fresh(entry)
+    if hit:
+        return entry, "cache"
+    with _locked(lock, fcntl.LOCK_EX):
+        if _fresh(entry):  # another process fetched meanwhile
+            return entry, "cache"
+        if not _fetch_entry(archive, study_uid, series_uid, entry, count):
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(entry, dest)  # not shared: the job's own copy
+            entry = dest
+    return entry, "fetch"
+
+
+def _lock_of(entry: Path) -> Path:
+    return entry.with_name(entry.name + ".lock")
+
+
+def _read_entry(entry: Path, dest: Path, series_uid: str, *, fetched: bool) -> SourceSeries | None:
+    """Read the series from its folder; None when its cache entry was evicted before the read."""
+    if entry == dest:
+        return _read(dest, series_uid, len(_entry_files(dest)))
+    with _locked(_lock_of(entry), fcntl.LOCK_SH):  # an eviction waits until the read is over
+        if not (entry / _COMPLETE).exists():
+            return None
+        os.utime(entry / _COMPLETE)  # recently used
+        source = _read(entry, series_uid, len(_entry_files(entry)))
+    if fetched:
+        with contextlib.suppress(OSError):
+            _evict(keep=entry)
+    return source
 
 
 def _read(folder: Path, series_uid: str, n_files: int) -> SourceSeries:
