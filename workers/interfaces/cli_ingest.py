@@ -27,6 +27,8 @@ def _logging(verbose: bool) -> None:
     # Orthanc (civetweb) closes an idle keep-alive connection after 0.5 s: each 1 s poll
     # reconnects, which urllib3 logs at debug ("Resetting dropped connection"), as every request.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    for name in ("pylibjpeg", "openjpeg"):  # 32 plugin lines at start
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 #: How to make the broker dispatcher (``tasks.dispatch.CeleryDispatcher``), injected by the
