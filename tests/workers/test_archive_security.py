@@ -470,6 +470,9 @@ def test_listen_with_dicom_tls_from_dcmtk_storescu(pki, tmp_path):
             stalled.close()
         listen.stop()
     assert "Traceback" not in listen.text()
+    # one line per refused peer: plain DICOM, a client that does not trust our certificate
+    assert "event=tls_handshake_failed reason=WRONG_VERSION_NUMBER" in listen.text()
+    assert "event=tls_handshake_failed reason=TLSV1_ALERT_UNKNOWN_CA" in listen.text()
 
 
 def test_listen_mutual_tls_requires_a_client_certificate(pki, tmp_path):

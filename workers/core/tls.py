@@ -10,23 +10,13 @@ import ssl
 from pathlib import Path
 
 
-class _LazyHandshakeContext(ssl.SSLContext):
-    """A server context whose handshake runs on the first read, in the association's thread.
-
-    pynetdicom wraps an accepted socket in its accept loop: with the default immediate handshake,
-    one peer that connects and sends nothing would hold every other peer's association.
-    """
-
-    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, *args, **kw):  # type: ignore[override]
-        return super().wrap_socket(sock, server_side, False, *args, **kw)
-
-
 def server_context(
     cert: Path, key: Path | None = None, client_ca: Path | None = None
 ) -> ssl.SSLContext:
     """TLS context of a DICOM SCP: our certificate; with ``client_ca``, a client certificate
-    signed by it is required (mutual TLS), else none is asked."""
-    ctx = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    signed by it is required (mutual TLS), else none is asked. The SCP handshakes on the
+    association's own thread, under its network timeout (:mod:`workers.ingest.scp`)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert), str(key) if key else None)
     if client_ca is not None:
