@@ -23,6 +23,7 @@ from workers.processing import previews as wp
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo" / "ct-abdomen"
+FAILING = ROOT.parent / "shared" / "data" / "edge-cases" / "series" / "failing"
 SPRIM = str(Path(sys.executable).parent / "sprim")
 HOSTILE_DESC = "<img src=x onerror=__pwned=1><script>__pwned=2</script>CHEST"
 HOSTILE_PATIENT = "<b onmouseover=alert(3)>EVIL^</b>"
@@ -125,6 +126,22 @@ def test_hostile_dicom_strings_stay_text_in_the_report(tmp_path: Path, browser) 
     assert HOSTILE_DESC in text
     assert "<svg onload=__pwned=3>.txt" in text
     browser.screenshot("report-hostile")
+
+
+def test_report_says_why_each_series_failed(tmp_path: Path, browser) -> None:
+    out = tmp_path / "out"
+    r = sprim_run(FAILING, "--out", out, "--step", "reformat.mpr", "--set", "planes=[coronal]")
+    assert r.returncode == 1, r.stdout + r.stderr  # some series refused
+    summary = json.loads((out / "summary.json").read_text())
+    failed = [j for j in summary["jobs"] if j["state"] == "failed"]
+    assert failed and any(j["state"] == "done" for j in summary["jobs"])
+    browser.open(out / "report.html")
+    text = browser.text()
+    for j in failed:
+        assert j["error"] and j["error"][:120] in text
+    assert text.count("failed") >= len(failed)
+    assert all(i["naturalWidth"] > 0 for i in browser.images())
+    browser.screenshot("report-failing")
 
 
 def test_still_is_a_jpeg_within_budget_greyscale_when_it_has_no_colour() -> None:
