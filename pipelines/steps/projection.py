@@ -105,7 +105,7 @@ def _estimate(
     return int(n_bytes), what
 
 
-def _to_axial(image: sitk.Image) -> sitk.Image:
+def _to_axial(image: sitk.Image, background: float = -1024.0) -> sitk.Image:
     """Resample a non-axial volume onto an identity-direction grid covering it (rare path)."""
     size = np.array(image.GetSize())
     corners = np.array(
@@ -125,7 +125,7 @@ def _to_axial(image: sitk.Image) -> sitk.Image:
         lo.tolist(),
         [sp] * 3,
         [1, 0, 0, 0, 1, 0, 0, 0, 1],
-        -1024.0,
+        background,
         image.GetPixelID(),
     )
 
@@ -144,6 +144,16 @@ def _segment_masks(
                 m |= lab == seg.label
             masks.append((m, inside))
     return masks
+
+
+def _mask_to_axial(mask: np.ndarray, source: sitk.Image) -> np.ndarray:
+    """A mask on ``source``'s grid moved onto the axial grid of ``_to_axial(source)``.
+
+    Interpolated like the volume: an axial voxel any segment voxel contributes to is in it.
+    """
+    m = sitk.GetImageFromArray(mask.astype(np.float32))
+    m.CopyInformation(source)
+    return sitk.GetArrayFromImage(_to_axial(m, background=0.0)) > 0
 
 
 def _windowed(
@@ -207,11 +217,8 @@ def rotating_mip(volume: Volume, params: MipParams, prior: Sequence[Output] = ()
         raise StepError("a rotating MIP needs a 3D volume")
     masks = _segment_masks(volume, params, prior)
     if not _axial(image):
+        masks = [(_mask_to_axial(m, image), i) for m, i in masks]
         image = _to_axial(image)
-        masks = [
-            (sitk.GetArrayFromImage(_to_axial(sitk.GetImageFromArray(m.view(np.uint8)))) > 0, i)
-            for m, i in masks
-        ]
     a = sitk.GetArrayViewFromImage(image)
     floor = np.iinfo(np.int16).min if a.dtype == np.int16 else float(a.min())
     background = params.lower_hu if params.lower_hu is not None else float(a.min())

@@ -65,8 +65,9 @@ def test_views_turn_by_the_requested_angle() -> None:
     assert np.allclose(angles, 10.0)
 
 
-def test_bone_excluded_and_hu_window() -> None:
-    volume, _, bone = volume_with_spot(AXIAL_FLIPPED)
+@pytest.mark.parametrize("direction", [AXIAL_FLIPPED, SAGITTAL], ids=["axial", "sagittal"])
+def test_bone_excluded_and_hu_window(direction) -> None:
+    volume, _, bone = volume_with_spot(direction)
     no_bone = sitk.GetArrayFromImage(mip(volume, (bone,), exclude_segment="bone").image)
     assert no_bone.max() == 300  # the vessel is now the brightest thing
     windowed = sitk.GetArrayFromImage(mip(volume, lower_hu=-200, upper_hu=500).image)
