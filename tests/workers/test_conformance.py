@@ -28,8 +28,9 @@ from pydicom.uid import generate_uid
 
 from pipelines import get_step
 from pipelines.rules import RuleSet, explain
-from workers.processing.offline import JobResult, PlannedJob, load_ruleset, plan_rules, run
+from workers.processing.offline import PlannedJob, load_ruleset, plan_rules, run
 from workers.processing.runner import StepCall
+from workers.processing.summary import JobResult
 from workers.processing.testing import dciodvfy, dciodvfy_errors
 from workers.reading.series import SeriesFiles, read_series
 from workers.reading.source import SeriesError

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -22,6 +22,7 @@ from pipelines import StepError, get_step
 from pipelines.rules import RulesError  # noqa: F401  (the CLI catches it from here)
 from workers.processing.report import REPORT_FILE, write_report
 from workers.processing.runner import StepCall, run_steps
+from workers.processing.summary import JobResult, RunSummary
 from workers.reading.inputs import Skipped
 from workers.reading.series import SeriesFiles, diagnose, read_series, scan
 from workers.reading.source import SeriesError, SourceSeries
@@ -39,41 +40,6 @@ class PlannedJob:
     series: SeriesFiles
     calls: list[StepCall]
     rule_index: int = 0
-
-
-@dataclass
-class JobResult:
-    rule: str
-    series_uid: str
-    series_description: str
-    modality: str
-    state: str  # done | partial (some outputs failed) | failed
-    seconds: float
-    error: str = ""
-    notes: list[str] = field(default_factory=list)
-    steps: list[dict] = field(default_factory=list)
-    #: Each output (or whole step, output "") that could not be made: step, output, reason.
-    failures: list[dict] = field(default_factory=list)
-    #: A picture of each output (workers.processing.previews.PreviewFile, path relative to OUT).
-    previews: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class RunSummary:
-    inputs: list[str]
-    out_dir: str
-    series_found: int
-    jobs: list[JobResult] = field(default_factory=list)
-    unmatched: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    #: Files, archives and archive members not used, each with the reason (workers.reading.inputs).
-    skipped: list[dict] = field(default_factory=list)
-    #: Why the run as a whole did nothing useful ("no DICOM series ...", "internal error ...").
-    error: str = ""
-
-    @property
-    def failed(self) -> list[JobResult]:
-        return [j for j in self.jobs if j.state != "done"]
 
 
 class UsageError(Exception):

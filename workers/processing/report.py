@@ -17,10 +17,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.processing.summary import RunSummary
+
 if TYPE_CHECKING:
     import jinja2
 
-    from workers.processing.offline import RunSummary
 
 log = logging.getLogger(__name__)
 
