@@ -71,7 +71,9 @@ def encode(p: Preview, max_bytes: int = MAX_BYTES) -> tuple[bytes, str]:
         w, h = frames[0].size
         if min(w, h) < 32:
             raise ValueError(f"preview does not fit in {max_bytes} bytes even at {w}x{h}")
-        frames = [f.resize((max(1, w // 2), max(1, h // 2)), Image.LANCZOS) for f in frames]
+        frames = [
+            f.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.LANCZOS) for f in frames
+        ]
 
 
 def _image(rgb: np.ndarray) -> Image.Image:

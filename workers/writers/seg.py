@@ -186,7 +186,9 @@ def build_seg(
     seg.SeriesDescription = description
     seg.update(patient_study)  # highdicom leaves some of it out (SpecificCharacterSet, type 3)
     seg.update(frame)
-    seg.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
+    # as plain items (highdicom types the attribute with its own item class)
+    seg_ds: Dataset = seg
+    seg_ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
     return seg, number, description, unique(notes)
 
 

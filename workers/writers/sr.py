@@ -142,7 +142,9 @@ def build_volume_report(
     # highdicom copied the SEG's (already sanitized) patient/study modules; the shared helper
     # gives the same values and the notes.
     copy_patient_study(src, sr, notes)
-    sr.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
+    # as plain items (highdicom types the attribute with its own item class)
+    sr_ds: Dataset = sr
+    sr_ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
     return sr, number, description, unique(notes)
 
 
@@ -280,7 +282,9 @@ def build_measurement_report(
     )
     sr.SeriesDescription = description
     copy_patient_study(src, sr, notes)
-    sr.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
+    # as plain items (highdicom types the attribute with its own item class)
+    sr_ds: Dataset = sr
+    sr_ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
     return sr, number, description, unique(notes)
 
 
