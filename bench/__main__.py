@@ -24,9 +24,9 @@ from bench.common import RESULTS, ROOT, machine, now, run_cmd
 from bench.report import RUN_FILE, write_report
 
 #: Run order: cheap, service-free first; the platform (Orthanc + RabbitMQ) last.
-ORDER = ("read", "mpr", "3d", "platform", "archive", "peers", "e2e", "hosts")
+ORDER = ("read", "startup", "mpr", "3d", "memory", "platform", "archive", "peers", "e2e", "hosts")
 #: Wall-clock limit per script (full run; the whole of ``make bench`` must stay <= 15 min).
-LIMIT_S = {"e2e": 900.0, "peers": 400.0, "archive": 400.0, "hosts": 600.0}
+LIMIT_S = {"e2e": 900.0, "peers": 400.0, "archive": 400.0, "hosts": 600.0, "memory": 400.0}
 DEFAULT_LIMIT_S = 240.0
 
 

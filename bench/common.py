@@ -47,6 +47,7 @@ class Sample:
     max_rss_mb: float
     stdout: str = ""
     inner: dict[str, Any] = field(default_factory=dict)  # JSON the child printed last
+    cpu_s: float = 0.0  # user + system of the child (and its waited-for children)
 
 
 @dataclass
@@ -113,7 +114,7 @@ def run_cmd(
         out, err = fo.read(), fe.read()
     if check and proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {shlex.join(map(str, cmd))}\n{err[-1500:]}")
-    return Sample(seconds, usage.ru_maxrss / 1024.0, out)
+    return Sample(seconds, usage.ru_maxrss / 1024.0, out, cpu_s=usage.ru_utime + usage.ru_stime)
 
 
 def _stop(proc: subprocess.Popen, grace: float = 90.0) -> None:
