@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.rules.conditions import Condition, _num
-from pipelines.rules.model import CONTEXT_KEYS, Rule, RuleSet, RunStep
+from pipelines.rules.model import Rule, RuleSet, RunStep
 
 
 @dataclass(frozen=True)
@@ -81,24 +81,13 @@ def select(rule: Rule, views: Sequence[Mapping[str, Any]]) -> list[Mapping[str, 
     return _prefer(rule, cands)
 
 
-Conditions = tuple[Condition, ...]
-
-
-def _split(conds: Sequence[Condition]) -> tuple[Conditions, Conditions]:
-    ctx = tuple(c for c in conds if c.key in CONTEXT_KEYS)
-    return ctx, tuple(c for c in conds if c.key not in CONTEXT_KEYS)
-
-
 def _fast_select(
     rule: Rule, series: Sequence[Mapping[str, Any]], context: Mapping[str, Any]
 ) -> list[Mapping[str, Any]]:
     """:func:`select` without merging dicts: context conditions once per study."""
-    plan = _PLANS.get(id(rule))
-    if plan is None or plan[0] is not rule:
-        m_ctx, m_ser = _split(rule.match)
-        w_ctx, w_ser = _split(rule.where)
-        plan = _PLANS[id(rule)] = (rule, m_ctx + w_ctx, m_ser + w_ser, _split(rule.exclude))
-    _, need_ctx, need_ser, (ex_ctx, ex_ser) = plan
+    plan = rule.plan
+    need_ctx, need_ser = plan.need_context, plan.need_series
+    ex_ctx, ex_ser = plan.exclude_context, plan.exclude_series
     for c in need_ctx:
         if not c.test(context):
             return []
@@ -113,10 +102,6 @@ def _fast_select(
                 continue
             cands.append(s)
     return _prefer(rule, cands)
-
-
-#: Rule -> (rule, context conditions, series conditions, (exclude context, exclude series)).
-_PLANS: dict[int, tuple[Rule, Conditions, Conditions, tuple[Conditions, Conditions]]] = {}
 
 
 def route(

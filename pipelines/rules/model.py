@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel
@@ -55,6 +56,31 @@ class Rule:
     @property
     def priority_level(self) -> int:
         return PRIORITIES[self.priority]
+
+    @cached_property
+    def plan(self) -> SelectionPlan:
+        """The rule's conditions split once: study context (tested once per study) vs series."""
+
+        def split(conds: tuple[Condition, ...]) -> tuple[Conditions, Conditions]:
+            ctx = tuple(c for c in conds if c.key in CONTEXT_KEYS)
+            return ctx, tuple(c for c in conds if c.key not in CONTEXT_KEYS)
+
+        m_ctx, m_ser = split(self.match)
+        w_ctx, w_ser = split(self.where)
+        return SelectionPlan(m_ctx + w_ctx, m_ser + w_ser, *split(self.exclude))
+
+
+Conditions = tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """What a series must meet (context conditions, series conditions) and what excludes it."""
+
+    need_context: Conditions
+    need_series: Conditions
+    exclude_context: Conditions
+    exclude_series: Conditions
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ class SourceSeries:
     notes : list[str]
         What the reader corrected or accepted with a remark (e.g. "gantry tilt 18.5°
         resampled"), for the run summary and the provenance.
+    memo : dict
+        Values writers derive once per source and reuse for every output of it.
     frame_of_reference_uid : str
         The one frame of reference every output uses: the source's; when the slices carried
         different FrameOfReferenceUIDs but one consistent geometry, the first slice's in
@@ -44,6 +46,8 @@ class SourceSeries:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     frame_of_reference_uid: str = ""
+    #: Values writers derive once per source and reuse for every output (encoded references).
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def first(self) -> Dataset:

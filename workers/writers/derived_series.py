@@ -26,7 +26,6 @@ File Meta, the common bytes merged in tag order with its few own elements, and t
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -422,11 +421,6 @@ def _image_pixel(out: ImageSeries, ds: Dataset) -> None:
     ds.BurnedInAnnotation = "NO"
 
 
-_SOURCE_CACHE: dict[
-    int, tuple[weakref.ref, tuple[np.ndarray, tuple[list[bytes], list[bytes]]]]
-] = {}
-
-
 def _source_refs(
     source: SourceSeries, encodings: list[str]
 ) -> tuple[np.ndarray, tuple[list[bytes], list[bytes]]]:
@@ -436,9 +430,10 @@ def _source_refs(
     No ReferencedSeriesSequence: each image's SourceImageSequence already names the source
     instances it is made from, and repeating all of them once more per image adds ~13 ms per
     instance to Orthanc's ingest on a 400-slice CT (dciodvfy is clean without it)."""
-    hit = _SOURCE_CACHE.get(id(source))
-    if hit is not None and hit[0]() is source:
-        return hit[1]
+    key = "source_refs:" + "\\".join(encodings)
+    hit: tuple[np.ndarray, tuple[list[bytes], list[bytes]]] | None = source.memo.get(key)
+    if hit is not None:
+        return hit
     heads = [h for h in source.headers if "SOPInstanceUID" in h and "SOPClassUID" in h]
     d = np.array(source.volume.image.GetDirection()).reshape(3, 3)
     pos = []
@@ -450,8 +445,7 @@ def _source_refs(
     refs = [element(0x00081150, "UI", c) + element(0x00081155, "UI", i) for c, i in uids]
     items = ([item(r + purpose) for r in refs], [item(r) for r in refs])
     value = (np.array(pos), items)
-    _SOURCE_CACHE.clear()  # one source at a time: no growth in long-running workers
-    _SOURCE_CACHE[id(source)] = (weakref.ref(source), value)  # never keeps a volume alive
+    source.memo[key] = value  # lives and dies with the source
     return value
 
 
