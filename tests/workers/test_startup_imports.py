@@ -109,3 +109,20 @@ def test_celery_finds_the_app_after_a_submodule_import():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_reformat_run_never_imports_what_it_does_not_use(ct_files, tmp_path):
+    """A whole `sprim run --step reformat.mpr` (read, MPR, DICOM write, previews, report):
+    no highdicom (SEG/SR writers), VTK (meshes), scipy, Celery or job store."""
+    import shutil as sh
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in ct_files[:30]:
+        sh.copy(f, folder / Path(f).name)
+    where, mods = _probe(["run", str(folder), "--out", str(tmp_path / "out"), "--step",
+                          "reformat.mpr", "--set", "planes=[axial]"])  # fmt: skip
+    assert where == "EXIT"
+    assert (tmp_path / "out" / "summary.json").is_file()
+    used = {"SimpleITK", "jinja2"}  # the volume; the report
+    assert set(mods) <= used | {"prometheus_client"}, f"imported: {sorted(set(mods) - used)}"

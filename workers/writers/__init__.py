@@ -6,6 +6,7 @@ registers itself with :func:`workers.writers.base.writer`.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from pipelines import Output
@@ -15,12 +16,20 @@ from workers.writers.base import _WRITERS, Provenance, WrittenObject, writer
 __all__ = ["Provenance", "WrittenObject", "write_output", "writer"]
 
 
+#: The built-in writer module of each output kind, imported when an output of that kind is
+#: first written: the SEG and SR writers import highdicom (~0.4 s), which a job writing only
+#: image series (``sprim run --step reformat.mpr``) never needs.
+BUILTIN_WRITERS = {"series": "derived_series", "labelmap": "seg", "measurements": "sr",
+                   "mesh": "stl"}  # fmt: skip
+
+
 def write_output(
     output: Output, source: SourceSeries, prov: Provenance, out_dir: Path
 ) -> list[WrittenObject]:
     """Write ``output`` as DICOM under ``out_dir`` (a sub-folder per series); return what was written."""
-    from workers.writers import derived_series, seg, sr, stl  # noqa: F401  (built-ins register)
-
+    module = BUILTIN_WRITERS.get(output.kind)
+    if module:  # the built-in registers on import (once)
+        importlib.import_module(f"workers.writers.{module}")
     try:
         fn = _WRITERS[output.kind]
     except KeyError:
