@@ -258,7 +258,7 @@ def judge(fp: BinaryIO, transfer_syntax: str, sop_class: str, sop_instance: str)
     except Exception as e:  # noqa: BLE001  (never an exception out of the C-STORE handler)
         return Verdict(STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(e).__name__})")
     try:
-        hint = str(ds.get("SeriesInstanceUID") or "")[:64]  # names the series in refusals
+        hint = scp._printable(str(ds.get("SeriesInstanceUID") or "")[:64])  # for refusals
     except Exception:  # noqa: BLE001
         hint = ""
     try:
@@ -490,6 +490,9 @@ class Listener:
         Calling AE titles accepted; empty accepts any.
     ssl_context : ssl.SSLContext, optional
         DICOM TLS on the port (plain DICOM is then refused).
+    timeout, artim_timeout, max_instance_bytes
+        Of :class:`workers.ingest.scp.Scp`: idle seconds between PDUs, seconds from the
+        connection to a complete A-ASSOCIATE-RQ (PS3.8 ARTIM), largest data set held.
     """
 
     def __init__(
@@ -502,8 +505,13 @@ class Listener:
         allowed_aets: Iterable[str] = (),
         max_associations: int = 16,
         ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 60.0,
+        artim_timeout: float = 30.0,
+        max_instance_bytes: int = 2 << 30,
     ) -> None:
         self.store = store
+        self.limits = {"timeout": timeout, "artim_timeout": artim_timeout,
+                       "max_instance_bytes": max_instance_bytes}  # fmt: skip
         self.ssl_context = ssl_context
         self.aet = aet
         self.host = host
@@ -561,7 +569,7 @@ class Listener:
         self._server = scp.Scp(
             self._on_store, host=self.host, port=self.port, allowed_aets=self.allowed,
             max_associations=self.max_associations, ssl_context=self.ssl_context,
-            on_accepted=self._on_accepted, on_rejected=self._on_rejected,
+            on_accepted=self._on_accepted, on_rejected=self._on_rejected, **self.limits,
         ).start()  # fmt: skip
         self.port = self._server.server_address[1]
         self._stop.clear()

@@ -13,7 +13,13 @@ of every storage SOP class and Verification in any transfer syntax pydicom knows
 one proposed wins), P-DATA-TF (command and data set fragments), C-STORE-RQ/RSP, C-ECHO-RQ/RSP,
 A-RELEASE-RQ/RP, A-ABORT, one operation at a time (no asynchronous operations window; none is
 negotiated), optional TLS on the accepted socket. Anything else aborts the association
-(A-ABORT, source service-provider) and is logged in one line.
+(A-ABORT, source service-provider, with the PS3.8 9.3.8 reason) and is logged in one line.
+
+Bad input is bounded (PS3.8 9.1.5 ARTIM and the read timeout): the A-ASSOCIATE-RQ (and the TLS
+handshake) must arrive within ``artim_timeout`` of the connection; each later PDU must start
+within ``timeout`` and arrive at ``MIN_RATE`` at least; no PDU body is read before its length is
+checked; a command set or a data set past its cap aborts. After an A-ABORT or A-ASSOCIATE-RJ the
+connection lingers (Sta13, bounded) so the peer reads it instead of a TCP reset.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -36,8 +43,22 @@ IMPLEMENTATION_UID = "1.2.826.0.1.3680043.8.498.1.13"
 IMPLEMENTATION_VERSION = "SPRIM_SCP_1"
 #: Largest P-DATA-TF PDU we accept; announced in A-ASSOCIATE-AC (0 would mean unlimited).
 MAX_PDU = 4 * 1024 * 1024
+#: Largest other PDU (an A-ASSOCIATE-RQ of 128 contexts with many transfer syntaxes is < 64 KiB).
+MAX_OTHER_PDU = 1 << 20
+#: Command sets are a few hundred bytes; more is not a command.
+MAX_COMMAND = 64 * 1024
+#: Slowest PDU body accepted (bytes/s) once the first byte arrived: a trickle (slowloris) ends.
+MIN_RATE = 16 * 1024
+#: How long an aborted/rejected connection waits for the peer to close (PS3.8 Sta13).
+LINGER = 2.0
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATA_SET = 0x0101
+# A-ABORT reasons (PS3.8 9.3.8, source 2 = service-provider)
+REASON_NOT_SPECIFIED, UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 0, 1, 2, 6
+# C-STORE failure statuses of the request itself (PS3.7 9.1.1.1.9, Annex C)
+STATUS_INVALID_INSTANCE, STATUS_CLASS_NOT_SUPPORTED = 0x0117, 0x0122
+_PDU_NAMES = {1: "A-ASSOCIATE-RQ", 2: "A-ASSOCIATE-AC", 3: "A-ASSOCIATE-RJ", 4: "P-DATA-TF",
+              5: "A-RELEASE-RQ", 6: "A-RELEASE-RP", 7: "A-ABORT"}  # fmt: skip
 
 
 def _storage_sop_classes() -> frozenset[str]:
@@ -79,7 +100,19 @@ StoreHandler = Callable[[Request], Response]
 
 
 class AssociationError(Exception):
-    """The peer broke the protocol: the association is aborted."""
+    """The peer broke the protocol: the association is aborted (A-ABORT source, reason)."""
+
+    def __init__(self, message: str, reason: int = INVALID_PARAMETER, source: int = 2) -> None:
+        super().__init__(message)
+        self.reason, self.source = reason, source
+
+
+class _Rejected(Exception):
+    """The A-ASSOCIATE-RQ is refused: A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4."""
+
+    def __init__(self, why: str, result: int, source: int, reason: int) -> None:
+        super().__init__(why)
+        self.rj = bytes((0, result, source, reason))
 
 
 @dataclass
@@ -110,8 +143,13 @@ def _pad_text(s: str) -> bytes:
     return b + b" " if len(b) % 2 else b
 
 
+def _printable(s: str) -> str:
+    """Peer text as it may appear in a log line or a file meta value: one line, no backslash."""
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in s)
+
+
 def _ae(raw: bytes) -> str:
-    return raw.decode("ascii", "replace").strip(" \0")
+    return _printable(raw.decode("ascii", "replace").strip(" \0"))
 
 
 def _element(group_elem: int, value: bytes) -> bytes:
@@ -144,7 +182,29 @@ def _us(v: bytes | None) -> int:
 
 
 def _uid(v: bytes | None) -> str:
-    return (v or b"").decode("ascii", "replace").strip(" \0")
+    return _printable((v or b"").decode("ascii", "replace").strip(" \0"))
+
+
+def _valid_uid(uid: str) -> bool:
+    """PS3.5 9.1: at most 64 characters, digit components without leading zeros."""
+    parts = uid.split(".")
+    return 0 < len(uid) <= 64 and all(p.isdigit() and (p == "0" or p[0] != "0") for p in parts)
+
+
+def _items(buf: bytearray, start: int, end: int, what: str) -> Iterable[tuple[int, int, int]]:
+    """(type, value start, value end) of the items or sub-items in ``buf[start:end]``; an item
+    that runs past its parent's end is an invalid PDU (PS3.8 9.3.2)."""
+    pos = start
+    while pos < end:
+        if pos + 4 > end:
+            raise AssociationError(f"{what}: {end - pos} stray bytes after the last item")
+        kind, length = buf[pos], struct.unpack_from(">H", buf, pos + 2)[0]
+        if pos + 4 + length > end:
+            raise AssociationError(
+                f"{what}: item 0x{kind:02X} of {length} bytes runs past its end ({end - pos - 4} left)"
+            )
+        yield kind, pos + 4, pos + 4 + length
+        pos += 4 + length
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_aet: str) -> bytes:
@@ -172,63 +232,138 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae
 class Association:
     """One accepted connection, served on its own thread until release, abort or error."""
 
-    def __init__(self, server: Scp, sock: socket.socket, address: tuple) -> None:
+    def __init__(
+        self, server: Scp, sock: socket.socket, address: tuple, artim_deadline: float
+    ) -> None:
         self.server = server
         self.sock = sock
         self.address = address
         self.calling_aet = ""
         self.contexts: dict[int, _Context] = {}
         self.peer_max_pdu = 0
+        self.artim_deadline = artim_deadline
+        self.established = False
 
     # -- socket ---------------------------------------------------------------------------
-    def _recv_exact(self, n: int) -> bytearray:
+    def _recv_exact(self, n: int, deadline: float) -> bytearray:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{got} of {n} bytes in time")
+            self.sock.settimeout(left)
             k = self.sock.recv_into(view[got:], n - got)
             if not k:
-                raise ConnectionError("peer closed the connection")
+                raise ConnectionError(f"peer closed the connection ({got} of {n} bytes read)")
             got += k
         return buf
 
+    def _read_header(self, deadline: float) -> tuple[int, int]:
+        head = self._recv_exact(6, deadline)
+        return head[0], struct.unpack_from(">I", head, 2)[0]
+
+    def _read_body(self, kind: int, length: int, deadline: float) -> bytearray:
+        # the length is checked before anything is allocated (a 4 GB claim reads nothing)
+        if length > (MAX_PDU + 6 if kind == 0x04 else MAX_OTHER_PDU):
+            raise AssociationError(f"{_pdu_name(kind)} of {length} bytes exceeds the maximum")
+        return self._recv_exact(length, deadline)
+
     def _read_pdu(self) -> tuple[int, bytearray]:
-        head = self._recv_exact(6)
-        kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
-        if kind == 0x04 and length > MAX_PDU + 6:
-            raise AssociationError(f"P-DATA-TF of {length} bytes exceeds the announced maximum")
-        if kind != 0x04 and length > 1 << 20:
-            raise AssociationError(f"PDU type 0x{kind:02X} of {length} bytes")
-        return kind, self._recv_exact(length)
+        """One PDU of the established association: idle ``timeout``, then ``MIN_RATE``."""
+        kind, length = self._read_header(time.monotonic() + self.server.timeout)
+        if kind not in (0x04, 0x05, 0x07):
+            raise AssociationError(
+                f"unexpected PDU type 0x{kind:02X} on an established association",
+                UNEXPECTED_PDU if kind in _PDU_NAMES else UNRECOGNIZED_PDU,
+            )
+        deadline = time.monotonic() + self.server.timeout + length / MIN_RATE
+        return kind, self._read_body(kind, length, deadline)
 
     def _send_pdu(self, kind: int, body: bytes) -> None:
         self.sock.sendall(struct.pack(">BBI", kind, 0, len(body)) + body)
+
+    def _linger(self) -> None:
+        """Sta13: let the peer read our last PDU and close (bounded), not reset it away."""
+        try:
+            if not isinstance(self.sock, ssl.SSLSocket):
+                self.sock.shutdown(socket.SHUT_WR)
+            deadline, drained = time.monotonic() + LINGER, 0
+            while drained < MAX_OTHER_PDU:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.sock.settimeout(left)
+                k = len(self.sock.recv(65536))
+                if not k:
+                    return
+                drained += k
+        except (OSError, ValueError):
+            pass
 
     def _abort(self, source: int = 2, reason: int = 0) -> None:
         try:
             self._send_pdu(0x07, bytes((0, 0, source, reason)))
         except OSError:
+            return
+        self._linger()
+
+    def reject_busy(self) -> None:
+        """More associations than allowed: read the A-ASSOCIATE-RQ (within ARTIM), answer
+        rejected-transient, service-provider (presentation), local-limit-exceeded."""
+        try:
+            kind, length = self._read_header(self.artim_deadline)
+            if kind == 0x01:
+                self._read_body(kind, length, self.artim_deadline)
+                self._send_pdu(0x03, bytes((0, 2, 3, 2)))
+                self._linger()
+        except (AssociationError, OSError):
             pass
 
     # -- association ----------------------------------------------------------------------
     def run(self) -> None:
+        aet = lambda: self.calling_aet or "-"  # noqa: E731
         try:
-            kind, body = self._read_pdu()
+            kind, length = self._read_header(self.artim_deadline)
+            if kind == 0x07:  # Sta2 + A-ABORT: close, answer nothing (AA-2)
+                log.info("event=association_aborted_by_peer calling_aet=- phase=request")
+                return
             if kind != 0x01:
-                raise AssociationError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02X}")
-            if not self._negotiate(body):
+                raise AssociationError(
+                    f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02X}",
+                    UNEXPECTED_PDU if kind in _PDU_NAMES else UNRECOGNIZED_PDU,
+                )
+            if not self._negotiate(self._read_body(kind, length, self.artim_deadline)):
                 return
             self._serve()
+        except _Rejected as e:
+            log.warning("event=association_rejected calling_aet=%s address=%s reason=%r",
+                        aet(), self.address[0], str(e))  # fmt: skip
+            try:
+                self._send_pdu(0x03, e.rj)
+                self._linger()
+            except OSError:
+                pass
         except AssociationError as e:
-            log.warning("event=association_aborted calling_aet=%s reason=%r",
-                        self.calling_aet or "-", str(e))  # fmt: skip
-            self._abort()
-        except (ConnectionError, TimeoutError) as e:
-            log.info("event=association_dropped calling_aet=%s reason=%r",
-                     self.calling_aet or "-", str(e) or type(e).__name__)  # fmt: skip
+            log.warning("event=association_aborted calling_aet=%s address=%s abort_reason=%d "
+                        "reason=%r", aet(), self.address[0], e.reason, str(e))  # fmt: skip
+            self._abort(e.source, e.reason)
+        except TimeoutError as e:
+            phase = "established" if self.established else "request (ARTIM)"
+            log.warning("event=association_timeout calling_aet=%s address=%s phase=%s reason=%r",
+                        aet(), self.address[0], phase, str(e) or "timeout")  # fmt: skip
+        except ConnectionError as e:
+            log.info("event=association_dropped calling_aet=%s address=%s reason=%r",
+                     aet(), self.address[0], str(e) or type(e).__name__)  # fmt: skip
         except OSError as e:
-            log.warning("event=association_dropped calling_aet=%s reason=%r",
-                        self.calling_aet or "-", str(e))  # fmt: skip
+            log.warning("event=association_dropped calling_aet=%s address=%s reason=%r",
+                        aet(), self.address[0], str(e))  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (a bug here must not cost the listener a thread's traceback)
+            log.error("event=association_failed calling_aet=%s address=%s error=%r",
+                      aet(), self.address[0], f"{type(e).__name__}: {e}")  # fmt: skip
+            log.debug("association failure", exc_info=True)
+            self._abort(2, REASON_NOT_SPECIFIED)
         finally:
             try:
                 self.sock.close()
@@ -237,40 +372,37 @@ class Association:
 
     def _negotiate(self, rq: bytearray) -> bool:
         if len(rq) < 68:
-            raise AssociationError("A-ASSOCIATE-RQ too short")
+            raise AssociationError(f"A-ASSOCIATE-RQ of {len(rq)} bytes, its fixed fields are 68")
         called, calling = bytes(rq[4:20]), bytes(rq[20:36])
         self.calling_aet = _ae(calling)
         proposed: list[tuple[int, str, list[str]]] = []
-        pos = 68
-        while pos + 4 <= len(rq):
-            item, length = rq[pos], struct.unpack_from(">H", rq, pos + 2)[0]
-            value = rq[pos + 4 : pos + 4 + length]
-            pos += 4 + length
-            if item == 0x20:
-                pc_id, abstract, transfers = value[0], "", []
-                sub = 4
-                while sub + 4 <= len(value):
-                    st, sl = value[sub], struct.unpack_from(">H", value, sub + 2)[0]
-                    uid = _uid(bytes(value[sub + 4 : sub + 4 + sl]))
-                    if st == 0x30:
-                        abstract = uid
-                    elif st == 0x40:
-                        transfers.append(uid)
-                    sub += 4 + sl
-                proposed.append((pc_id, abstract, transfers))
+        app_contexts: list[str] = []
+        for item, start, end in _items(rq, 68, len(rq), "A-ASSOCIATE-RQ"):
+            if item == 0x10:
+                app_contexts.append(_uid(bytes(rq[start:end])))
+            elif item == 0x20:
+                proposed.append(self._proposed_context(rq, start, end, proposed))
             elif item == 0x50:
-                sub = 0
-                while sub + 4 <= len(value):
-                    st, sl = value[sub], struct.unpack_from(">H", value, sub + 2)[0]
-                    if st == 0x51 and sl == 4:
-                        self.peer_max_pdu = struct.unpack_from(">I", value, sub + 4)[0]
-                    sub += 4 + sl
+                for sub, s0, s1 in _items(rq, start, end, "user information item"):
+                    if sub == 0x51:
+                        if s1 - s0 != 4:
+                            raise AssociationError(f"maximum length sub-item of {s1 - s0} bytes")
+                        self.peer_max_pdu = struct.unpack_from(">I", rq, s0)[0]
         srv = self.server
+        if not struct.unpack_from(">H", rq, 0)[0] & 1:
+            # rejected-permanent, service-provider (ACSE), protocol-version-not-supported
+            raise _Rejected("protocol version 1 not offered", 1, 2, 2)
+        if app_contexts != [APPLICATION_CONTEXT]:
+            # rejected-permanent, service-user, application-context-name-not-supported
+            raise _Rejected(f"application context {app_contexts or 'missing'}", 1, 1, 2)
         if srv.allowed and self.calling_aet not in srv.allowed:
             # rejected-permanent, service-user, calling-AE-title-not-recognized
             self._send_pdu(0x03, bytes((0, 1, 1, 3)))
             srv.on_rejected(self.calling_aet, self.address)
+            self._linger()
             return False
+        if not proposed:
+            raise _Rejected("no presentation context proposed", 1, 1, 1)
         items = [b"\x10\x00" + struct.pack(">H", len(APPLICATION_CONTEXT)) +
                  APPLICATION_CONTEXT.encode()]  # fmt: skip
         for pc_id, abstract, transfers in proposed:
@@ -282,7 +414,7 @@ class Association:
             else:
                 result = 0
                 self.contexts[pc_id] = _Context(abstract, chosen)
-            ts = _pad_uid(chosen or (transfers[0] if transfers else "1.2.840.10008.1.2"))
+            ts = _pad_uid(chosen or "1.2.840.10008.1.2")  # not significant when rejected
             sub = b"\x40\x00" + struct.pack(">H", len(ts)) + ts
             items.append(b"\x21\x00" + struct.pack(">H", 4 + len(sub)) +
                          bytes((pc_id, 0, result, 0)) + sub)  # fmt: skip
@@ -295,8 +427,28 @@ class Association:
         )  # fmt: skip
         items.append(b"\x50\x00" + struct.pack(">H", len(user)) + user)
         self._send_pdu(0x02, b"\x00\x01\x00\x00" + called + calling + bytes(32) + b"".join(items))
+        self.established = True
         srv.on_accepted(self.calling_aet, self.address)
         return True
+
+    @staticmethod
+    def _proposed_context(
+        rq: bytearray, start: int, end: int, proposed: list[tuple[int, str, list[str]]]
+    ) -> tuple[int, str, list[str]]:
+        if end - start < 4:
+            raise AssociationError(f"presentation context item of {end - start} bytes")
+        pc_id = rq[start]
+        # PS3.8 9.3.2.2: odd integers 1-255, unique within the association
+        if not pc_id % 2 or any(p[0] == pc_id for p in proposed):
+            why = "even" if not pc_id % 2 else "proposed twice"
+            raise AssociationError(f"presentation context ID {pc_id} is {why}")
+        abstract, transfers = "", []
+        for sub, s0, s1 in _items(rq, start + 4, end, f"presentation context {pc_id}"):
+            if sub == 0x30:
+                abstract = _uid(bytes(rq[s0:s1]))
+            elif sub == 0x40:
+                transfers.append(_uid(bytes(rq[s0:s1])))
+        return pc_id, abstract, transfers
 
     def _serve(self) -> None:
         msg: _Message | None = None
@@ -308,14 +460,18 @@ class Association:
             if kind == 0x07:  # A-ABORT
                 log.info("event=association_aborted_by_peer calling_aet=%s", self.calling_aet)
                 return
-            if kind != 0x04:
-                raise AssociationError(f"unexpected PDU type 0x{kind:02X}")
             view = memoryview(body)
             pos, n = 0, len(body)
-            while pos + 6 <= n:
+            if not n:
+                raise AssociationError("P-DATA-TF without a presentation data value item")
+            while pos < n:
+                if pos + 6 > n:
+                    raise AssociationError(f"{n - pos} stray bytes after the last PDV item")
                 length = struct.unpack_from(">I", body, pos)[0]
                 if length < 2 or pos + 4 + length > n:
-                    raise AssociationError("malformed presentation data value item")
+                    raise AssociationError(
+                        f"presentation data value item of {length} bytes, {n - pos - 4} left"
+                    )
                 pc_id, header = body[pos + 4], body[pos + 5]
                 data = view[pos + 6 : pos + 4 + length]
                 pos += 4 + length
@@ -325,42 +481,63 @@ class Association:
                     msg = _Message(pc_id)
                 elif msg.context != pc_id:
                     raise AssociationError("fragments of two messages interleaved")
-                if header & 0x01:  # command fragment
-                    if msg.command_done:
-                        raise AssociationError("command fragment after the command's last")
-                    msg.command += data
-                    if header & 0x02:
-                        msg.command_done = True
-                        msg.elements = decode_command(msg.command)
-                        if _us(msg.elements.get(0x0800)) == NO_DATA_SET:
-                            self._dispatch(msg)
-                            msg = None
-                else:
-                    if not msg.command_done:
-                        raise AssociationError("data set fragment before its command")
-                    msg.parts.append(data)
-                    msg.size += len(data)
-                    if header & 0x02:
-                        self._dispatch(msg)
-                        msg = None
+                if self._fragment(msg, header, data):
+                    msg = None
+
+    def _fragment(self, msg: _Message, header: int, data: memoryview) -> bool:
+        """Add one PDV fragment to ``msg``; True once the message was answered."""
+        if header & 0x01:  # command fragment
+            if msg.command_done:
+                raise AssociationError("command fragment after the command's last")
+            if len(msg.command) + len(data) > MAX_COMMAND:
+                raise AssociationError(f"command set over {MAX_COMMAND} bytes")
+            msg.command += data
+            if header & 0x02:
+                msg.command_done = True
+                msg.elements = decode_command(msg.command)
+                _check_command(msg.elements)
+                if _us(msg.elements.get(0x0800)) == NO_DATA_SET:
+                    self._dispatch(msg)
+                    return True
+            return False
+        if not msg.command_done:
+            raise AssociationError("data set fragment before its command")
+        if msg.size + len(data) > self.server.max_instance_bytes:
+            # our own limit, not the peer's error: service-user source (PS3.8 9.3.8)
+            raise AssociationError(
+                f"data set over {self.server.max_instance_bytes} bytes", REASON_NOT_SPECIFIED, 0
+            )
+        msg.parts.append(data)
+        msg.size += len(data)
+        if header & 0x02:
+            self._dispatch(msg)
+            return True
+        return False
 
     def _dispatch(self, msg: _Message) -> None:
         cmd = msg.elements
         field_ = _us(cmd.get(0x0100))
-        message_id = cmd.get(0x0110, b"\0\0")
+        message_id = cmd[0x0110]
         ctx = self.contexts[msg.context]
         if field_ == C_ECHO_RQ:
             self._respond(msg.context, C_ECHO_RSP, message_id, VERIFICATION, "", Response(0))
             return
         if field_ != C_STORE_RQ:
-            raise AssociationError(f"unsupported DIMSE command 0x{field_:04X}")
+            raise AssociationError(f"unsupported DIMSE command 0x{field_:04X}", 0)
         sop_class, sop_instance = _uid(cmd.get(0x0002)), _uid(cmd.get(0x1000))
-        req = Request(self.calling_aet, sop_class, sop_instance, ctx.transfer, msg.parts, msg.size)
-        try:
-            rsp = self.server.handler(req)
-        except Exception:  # noqa: BLE001  (never kill the association over one instance)
-            log.exception("event=store_handler_failed sop=%s", sop_instance)
-            rsp = Response(0xA700, "internal error")
+        rsp = _request_defect(sop_class, sop_instance, ctx)
+        if rsp is not None:
+            log.warning("event=instance_refused status=0x%04X calling_aet=%s sop=%s defect=%r",
+                        rsp.status, self.calling_aet, sop_instance or "-",
+                        rsp.error_comment)  # fmt: skip
+        else:
+            req = Request(self.calling_aet, sop_class, sop_instance, ctx.transfer, msg.parts,
+                          msg.size)  # fmt: skip
+            try:
+                rsp = self.server.handler(req)
+            except Exception:  # noqa: BLE001  (never kill the association over one instance)
+                log.exception("event=store_handler_failed sop=%s", sop_instance)
+                rsp = Response(0xA700, "internal error")
         self._respond(msg.context, C_STORE_RSP, message_id, sop_class, sop_instance, rsp)
 
     def _respond(
@@ -379,8 +556,33 @@ class Association:
         if rsp.error_comment:
             els[0x0902] = _pad_text(rsp.error_comment[:64])
         command = encode_command(els)
-        pdv = struct.pack(">IBB", len(command) + 2, pc_id, 0x03) + command
-        self._send_pdu(0x04, pdv)
+        # the peer's maximum length (PS3.8 D.1; 0 = unlimited) bounds each P-DATA-TF we send
+        step = max(1, self.peer_max_pdu - 6) if self.peer_max_pdu else len(command)
+        for at in range(0, len(command), step):
+            chunk = command[at : at + step]
+            last = 0x02 if at + step >= len(command) else 0
+            self._send_pdu(0x04, struct.pack(">IBB", len(chunk) + 2, pc_id, 0x01 | last) + chunk)
+
+
+def _pdu_name(kind: int) -> str:
+    return _PDU_NAMES.get(kind, f"PDU type 0x{kind:02X}")
+
+
+def _check_command(cmd: dict[int, bytes]) -> None:
+    """The elements every request needs before it can be answered (PS3.7 9.3, 10.3)."""
+    for tag, name in ((0x0100, "CommandField"), (0x0110, "MessageID"),
+                      (0x0800, "CommandDataSetType")):  # fmt: skip
+        if len(cmd.get(tag, b"")) != 2:
+            raise AssociationError(f"command set without a 2-byte {name} (0000,{tag:04X})", 0)
+
+
+def _request_defect(sop_class: str, sop_instance: str, ctx: _Context) -> Response | None:
+    """A C-STORE-RQ that cannot be stored whatever its data set (PS3.7 9.1.1.1.9 statuses)."""
+    if not _valid_uid(sop_instance):
+        return Response(STATUS_INVALID_INSTANCE, "Affected SOP Instance UID missing or invalid")
+    if sop_class != ctx.abstract:
+        return Response(STATUS_CLASS_NOT_SUPPORTED, "Affected SOP Class UID is not the context's")
+    return None
 
 
 class Scp:
@@ -401,6 +603,8 @@ class Scp:
         max_associations: int = 16,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 60.0,
+        artim_timeout: float = 30.0,
+        max_instance_bytes: int = 2 << 30,
         on_accepted: Callable[[str, tuple], None] = lambda aet, addr: None,
         on_rejected: Callable[[str, tuple], None] = lambda aet, addr: None,
     ) -> None:
@@ -409,6 +613,10 @@ class Scp:
         self.max_associations = max_associations
         self.ssl_context = ssl_context
         self.timeout = timeout
+        self.artim_timeout = artim_timeout
+        self.max_instance_bytes = max_instance_bytes
+        #: connections being served, refused or in their handshake: each is a thread
+        self.max_connections = 2 * max_associations + 16
         self.on_accepted = on_accepted
         self.on_rejected = on_rejected
         self.abstract_syntaxes = _storage_sop_classes() | {VERIFICATION}
@@ -420,6 +628,7 @@ class Scp:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._dropped, self._dropped_logged = 0, 0.0
         self._acceptor = threading.Thread(target=self._accept, name="sprim-scp-accept", daemon=True)
 
     def start(self) -> Scp:
@@ -430,24 +639,56 @@ class Scp:
         while not self._stopping.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if self._stopping.is_set():
+                    return
+                # out of descriptors/memory, or a connection reset before accept: keep serving
+                log.error("event=accept_failed error=%r", str(e))
+                time.sleep(0.1)
+                continue
             if self._stopping.is_set():
                 conn.close()
                 return
+            self._spawn(conn, addr)
+
+    def _spawn(self, conn: socket.socket, addr: tuple) -> None:
+        with self._lock:
+            full = len(self._threads) >= self.max_connections
+        if not full:
             t = threading.Thread(
                 target=self._serve, args=(conn, addr), name=f"sprim-scp-{addr[1]}", daemon=True
             )
             with self._lock:
                 self._threads.add(t)
-            t.start()
+                self._conns.add(conn)
+            try:
+                t.start()
+                return
+            except RuntimeError:  # can't start new thread
+                with self._lock:
+                    self._threads.discard(t)
+                    self._conns.discard(conn)
+        conn.close()
+        # a flood: one line a second, with the count
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged >= 1.0:
+            log.warning("event=connection_dropped reason=too_many_connections address=%s "
+                        "dropped=%d", addr[0], self._dropped)  # fmt: skip
+            self._dropped, self._dropped_logged = 0, now
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
+        raw = conn
+        deadline = time.monotonic() + self.artim_timeout
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.timeout)
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
             if self.ssl_context is not None:
                 try:
+                    # one deadline for the whole handshake (CPython's do_handshake keeps it)
+                    conn.settimeout(self.artim_timeout)
                     conn = self.ssl_context.wrap_socket(conn, server_side=True)
                 except (ssl.SSLError, OSError) as e:
                     reason = getattr(e, "reason", None) or type(e).__name__
@@ -455,26 +696,24 @@ class Scp:
                                 reason, addr[0])  # fmt: skip
                     conn.close()
                     return
+                with self._lock:
+                    self._conns.discard(raw)
+                    self._conns.add(conn)
+            assoc = Association(self, conn, addr, deadline)
             if not self._slots.acquire(blocking=False):
-                # rejected-transient, service-provider (presentation), local-limit-exceeded
-                try:
-                    conn.recv(6)
-                    conn.sendall(struct.pack(">BBI", 0x03, 0, 4) + bytes((0, 2, 3, 2)))
-                except OSError:
-                    pass
+                assoc.reject_busy()
                 log.warning("event=association_rejected reason=too_many address=%s", addr[0])
                 conn.close()
                 return
-            with self._lock:
-                self._conns.add(conn)
             try:
-                Association(self, conn, addr).run()
+                assoc.run()
             finally:
                 self._slots.release()
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
                 self._conns.discard(conn)
+                self._conns.discard(raw)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting; wait for the associations in progress (each ends on its own)."""
@@ -493,5 +732,6 @@ class Scp:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        deadline = time.monotonic() + timeout
         for t in threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
