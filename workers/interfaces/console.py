@@ -18,12 +18,14 @@ import statistics
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -32,6 +34,7 @@ from sqlalchemy import func, or_, select
 
 from workers.interfaces import auth
 from workers.interfaces.previews import output_previews, preview_file
+from workers.platform.dispatcher import Dispatcher
 from workers.platform.jobstore import (
     ACTIVE,
     STATES,
@@ -39,6 +42,7 @@ from workers.platform.jobstore import (
     Job,
     JobRow,
     JobStore,
+    open_store,
     unreachable,
 )
 from workers.platform.reprocess import (
@@ -486,332 +490,408 @@ def study_step_names(view: StudyView) -> list[str]:
 
 
 # -- the app -----------------------------------------------------------------------------------
-def mount_console(app: FastAPI, get_store, disp=None) -> None:
-    """Add the console under ``/console`` (and ``/`` -> the jobs page) to the API ``app``."""
-    from pipelines import all_steps, get_step
+@dataclass(frozen=True)
+class Backend:
+    """The job store and dispatcher the console reads and acts on (the API's)."""
+
+    job_store: JobStore | None = None  # None: the process-wide store
+    disp: Dispatcher | None = None
+
+    def store(self) -> JobStore:
+        """Called where a handler first needs the store (mostly after its session check: a
+        visitor without a session is sent to log in even while the store is down)."""
+        return self.job_store or open_store()
+
+
+def _backend(request: Request) -> Backend:
+    return request.app.state.backend
+
+
+ConsoleBackend = Annotated[Backend, Depends(_backend)]
+#: The console's routes (relative to ``/console``); :func:`mount_console` includes them.
+pages = APIRouter()
+
+
+def page(request: Request, name: str, s: Session | None, status: int = 200, **ctx) -> HTMLResponse:
+    html = TEMPLATES.get_template(name).render(
+        session=s, path=request.url.path, query=str(request.url.query), **ctx
+    )
+    return HTMLResponse(html, status_code=status)
+
+
+async def _security_headers(request: Request, call_next):
+    """Every console response: the CSP, no MIME sniffing or framing, not cached by default."""
+    resp = await call_next(request)
+    resp.headers.setdefault("Content-Security-Policy", CSP)
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "same-origin"
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers.setdefault("Cache-Control", "no-store")
+    return resp
+
+
+async def _login_required(request: Request, _e: Exception) -> Response:
+    if request.method != "GET" or request.url.path.startswith(f"{PREFIX}/fragments"):
+        return HTMLResponse("login required", status_code=401)
+    nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"{PREFIX}/login?{urlencode({'next': nxt})}", status_code=303)
+
+
+async def _missing(request: Request, e: Exception) -> Response:
+    msg = e.message if isinstance(e, Missing) else "not found"
+    return page(request, "error.html", _maybe_session(request), 404, title="Not found",
+                message=msg)  # fmt: skip
+
+
+async def _store_down(request: Request, exc: Exception) -> Response:
+    store = _store_or_none(_backend(request))
+    msg = unreachable(exc, store.url if store else None)
+    return page(request, "error.html", _maybe_session(request), 503,
+                title="Job store unreachable", message=msg)  # fmt: skip
+
+
+def _store_or_none(backend: Backend) -> JobStore | None:
+    try:
+        return backend.store()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+async def _refused(request: Request, _e: Exception) -> Response:
+    return page(request, "error.html", _maybe_session(request), 403, title="Refused",
+                message="the form was not sent from this console (CSRF check failed); "
+                "reload the page and try again")  # fmt: skip
+
+
+def _check_post(request: Request, s: Session, form: dict[str, list[str]]) -> None:
+    if not _same_origin(request) or not auth.csrf_ok(s.cookie, _one(form, "csrf")):
+        raise Refused()
+
+
+# -- login ------------------------------------------------------------------------------------
+def _next(raw: str) -> str:
+    """Only a console path (never another site) after login or an action."""
+    if raw.startswith(f"{PREFIX}/") and not raw.startswith("//") and "\\" not in raw:
+        return raw
+    return f"{PREFIX}/jobs"
+
+
+def _no_tokens() -> str:
+    return "" if auth.tokens() else "no tokens are configured: set SPRIM_API_TOKENS"
+
+
+@pages.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "") -> HTMLResponse:
+    return page(request, "login.html", None, next=_next(next), error=_no_tokens())
+
+
+@pages.post("/login")
+async def login(request: Request) -> Response:
+    form = await _form(request)
+    nxt = _next(_one(form, "next"))
+    token = _one(form, "token").strip()
+    if not _same_origin(request):
+        raise Refused()
+    if not token or len(token) > 512 or auth.institution_for(token) is None:
+        return page(request, "login.html", None, 401, next=nxt,
+                    error=_no_tokens() or "unknown token")  # fmt: skip
+    resp = RedirectResponse(nxt, status_code=303)
+    resp.set_cookie(
+        COOKIE, auth.session_cookie(token), max_age=auth.SESSION_S, path=PREFIX,
+        httponly=True, samesite="strict", secure=request.url.scheme == "https",
+    )  # fmt: skip
+    return resp
+
+
+@pages.post("/logout")
+async def logout(request: Request) -> Response:
+    s = _session(request)
+    _check_post(request, s, await _form(request))
+    resp = RedirectResponse(f"{PREFIX}/login", status_code=303)
+    resp.delete_cookie(COOKIE, path=PREFIX)
+    return resp
+
+
+@pages.get("/")
+def home() -> Response:
+    return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def _filters(s: Session, state: str, rule: str, institution: str, since: str) -> dict:
+    return {
+        "state": state if state in STATES else "",
+        "rule": rule[:128],
+        "institution": institution[:128] if s.all else "",
+        "since": since if since in WINDOWS else "",
+    }
+
+
+def _jobs_ctx(request: Request, store: JobStore, s: Session, f: dict, refresh: str) -> dict:
+    jobs = query_jobs(store, s, state=f["state"] or None, rule=f["rule"] or None,
+                      institution=f["institution"] or None,
+                      since_s=WINDOWS.get(f["since"]), limit=JOBS_SHOWN)  # fmt: skip
+    return {
+        "jobs": jobs, "filters": f, "states": STATES, "windows": list(WINDOWS),
+        "rules": _distinct(store, s, JobRow.rule),
+        "institutions": _distinct(store, s, JobRow.institution) if s.all else [],
+        "refresh": refresh != "0", "flash": _flash(request), "limit": JOBS_SHOWN,
+        "fragment": f"{PREFIX}/fragments/jobs?" + urlencode({k: v for k, v in f.items() if v}),
+    }  # fmt: skip
+
+
+@pages.get("/jobs", response_class=HTMLResponse)
+def jobs_page(request: Request, backend: ConsoleBackend, state: str = "", rule: str = "",
+              institution: str = "", since: str = "", refresh: str = "1") -> HTMLResponse:  # fmt: skip
+    s = _session(request)
+    f = _filters(s, state, rule, institution, since)
+    ctx = _jobs_ctx(request, backend.store(), s, f, refresh)
+    return page(request, "jobs.html", s, title="Jobs", **ctx)
+
+
+@pages.get("/fragments/jobs", response_class=HTMLResponse)
+def jobs_fragment(request: Request, backend: ConsoleBackend, state: str = "", rule: str = "",
+                  institution: str = "", since: str = "") -> HTMLResponse:  # fmt: skip
+    s = _session(request)
+    f = _filters(s, state, rule, institution, since)
+    return page(request, "_jobs_table.html", s, **_jobs_ctx(request, backend.store(), s, f, "1"))
+
+
+def _flash(request: Request) -> str:
+    m = _FLASH.match(request.query_params.get("ok", ""))
+    return f"job {m.group(2)} {m.group(1)}" if m else ""
+
+
+# -- a study ----------------------------------------------------------------------------------
+def _study_ctx(store: JobStore, view: StudyView, extra_step: str = "",
+               forms: dict[str, StepForm] | None = None) -> dict:  # fmt: skip
+    from pipelines import all_steps
+
+    built = {n: (forms or {}).get(n) or step_form(view, n) for n in _form_steps(view, extra_step)}
+    known = {str(x.get("SeriesInstanceUID")): x for x in view.series}
+    for j in _processed(view):
+        known.setdefault(str(j.series_uid), {"SeriesInstanceUID": j.series_uid})
+    audits = {j.id: store.audit_trail(job_id=j.id) for j in view.jobs}
+    outputs = [(j, o, output_previews(j, o)) for j in view.jobs for o in (j.outputs or [])]
+    return {
+        "view": view, "forms": built, "series_choices": list(known.values()),
+        "all_steps": [x.name for x in all_steps() if x.name not in built],
+        "audits": audits, "outputs": outputs,
+        "active": sum(j.state in ACTIVE for j in view.jobs),
+        "fragment": f"{PREFIX}/fragments/studies/{view.study_uid}/jobs",
+    }  # fmt: skip
+
+
+def _form_steps(view: StudyView, extra_step: str) -> list[str]:
+    """Steps that get a reprocess form: those that ran on the study, and ``extra_step`` (the
+    one asked for by ``?step=``) when it is a registered step."""
+    from pipelines import get_step
+
+    names = study_step_names(view)
+    if extra_step and extra_step not in names:
+        try:
+            get_step(extra_step)
+            names.append(extra_step)
+        except KeyError:
+            pass
+    return names
+
+
+@pages.get("/studies/{study_uid}", response_class=HTMLResponse)
+def study_page(request: Request, study_uid: str, backend: ConsoleBackend,
+               step: str = "") -> HTMLResponse:  # fmt: skip
+    s = _session(request)
+    store = backend.store()
+    view = study_view(store, s, study_uid)
+    return page(request, "study.html", s, title=f"Study {study_uid}", flash=_flash(request),
+                **_study_ctx(store, view, step[:64]))  # fmt: skip
+
+
+@pages.get("/fragments/studies/{study_uid}/jobs", response_class=HTMLResponse)
+def study_jobs_fragment(request: Request, study_uid: str, backend: ConsoleBackend) -> HTMLResponse:
+    s = _session(request)
+    store = backend.store()
+    view = study_view(store, s, study_uid)
+    return page(request, "_study_jobs.html", s, view=view,
+                active=sum(j.state in ACTIVE for j in view.jobs),
+                audits={j.id: store.audit_trail(job_id=j.id) for j in view.jobs})  # fmt: skip
+
+
+@pages.post("/studies/{study_uid}/reprocess")
+async def study_reprocess(request: Request, study_uid: str, backend: ConsoleBackend) -> Response:
+    s = _session(request)
+    form = await _form(request)
+    _check_post(request, s, form)
+    store = backend.store()
+    view = study_view(store, s, study_uid)
+    name = _one(form, "step")[:64]
+    series_uid = _one(form, "series_uid")[:64] or None
+    priority = _one(form, "priority", "urgent")
+    try:
+        sf = step_form(view, name, series_uid)
+    except KeyError:
+        raise Missing(f"step {name}") from None
+    with_ = changed_params(sf.fields, form)
+    try:
+        if priority not in auth.PRIORITIES:
+            raise BadRequest(f"priority {priority!r}: one of {', '.join(auth.PRIORITIES)}")
+        job = reprocess(
+            store, study_uid, [{"use": sf.step, "with": with_}],
+            requester=f"console@{s.institution}", institution=s.institution,
+            series_uid=series_uid, priority=auth.PRIORITIES[priority], disp=backend.disp,
+        )  # fmt: skip
+    except NotFound as e:  # words of reprocess(): the same for another's study as for none
+        raise Missing(f"study {study_uid}", str(e)) from None
+    except BadRequest as e:
+        _refused_form(sf, form, e)
+        return page(request, "study.html", s, 422, title=f"Study {study_uid}", flash="",
+                    **_study_ctx(store, view, sf.step, {sf.step: sf}))  # fmt: skip
+    return RedirectResponse(
+        f"{PREFIX}/studies/{study_uid}?ok=queued-{job.id}#job-{job.id}", status_code=303
+    )
+
+
+def _refused_form(sf: StepForm, form: dict[str, list[str]], e: BadRequest) -> None:
+    """The form shown again: what was typed stays in it, each error next to its input."""
+    for f in sf.fields:
+        if f.kind == "choices":
+            if _one(form, f"has.{f.name}") == "1":
+                f.value = [v for v in form.get(f"p.{f.name}", []) if v]
+        elif f"p.{f.name}" in form:
+            f.value = _one(form, f"p.{f.name}")
+        f.error = e.fields.get(f.name, "")
+    marked = e.fields and set(e.fields) <= {f.name for f in sf.fields}
+    sf.error = "fix the values marked below" if marked else str(e)
+
+
+@pages.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: int, backend: ConsoleBackend) -> Response:
+    """A job is shown on its study's page."""
+    j = _job(backend.store(), _session(request), job_id)
+    return RedirectResponse(f"{PREFIX}/studies/{j.study_uid}#job-{j.id}", status_code=303)
+
+
+# -- previews ---------------------------------------------------------------------------------
+@pages.get("/jobs/{job_id}/previews/{name}")
+def preview(request: Request, job_id: int, name: str, backend: ConsoleBackend) -> Response:
+    s = _session(request)
+    job = _job(backend.store(), s, job_id)
+    found = preview_file(job, name)
+    if found is None:
+        raise Missing(f"preview {name[:80]}")
+    path, media = found
+    return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+
+
+# -- failures ---------------------------------------------------------------------------------
+def _failures_ctx(request: Request, store: JobStore, s: Session) -> dict:
+    now = time.time()
+    failed = query_jobs(store, s, state="failed", limit=200)
+    partial = query_jobs(store, s, state="partial", limit=200)
+    waiting = [j for j in query_jobs(store, s, state="queued", limit=500) if j.error]
+    stuck = [j for j in query_jobs(store, s, state="running", limit=500)
+             if (j.lease_expires_at or now) < now]  # fmt: skip
+    return {"failed": sorted(failed + partial, key=lambda j: -j.id), "waiting": waiting,
+            "stuck": stuck, "flash": _flash(request), "error": ""}  # fmt: skip
+
+
+@pages.get("/failures", response_class=HTMLResponse)
+def failures_page(request: Request, backend: ConsoleBackend) -> HTMLResponse:
+    s = _session(request)
+    ctx = _failures_ctx(request, backend.store(), s)
+    return page(request, "failures.html", s, title="Failures", **ctx)
+
+
+@pages.post("/jobs/{job_id}/retry")
+async def retry_job(request: Request, job_id: int, backend: ConsoleBackend) -> Response:
+    return await _job_action(request, backend, job_id, partial(retry, disp=backend.disp), "retried")
+
+
+@pages.post("/jobs/{job_id}/cancel")
+async def cancel_job(request: Request, job_id: int, backend: ConsoleBackend) -> Response:
+    return await _job_action(request, backend, job_id, cancel, "cancelled")
+
+
+async def _job_action(
+    request: Request, backend: Backend, job_id: int, action: Callable[..., Job], verb: str
+) -> Response:
+    """Retry or cancel a job, then back to the page the form was on (``?ok=<verb>-<id>``);
+    an action the job's state does not allow shows the failures page with why (409)."""
+    s = _session(request)
+    form = await _form(request)
+    _check_post(request, s, form)
+    store = backend.store()
+    try:
+        action(store, job_id, actor=f"console:{s.institution}", institution=s.institution)
+    except NotFound:
+        raise Missing(f"job {job_id}") from None
+    except BadRequest as e:
+        ctx = _failures_ctx(request, store, s)
+        ctx["error"] = str(e)
+        return page(request, "failures.html", s, 409, title="Failures", **ctx)
+    nxt = _next(_one(form, "next", f"{PREFIX}/failures")).split("?")[0].split("#")[0]
+    return RedirectResponse(f"{nxt}?ok={verb}-{job_id}", status_code=303)
+
+
+# -- rules ------------------------------------------------------------------------------------
+@pages.get("/rules", response_class=HTMLResponse)
+def rules_page(request: Request, backend: ConsoleBackend, study: str = "") -> HTMLResponse:
+    from pipelines.rules import explain
+    from workers.processing.routing import current_rules, rules_path
+
+    s = _session(request)
+    store = backend.store()
+    rs = current_rules(store)
+    verdicts, view, error = None, None, ""
+    if study.strip():
+        view = study_view(store, s, study.strip())
+        if not view.series:
+            error = "sprim has no routing attributes recorded for this study"
+        else:
+            verdicts = explain(rs, view.series, view.context)
+    if verdicts is not None:
+        verdicts = [v for v in verdicts if _applies(rs.get(v.rule), s)]
+    return page(request, "rules.html", s, title="Rules", rules=rs, path_=str(rules_path()),
+                shown=[r for r in rs.rules if _applies(r, s)], study=study.strip()[:64],
+                verdicts=verdicts, view=view, error=error)  # fmt: skip
+
+
+# -- load -------------------------------------------------------------------------------------
+@pages.get("/load", response_class=HTMLResponse)
+def load_page(request: Request, backend: ConsoleBackend, refresh: str = "1") -> HTMLResponse:
+    s = _session(request)
+    return page(request, "load.html", s, title="Load per institution",
+                rows=load_by_institution(backend.store(), s), refresh=refresh != "0",
+                fragment=f"{PREFIX}/fragments/load")  # fmt: skip
+
+
+@pages.get("/fragments/load", response_class=HTMLResponse)
+def load_fragment(request: Request, backend: ConsoleBackend) -> HTMLResponse:
+    s = _session(request)
+    return page(request, "_load_table.html", s, rows=load_by_institution(backend.store(), s))
+
+
+def root() -> Response:
+    return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
+
+
+def mount_console(
+    app: FastAPI, store: JobStore | None = None, disp: Dispatcher | None = None
+) -> None:
+    """Add the console under ``/console`` (and ``/`` -> the jobs page) to the API ``app``;
+    ``store``/``disp`` default to the process-wide ones."""
     from workers.core.plugins import load_plugins
 
     load_plugins()
     ui = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    ui.state.backend = Backend(store, disp)
     ui.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-
-    def page(
-        request: Request, name: str, s: Session | None, status: int = 200, **ctx
-    ) -> HTMLResponse:
-        html = TEMPLATES.get_template(name).render(
-            session=s, path=request.url.path, query=str(request.url.query), **ctx
-        )
-        return HTMLResponse(html, status_code=status)
-
-    @ui.middleware("http")
-    async def headers(request: Request, call_next):
-        resp = await call_next(request)
-        resp.headers.setdefault("Content-Security-Policy", CSP)
-        resp.headers["X-Content-Type-Options"] = "nosniff"
-        resp.headers["Referrer-Policy"] = "same-origin"
-        resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers.setdefault("Cache-Control", "no-store")
-        return resp
-
-    @ui.exception_handler(LoginRequired)
-    async def _login(request: Request, _e: Exception) -> Response:
-        if request.method != "GET" or request.url.path.startswith(f"{PREFIX}/fragments"):
-            return HTMLResponse("login required", status_code=401)
-        nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"{PREFIX}/login?{urlencode({'next': nxt})}", status_code=303)
-
-    @ui.exception_handler(Missing)
-    async def _missing(request: Request, e: Exception) -> Response:
-        msg = e.message if isinstance(e, Missing) else "not found"
-        return page(request, "error.html", _maybe_session(request), 404, title="Not found",
-                    message=msg)  # fmt: skip
-
-    async def _store_down(request: Request, exc: Exception) -> Response:
-        store = get_store_safe()
-        msg = unreachable(exc, store.url if store else None)
-        return page(request, "error.html", _maybe_session(request), 503,
-                    title="Job store unreachable", message=msg)  # fmt: skip
-
+    ui.middleware("http")(_security_headers)
+    ui.add_exception_handler(LoginRequired, _login_required)
+    ui.add_exception_handler(Missing, _missing)
+    ui.add_exception_handler(Refused, _refused)
     for exc_type in UNREACHABLE:
         ui.add_exception_handler(exc_type, _store_down)
-
-    def get_store_safe() -> JobStore | None:
-        try:
-            return get_store()
-        except Exception:  # noqa: BLE001
-            return None
-
-    def _check_post(request: Request, s: Session, form: dict[str, list[str]]) -> None:
-        if not _same_origin(request) or not auth.csrf_ok(s.cookie, _one(form, "csrf")):
-            raise Refused()
-
-    @ui.exception_handler(Refused)
-    async def _refused(request: Request, _e: Exception) -> Response:
-        return page(request, "error.html", _maybe_session(request), 403, title="Refused",
-                    message="the form was not sent from this console (CSRF check failed); "
-                    "reload the page and try again")  # fmt: skip
-
-    # -- login ----------------------------------------------------------------------------
-    def _next(raw: str) -> str:
-        """Only a console path (never another site) after login or an action."""
-        if raw.startswith(f"{PREFIX}/") and not raw.startswith("//") and "\\" not in raw:
-            return raw
-        return f"{PREFIX}/jobs"
-
-    @ui.get("/login", response_class=HTMLResponse)
-    def login_page(request: Request, next: str = "") -> HTMLResponse:
-        return page(request, "login.html", None, next=_next(next), error=_no_tokens())
-
-    def _no_tokens() -> str:
-        return "" if auth.tokens() else "no tokens are configured: set SPRIM_API_TOKENS"
-
-    @ui.post("/login")
-    async def login(request: Request) -> Response:
-        form = await _form(request)
-        nxt = _next(_one(form, "next"))
-        token = _one(form, "token").strip()
-        if not _same_origin(request):
-            raise Refused()
-        if not token or len(token) > 512 or auth.institution_for(token) is None:
-            return page(request, "login.html", None, 401, next=nxt,
-                        error=_no_tokens() or "unknown token")  # fmt: skip
-        resp = RedirectResponse(nxt, status_code=303)
-        resp.set_cookie(
-            COOKIE, auth.session_cookie(token), max_age=auth.SESSION_S, path=PREFIX,
-            httponly=True, samesite="strict", secure=request.url.scheme == "https",
-        )  # fmt: skip
-        return resp
-
-    @ui.post("/logout")
-    async def logout(request: Request) -> Response:
-        s = _session(request)
-        _check_post(request, s, await _form(request))
-        resp = RedirectResponse(f"{PREFIX}/login", status_code=303)
-        resp.delete_cookie(COOKIE, path=PREFIX)
-        return resp
-
-    @ui.get("/")
-    def home() -> Response:
-        return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
-
-    # -- jobs -----------------------------------------------------------------------------
-    def _filters(s: Session, state: str, rule: str, institution: str, since: str) -> dict:
-        return {
-            "state": state if state in STATES else "",
-            "rule": rule[:128],
-            "institution": institution[:128] if s.all else "",
-            "since": since if since in WINDOWS else "",
-        }
-
-    def _jobs_ctx(request: Request, s: Session, f: dict, refresh: str) -> dict:
-        store = get_store()
-        jobs = query_jobs(store, s, state=f["state"] or None, rule=f["rule"] or None,
-                          institution=f["institution"] or None,
-                          since_s=WINDOWS.get(f["since"]), limit=JOBS_SHOWN)  # fmt: skip
-        return {
-            "jobs": jobs, "filters": f, "states": STATES, "windows": list(WINDOWS),
-            "rules": _distinct(store, s, JobRow.rule),
-            "institutions": _distinct(store, s, JobRow.institution) if s.all else [],
-            "refresh": refresh != "0", "flash": _flash(request), "limit": JOBS_SHOWN,
-            "fragment": f"{PREFIX}/fragments/jobs?" + urlencode({k: v for k, v in f.items() if v}),
-        }  # fmt: skip
-
-    @ui.get("/jobs", response_class=HTMLResponse)
-    def jobs_page(request: Request, state: str = "", rule: str = "", institution: str = "",
-                  since: str = "", refresh: str = "1") -> HTMLResponse:  # fmt: skip
-        s = _session(request)
-        f = _filters(s, state, rule, institution, since)
-        return page(request, "jobs.html", s, title="Jobs", **_jobs_ctx(request, s, f, refresh))
-
-    @ui.get("/fragments/jobs", response_class=HTMLResponse)
-    def jobs_fragment(request: Request, state: str = "", rule: str = "", institution: str = "",
-                      since: str = "") -> HTMLResponse:  # fmt: skip
-        s = _session(request)
-        f = _filters(s, state, rule, institution, since)
-        return page(request, "_jobs_table.html", s, **_jobs_ctx(request, s, f, "1"))
-
-    def _flash(request: Request) -> str:
-        m = _FLASH.match(request.query_params.get("ok", ""))
-        return f"job {m.group(2)} {m.group(1)}" if m else ""
-
-    # -- a study --------------------------------------------------------------------------
-    def _study_ctx(s: Session, view: StudyView, extra_step: str = "",
-                   forms: dict[str, StepForm] | None = None) -> dict:  # fmt: skip
-        store = get_store()
-        names = study_step_names(view)
-        if extra_step and extra_step not in names:
-            try:
-                get_step(extra_step)
-                names.append(extra_step)
-            except KeyError:
-                pass
-        built = {n: (forms or {}).get(n) or step_form(view, n) for n in names}
-        known = {str(x.get("SeriesInstanceUID")): x for x in view.series}
-        for j in _processed(view):
-            known.setdefault(str(j.series_uid), {"SeriesInstanceUID": j.series_uid})
-        audits = {j.id: store.audit_trail(job_id=j.id) for j in view.jobs}
-        outputs = [(j, o, output_previews(j, o)) for j in view.jobs for o in (j.outputs or [])]
-        return {
-            "view": view, "forms": built, "series_choices": list(known.values()),
-            "all_steps": [x.name for x in all_steps() if x.name not in built],
-            "audits": audits, "outputs": outputs,
-            "active": sum(j.state in ACTIVE for j in view.jobs),
-            "fragment": f"{PREFIX}/fragments/studies/{view.study_uid}/jobs",
-        }  # fmt: skip
-
-    @ui.get("/studies/{study_uid}", response_class=HTMLResponse)
-    def study_page(request: Request, study_uid: str, step: str = "") -> HTMLResponse:
-        s = _session(request)
-        view = study_view(get_store(), s, study_uid)
-        return page(request, "study.html", s, title=f"Study {study_uid}", flash=_flash(request),
-                    **_study_ctx(s, view, step[:64]))  # fmt: skip
-
-    @ui.get("/fragments/studies/{study_uid}/jobs", response_class=HTMLResponse)
-    def study_jobs_fragment(request: Request, study_uid: str) -> HTMLResponse:
-        s = _session(request)
-        view = study_view(get_store(), s, study_uid)
-        store = get_store()
-        return page(request, "_study_jobs.html", s, view=view,
-                    active=sum(j.state in ACTIVE for j in view.jobs),
-                    audits={j.id: store.audit_trail(job_id=j.id) for j in view.jobs})  # fmt: skip
-
-    @ui.post("/studies/{study_uid}/reprocess")
-    async def study_reprocess(request: Request, study_uid: str) -> Response:
-        s = _session(request)
-        form = await _form(request)
-        _check_post(request, s, form)
-        store = get_store()
-        view = study_view(store, s, study_uid)
-        name = _one(form, "step")[:64]
-        series_uid = _one(form, "series_uid")[:64] or None
-        priority = _one(form, "priority", "urgent")
-        try:
-            sf = step_form(view, name, series_uid)
-        except KeyError:
-            raise Missing(f"step {name}") from None
-        with_ = changed_params(sf.fields, form)
-        try:
-            if priority not in auth.PRIORITIES:
-                raise BadRequest(f"priority {priority!r}: one of {', '.join(auth.PRIORITIES)}")
-            job = reprocess(
-                store, study_uid, [{"use": sf.step, "with": with_}],
-                requester=f"console@{s.institution}", institution=s.institution,
-                series_uid=series_uid, priority=auth.PRIORITIES[priority], disp=disp,
-            )  # fmt: skip
-        except NotFound as e:  # words of reprocess(): the same for another's study as for none
-            raise Missing(f"study {study_uid}", str(e)) from None
-        except BadRequest as e:
-            for f in sf.fields:  # what was typed stays in the form, next to its error
-                if f.kind == "choices":
-                    if _one(form, f"has.{f.name}") == "1":
-                        f.value = [v for v in form.get(f"p.{f.name}", []) if v]
-                elif f"p.{f.name}" in form:
-                    f.value = _one(form, f"p.{f.name}")
-                f.error = e.fields.get(f.name, "")
-            marked = e.fields and set(e.fields) <= {f.name for f in sf.fields}
-            sf.error = "fix the values marked below" if marked else str(e)
-            return page(request, "study.html", s, 422, title=f"Study {study_uid}", flash="",
-                        **_study_ctx(s, view, sf.step, {sf.step: sf}))  # fmt: skip
-        return RedirectResponse(
-            f"{PREFIX}/studies/{study_uid}?ok=queued-{job.id}#job-{job.id}", status_code=303
-        )
-
-    @ui.get("/jobs/{job_id}")
-    def job_page(request: Request, job_id: int) -> Response:
-        """A job is shown on its study's page."""
-        j = _job(get_store(), _session(request), job_id)
-        return RedirectResponse(f"{PREFIX}/studies/{j.study_uid}#job-{j.id}", status_code=303)
-
-    # -- previews -------------------------------------------------------------------------
-    @ui.get("/jobs/{job_id}/previews/{name}")
-    def preview(request: Request, job_id: int, name: str) -> Response:
-        s = _session(request)
-        job = _job(get_store(), s, job_id)
-        found = preview_file(job, name)
-        if found is None:
-            raise Missing(f"preview {name[:80]}")
-        path, media = found
-        return FileResponse(
-            path, media_type=media, headers={"Cache-Control": "private, max-age=3600"}
-        )
-
-    # -- failures -------------------------------------------------------------------------
-    def _failures_ctx(request: Request, s: Session) -> dict:
-        store = get_store()
-        now = time.time()
-        failed = query_jobs(store, s, state="failed", limit=200)
-        partial = query_jobs(store, s, state="partial", limit=200)
-        waiting = [j for j in query_jobs(store, s, state="queued", limit=500) if j.error]
-        stuck = [j for j in query_jobs(store, s, state="running", limit=500)
-                 if (j.lease_expires_at or now) < now]  # fmt: skip
-        return {"failed": sorted(failed + partial, key=lambda j: -j.id), "waiting": waiting,
-                "stuck": stuck, "flash": _flash(request), "error": ""}  # fmt: skip
-
-    @ui.get("/failures", response_class=HTMLResponse)
-    def failures_page(request: Request) -> HTMLResponse:
-        s = _session(request)
-        return page(request, "failures.html", s, title="Failures", **_failures_ctx(request, s))
-
-    def _act(fn, verb: str):
-        async def act(request: Request, job_id: int) -> Response:
-            s = _session(request)
-            form = await _form(request)
-            _check_post(request, s, form)
-            store = get_store()
-            kw = {"disp": disp} if fn is retry else {}
-            try:
-                fn(store, job_id, actor=f"console:{s.institution}", institution=s.institution, **kw)
-            except NotFound:
-                raise Missing(f"job {job_id}") from None
-            except BadRequest as e:
-                ctx = _failures_ctx(request, s)
-                ctx["error"] = str(e)
-                return page(request, "failures.html", s, 409, title="Failures", **ctx)
-            nxt = _next(_one(form, "next", f"{PREFIX}/failures")).split("?")[0].split("#")[0]
-            return RedirectResponse(f"{nxt}?ok={verb}-{job_id}", status_code=303)
-
-        return act
-
-    ui.add_api_route("/jobs/{job_id}/retry", _act(retry, "retried"), methods=["POST"])
-    ui.add_api_route("/jobs/{job_id}/cancel", _act(cancel, "cancelled"), methods=["POST"])
-
-    # -- rules ----------------------------------------------------------------------------
-    @ui.get("/rules", response_class=HTMLResponse)
-    def rules_page(request: Request, study: str = "") -> HTMLResponse:
-        from pipelines.rules import explain
-        from workers.processing.routing import current_rules, rules_path
-
-        s = _session(request)
-        store = get_store()
-        rs = current_rules(store)
-        verdicts, view, error = None, None, ""
-        if study.strip():
-            view = study_view(store, s, study.strip())
-            if not view.series:
-                error = "sprim has no routing attributes recorded for this study"
-            else:
-                verdicts = explain(rs, view.series, view.context)
-        if verdicts is not None:
-            verdicts = [v for v in verdicts if _applies(rs.get(v.rule), s)]
-        return page(request, "rules.html", s, title="Rules", rules=rs, path_=str(rules_path()),
-                    shown=[r for r in rs.rules if _applies(r, s)], study=study.strip()[:64],
-                    verdicts=verdicts, view=view, error=error)  # fmt: skip
-
-    # -- load -----------------------------------------------------------------------------
-    @ui.get("/load", response_class=HTMLResponse)
-    def load_page(request: Request, refresh: str = "1") -> HTMLResponse:
-        s = _session(request)
-        return page(request, "load.html", s, title="Load per institution",
-                    rows=load_by_institution(get_store(), s), refresh=refresh != "0",
-                    fragment=f"{PREFIX}/fragments/load")  # fmt: skip
-
-    @ui.get("/fragments/load", response_class=HTMLResponse)
-    def load_fragment(request: Request) -> HTMLResponse:
-        s = _session(request)
-        return page(request, "_load_table.html", s, rows=load_by_institution(get_store(), s))
-
+    ui.include_router(pages)
     app.mount(PREFIX, ui)
-
-    @app.get("/", include_in_schema=False)
-    def root() -> Response:
-        return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
+    app.add_api_route("/", root, methods=["GET"], include_in_schema=False)
