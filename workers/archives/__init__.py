@@ -7,9 +7,13 @@ All share :class:`Archive`; the job executor only talks to this protocol.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from workers.archives.base import Archive, ArchiveError
+
+if TYPE_CHECKING:
+    from workers.core.config import ArchiveAccess, Settings
 
 __all__ = ["Archive", "ArchiveError", "destination_for", "open_archive"]
 
@@ -32,7 +36,7 @@ def open_archive(spec: str | None = None, *, name: str | None = None) -> Archive
         Permanent, for credentials in the URL or unusable access settings (the message names
         the variable, never a secret).
     """
-    from workers.core.config import ConfigError, archive_access, settings
+    from workers.core.config import settings
 
     cfg = settings()
     if spec is None:
@@ -41,54 +45,71 @@ def open_archive(spec: str | None = None, *, name: str | None = None) -> Archive
         name, spec = name or spec, cfg.archives[spec]
     access = None
     if spec.startswith(("http://", "https://", "dicom+tls://")):
-        if urlparse(spec).password is not None or (
-            spec.startswith("http") and urlparse(spec).username is not None
-        ):
-            label = name or _without_userinfo(spec)
-            raise ArchiveError(
-                f"{label}: credentials in the archive URL are not accepted (they would show in "
-                "logs and job records): set SPRIM_ARCHIVE_<NAME>_USERNAME and _PASSWORD",
-                transient=False,
-                reason="credentials in the archive URL",
-            )
-        if name:
-            key: str | None = name
-        elif spec.rstrip("/") == (cfg.archive_url or "").rstrip("/"):
-            key = None  # SPRIM_ARCHIVE_URL's own variables
-        else:  # a URL SPRIM_ARCHIVES names (job records keep URLs), else none: no credentials
-            key = _name_of(spec, cfg.archives) or ""
-        try:
-            access = archive_access(key) if key != "" else None
-        except ConfigError as e:
-            raise ArchiveError(
-                f"{name or spec}: {e}", transient=False, reason=str(e)[:500]
-            ) from None
+        _refuse_credentials_in(spec, name)
+        access = _access_of(spec, name, cfg)
     if spec.startswith(("http://", "https://")):
         from workers.archives.dicomweb import DicomWebArchive
 
         return DicomWebArchive(spec, name=name, access=access)
     if spec.startswith(("dicom://", "dicom+tls://")):  # C-STORE destination: dicom://AET@host:port
-        from workers.archives.dimse import DimseArchive
-
-        tls = None
-        if spec.startswith("dicom+tls://"):
-            from workers.archives.access import dicom_tls_context
-            from workers.core.tls import client_context
-
-            tls = dicom_tls_context(access) if access else client_context()
-        return DimseArchive.from_url(
-            spec, calling_aet=cfg.ae_title, tls=tls, name=name,
-            variables=access.variables if access else "SPRIM_ARCHIVE_<NAME>_",
-        )  # fmt: skip
+        return _dimse_archive(spec, name, access, calling_aet=cfg.ae_title)
     from workers.archives.folder import FolderArchive
 
     path = spec.removeprefix("folder:").removeprefix("file://")
     return FolderArchive(Path(path), name=name or f"folder:{Path(path).resolve()}")
 
 
+def _refuse_credentials_in(url: str, name: str | None) -> None:
+    """A password in any URL, or a user name in an HTTP one, is a permanent ArchiveError."""
+    u = urlparse(url)
+    if u.password is not None or (url.startswith("http") and u.username is not None):
+        label = name or _without_userinfo(url)
+        raise ArchiveError(
+            f"{label}: credentials in the archive URL are not accepted (they would show in "
+            "logs and job records): set SPRIM_ARCHIVE_<NAME>_USERNAME and _PASSWORD",
+            transient=False,
+            reason="credentials in the archive URL",
+        )
+
+
+def _access_of(url: str, name: str | None, cfg: Settings) -> ArchiveAccess | None:
+    """Credentials and TLS settings of a URL archive: its name's, SPRIM_ARCHIVE_URL's own, or
+    those of the name SPRIM_ARCHIVES gives the URL (job records keep URLs); else none."""
+    from workers.core.config import ConfigError, archive_access
+
+    if name:
+        key: str | None = name
+    elif url.rstrip("/") == (cfg.archive_url or "").rstrip("/"):
+        key = None  # SPRIM_ARCHIVE_URL's own variables
+    else:
+        key = _name_of(url, cfg.archives) or ""
+    try:
+        return archive_access(key) if key != "" else None
+    except ConfigError as e:
+        raise ArchiveError(f"{name or url}: {e}", transient=False, reason=str(e)[:500]) from None
+
+
+def _dimse_archive(
+    url: str, name: str | None, access: ArchiveAccess | None, *, calling_aet: str
+) -> Archive:
+    """``dicom://AET@host:port`` (C-STORE only), ``dicom+tls://`` over DICOM TLS."""
+    from workers.archives.dimse import DimseArchive
+
+    tls = None
+    if url.startswith("dicom+tls://"):
+        from workers.archives.access import dicom_tls_context
+        from workers.core.tls import client_context
+
+        tls = dicom_tls_context(access) if access else client_context()
+    return DimseArchive.from_url(
+        url, calling_aet=calling_aet, tls=tls, name=name,
+        variables=access.variables if access else "SPRIM_ARCHIVE_<NAME>_",
+    )  # fmt: skip
+
+
 def _without_userinfo(url: str) -> str:
     u = urlparse(url)
-    return u._replace(netloc=u.hostname + (f":{u.port}" if u.port else "")).geturl()
+    return u._replace(netloc=(u.hostname or "") + (f":{u.port}" if u.port else "")).geturl()
 
 
 def _name_of(url: str, archives: dict[str, str]) -> str | None:
