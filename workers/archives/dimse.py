@@ -18,7 +18,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pydicom
-from pynetdicom import AE, evt
+from pydicom import Dataset
+from pynetdicom import AE, Association, evt
 
 from workers.archives.base import Archive, ArchiveError
 from workers.core.tls import describe_tls_error, tls_advice
@@ -137,12 +138,22 @@ class DimseArchive:
         if not files:
             return
         t0 = time.perf_counter()
-        headers = []
-        for f in files:
-            try:
-                headers.append(pydicom.dcmread(f, stop_before_pixels=True))
-            except Exception as e:  # noqa: BLE001
-                raise ArchiveError(f"{f}: not DICOM", transient=False, reason=str(e)[:300]) from e
+        headers = [_header(f) for f in files]
+        assoc = self._associate(headers)
+        try:
+            for f, h in zip(files, headers, strict=True):
+                self._store_one(assoc, f, h)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        log.info(
+            "event=store archive=%s instances=%d seconds=%.2f",
+            self.name, len(files), time.perf_counter() - t0,
+        )  # fmt: skip
+
+    def _associate(self, headers: list[Dataset]) -> Association:
+        """One association with a presentation context per SOP class and transfer syntax of
+        ``headers`` (each also offered as native); transient ArchiveError when refused."""
         ae = AE(ae_title=self.calling_aet)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         pairs = sorted({(h.SOPClassUID, h.file_meta.TransferSyntaxUID) for h in headers})
@@ -161,37 +172,32 @@ class DimseArchive:
                 transient=True,
                 reason=f"association {why} with {self.aet}@{self.host}:{self.port}",
             )
+        return assoc
+
+    def _store_one(self, assoc: Association, f: Path, h: Dataset) -> None:
+        """C-STORE one file; ArchiveError unless the archive answered success or a warning."""
         try:
-            for f, h in zip(files, headers, strict=True):
-                try:
-                    status = assoc.send_c_store(f)
-                except Exception as e:  # noqa: BLE001
-                    raise ArchiveError(
-                        f"{self.name}: C-STORE {h.SOPInstanceUID}: {e}",
-                        transient=True,
-                        reason=str(e)[:300],
-                    ) from e
-                if not status or "Status" not in status:
-                    raise ArchiveError(
-                        f"{self.name}: no C-STORE response for {h.SOPInstanceUID}",
-                        transient=True,
-                        reason="association lost or DIMSE timeout",
-                    )
-                code = int(status.Status)
-                if code != 0x0000 and code not in (0xB000, 0xB007, 0xB006):
-                    comment = str(status.get("ErrorComment", "") or "")
-                    raise ArchiveError(
-                        f"{self.name}: C-STORE {h.SOPInstanceUID} status 0x{code:04X}",
-                        transient=_is_transient_status(code),
-                        reason=f"0x{code:04X} {status_meaning(code)} {comment}".strip(),
-                    )
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        log.info(
-            "event=store archive=%s instances=%d seconds=%.2f",
-            self.name, len(files), time.perf_counter() - t0,
-        )  # fmt: skip
+            status = assoc.send_c_store(f)
+        except Exception as e:  # noqa: BLE001
+            raise ArchiveError(
+                f"{self.name}: C-STORE {h.SOPInstanceUID}: {e}",
+                transient=True,
+                reason=str(e)[:300],
+            ) from e
+        if not status or "Status" not in status:
+            raise ArchiveError(
+                f"{self.name}: no C-STORE response for {h.SOPInstanceUID}",
+                transient=True,
+                reason="association lost or DIMSE timeout",
+            )
+        code = int(status.Status)
+        if code != 0x0000 and code not in (0xB000, 0xB007, 0xB006):
+            comment = str(status.get("ErrorComment", "") or "")
+            raise ArchiveError(
+                f"{self.name}: C-STORE {h.SOPInstanceUID} status 0x{code:04X}",
+                transient=_is_transient_status(code),
+                reason=f"0x{code:04X} {status_meaning(code)} {comment}".strip(),
+            )
 
     def _raise_tls_failure(self) -> None:
         """pynetdicom only logs why a TLS connection failed: handshake once more to say it."""
@@ -207,6 +213,14 @@ class DimseArchive:
         hint, transient = tls_advice(why, self.variables)
         text = f"{self.name}: DICOM TLS: {why}; {hint}"
         raise ArchiveError(text, transient=transient, reason=text)
+
+
+def _header(f: Path) -> Dataset:
+    """The file's header; a permanent ArchiveError when it is not DICOM."""
+    try:
+        return pydicom.dcmread(f, stop_before_pixels=True)
+    except Exception as e:  # noqa: BLE001
+        raise ArchiveError(f"{f}: not DICOM", transient=False, reason=str(e)[:300]) from e
 
 
 def _nodelay(event) -> None:
