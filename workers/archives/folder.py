@@ -72,48 +72,55 @@ class FolderArchive:
         while stack:
             d = stack.pop()
             seen_dirs.add(d)
-            try:
-                mtime = os.stat(d).st_mtime_ns
-            except FileNotFoundError:
-                continue
-            cached = self._dirs.get(d)
-            # mtimes use a coarse clock: a directory changed in the last 2 s is listed again
-            if cached is not None and cached[0] == mtime and time.time_ns() - mtime > 2e9:
-                stack.extend(cached[1])
-                continue
-            subdirs, files = [], set()
-            try:
-                entries = list(os.scandir(d))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir(follow_symlinks=False):
-                    subdirs.append(e.path)
-                    continue
-                files.add(e.path)
-                try:
-                    st = e.stat()
-                except FileNotFoundError:
-                    continue
-                old = self._index.get(e.path)
-                if old is not None and old.mtime_ns == st.st_mtime_ns and old.size == st.st_size:
-                    continue
-                entry = self._read(Path(e.path), st)
-                if entry is not None:
-                    self._index[e.path] = entry
-                else:
-                    self._index.pop(e.path, None)
-            for p in self._dir_files.get(d, set()) - files:
-                self._index.pop(p, None)
-            self._dirs[d] = (mtime, subdirs)
-            self._dir_files[d] = files
-            stack.extend(subdirs)
+            stack.extend(self._refresh_dir(d))
         for d in set(self._dirs) - seen_dirs:
             for p in self._dir_files.pop(d, set()):
                 self._index.pop(p, None)
             del self._dirs[d]
+
+    def _refresh_dir(self, d: str) -> list[str]:
+        """Index the files of directory ``d`` unless it is unchanged; its subdirectories."""
+        try:
+            mtime = os.stat(d).st_mtime_ns
+        except FileNotFoundError:
+            return []
+        cached = self._dirs.get(d)
+        # mtimes use a coarse clock: a directory changed in the last 2 s is listed again
+        if cached is not None and cached[0] == mtime and time.time_ns() - mtime > 2e9:
+            return cached[1]
+        subdirs, files = [], set()
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.path)
+                continue
+            files.add(e.path)
+            self._index_file(e)
+        for p in self._dir_files.get(d, set()) - files:
+            self._index.pop(p, None)
+        self._dirs[d] = (mtime, subdirs)
+        self._dir_files[d] = files
+        return subdirs
+
+    def _index_file(self, e: os.DirEntry[str]) -> None:
+        """(Re-)read the header of a new or changed file; forget it if it is not DICOM."""
+        try:
+            st = e.stat()
+        except FileNotFoundError:
+            return
+        old = self._index.get(e.path)
+        if old is not None and old.mtime_ns == st.st_mtime_ns and old.size == st.st_size:
+            return
+        entry = self._read(Path(e.path), st)
+        if entry is not None:
+            self._index[e.path] = entry
+        else:
+            self._index.pop(e.path, None)
 
     @staticmethod
     def _read(p: Path, st: os.stat_result) -> _Entry | None:
