@@ -25,43 +25,68 @@ def iter_parts(chunks: Iterator[bytes], boundary: bytes) -> Iterator[bytes]:
     Uses a part's Content-Length when given (Orthanc does), else searches the delimiter.
     Raises a transient :class:`ArchiveError` if the stream ends before the closing delimiter.
     """
-    delim = b"--" + boundary
-    buf = bytearray()
-    started = False
-    scan = 0
+    reader = _PartReader(boundary)
     for chunk in chunks:
-        buf += chunk
-        while True:
-            if not started:
-                i = buf.find(delim)
-                if i < 0:
-                    break
-                del buf[: i + len(delim)]
-                started = True
-            if len(buf) < 2:
-                break
-            if buf[:2] == b"--":
-                return
-            h = buf.find(b"\r\n\r\n")
-            if h < 0:
-                break
-            length = content_length(bytes(buf[:h]))
-            body = h + 4
-            if length is not None:
-                end = body + length
-                if len(buf) < end + 2 + len(delim):
-                    break
-            else:
-                end = buf.find(b"\r\n" + delim, max(body, scan))
-                if end < 0:
-                    scan = max(body, len(buf) - len(delim) - 2)
-                    break
-            yield bytes(buf[body:end])
-            del buf[: end + 2 + len(delim)]
-            scan = 0
+        reader.buf += chunk
+        while (part := reader.next_part()) is not None:
+            yield part
+        if reader.closed:
+            return
     raise ArchiveError(
         "WADO-RS answer ended before its closing boundary", transient=True, reason="truncated"
     )
+
+
+class _PartReader:
+    """A multipart body as it arrives: append to ``buf``, take complete parts with
+    :meth:`next_part` (``closed`` once the closing delimiter is read)."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self.delim = b"--" + boundary
+        self.buf = bytearray()
+        self.started = False  # the preamble and first delimiter are consumed
+        self.closed = False
+        self.scan = 0  # where the delimiter search resumes (the bytes before were searched)
+
+    def next_part(self) -> bytes | None:
+        """The next complete part's body, removed from ``buf``; None until more arrives."""
+        if not self._past_preamble() or len(self.buf) < 2:
+            return None
+        if self.buf[:2] == b"--":
+            self.closed = True
+            return None
+        h = self.buf.find(b"\r\n\r\n")
+        if h < 0:
+            return None
+        body = h + 4
+        end = self._body_end(content_length(bytes(self.buf[:h])), body)
+        if end is None:
+            return None
+        part = bytes(self.buf[body:end])
+        del self.buf[: end + 2 + len(self.delim)]
+        self.scan = 0
+        return part
+
+    def _past_preamble(self) -> bool:
+        if not self.started:
+            i = self.buf.find(self.delim)
+            if i < 0:
+                return False
+            del self.buf[: i + len(self.delim)]
+            self.started = True
+        return True
+
+    def _body_end(self, length: int | None, body: int) -> int | None:
+        """Where the part's body ends: by its Content-Length, else at the next delimiter;
+        None while the body or the delimiter after it has not fully arrived."""
+        if length is not None:
+            end = body + length
+            return end if len(self.buf) >= end + 2 + len(self.delim) else None
+        end = self.buf.find(b"\r\n" + self.delim, max(body, self.scan))
+        if end < 0:
+            self.scan = max(body, len(self.buf) - len(self.delim) - 2)
+            return None
+        return end
 
 
 def content_length(headers: bytes) -> int | None:
