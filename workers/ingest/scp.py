@@ -628,7 +628,7 @@ class Scp:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._dropped, self._dropped_logged = 0, 0.0
+        self._dropped: dict[str, tuple[int, float]] = {}  # event -> (not logged, last logged)
         self._acceptor = threading.Thread(target=self._accept, name="sprim-scp-accept", daemon=True)
 
     def start(self) -> Scp:
@@ -643,7 +643,7 @@ class Scp:
                 if self._stopping.is_set():
                     return
                 # out of descriptors/memory, or a connection reset before accept: keep serving
-                log.error("event=accept_failed error=%r", str(e))
+                self._note_dropped("accept_failed", f"error={str(e)!r}")
                 time.sleep(0.1)
                 continue
             if self._stopping.is_set():
@@ -669,13 +669,17 @@ class Scp:
                     self._threads.discard(t)
                     self._conns.discard(conn)
         conn.close()
-        # a flood: one line a second, with the count
-        self._dropped += 1
+        self._note_dropped("connection_dropped", f"reason=too_many_connections address={addr[0]}")
+
+    def _note_dropped(self, event: str, detail: str) -> None:
+        """A flood: one line a second per event, with the count (acceptor thread only)."""
+        count, logged = self._dropped.get(event, (0, 0.0))
         now = time.monotonic()
-        if now - self._dropped_logged >= 1.0:
-            log.warning("event=connection_dropped reason=too_many_connections address=%s "
-                        "dropped=%d", addr[0], self._dropped)  # fmt: skip
-            self._dropped, self._dropped_logged = 0, now
+        if now - logged >= 1.0:
+            log.warning("event=%s %s dropped=%d", event, detail, count + 1)
+            self._dropped[event] = (0, now)
+        else:
+            self._dropped[event] = (count + 1, logged)
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
         raw = conn
