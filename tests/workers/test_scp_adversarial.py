@@ -121,8 +121,10 @@ def sr_data_set(sop: str, series: str = "1.2.826.0.1.3680043.8.498.77.2") -> byt
 
 # -- a raw peer --------------------------------------------------------------------------------
 class Peer:
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, source: str = "127.0.0.1") -> None:
+        self.s = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+        )
 
     def send(self, data: bytes) -> None:
         self.s.sendall(data)
@@ -507,9 +509,9 @@ def test_idle_association_is_closed_after_the_timeout(listener, caplog):
 
 
 def test_many_connections_beyond_max_associations(listener, ct_files, caplog):
-    """4 associations held, 10 more requested (each rejected-transient, local-limit-exceeded),
-    then a flood of 80 silent connections: the listener keeps a bounded number of threads,
-    closes the rest, and serves a normal association once the held ones end."""
+    """4 associations held, 10 more requested: each rejected-transient, local-limit-exceeded.
+    Silent connections take no association slot; one host cannot take every connection
+    thread; a flood from many hosts is capped and closed; normal associations go on."""
     held = [Peer(listener.port) for _ in range(4)]
     for p in held:
         p.associate()
@@ -523,16 +525,26 @@ def test_many_connections_beyond_max_associations(listener, ct_files, caplog):
         p.send(pdu(0x05, bytes(4)))
         assert p.recv_pdu() == (0x06, bytes(4))
         p.close()
+    assert sum("reason=too_many address" in m for m in caplog.messages) == 10
+    # as many silent connections as association slots: a real association is served at once
+    t0 = time.monotonic()
+    silent = [Peer(listener.port) for _ in range(4)]
+    _good_association_works(listener, ct_files[6])
+    assert time.monotonic() - t0 < ARTIM
+    # one host opening 20: max_associations + 4 get a thread, the others are closed at once
     baseline = threading.active_count()
-    flood = [Peer(listener.port) for _ in range(80)]
+    one_host = [Peer(listener.port, source="127.0.0.2") for _ in range(20)]
+    assert _wait(lambda: sum(p.closed_within(0.01) for p in one_host) >= 12, 2)
+    assert any("reason=too_many_from address=127.0.0.2" in m for m in caplog.messages)
+    _good_association_works(listener, ct_files[7])
+    # many hosts: at most 2 * max_associations + 16 connection threads
+    flood = [Peer(listener.port, source=f"127.0.1.{i % 40 + 1}") for i in range(80)]
     time.sleep(0.3)
     assert threading.active_count() - baseline <= 2 * 4 + 16
-    for p in flood:
-        assert p.closed_within(ARTIM + 2.0)
-    # the 10 and those of the flood beyond the 4 slots that got a thread
-    assert sum("reason=too_many address" in m for m in caplog.messages) >= 10
     assert any("event=connection_dropped reason=too_many_connections" in m for m in caplog.messages)
-    _good_association_works(listener, ct_files[6])
+    for p in flood + one_host + silent:
+        assert p.closed_within(ARTIM + 2.0)
+    _good_association_works(listener, ct_files[8])
 
 
 def test_accept_survives_running_out_of_file_descriptors(listener, ct_files, caplog):

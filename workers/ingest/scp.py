@@ -243,6 +243,7 @@ class Association:
         self.peer_max_pdu = 0
         self.artim_deadline = artim_deadline
         self.established = False
+        self.has_slot = False
 
     # -- socket ---------------------------------------------------------------------------
     def _recv_exact(self, n: int, deadline: float) -> bytearray:
@@ -309,18 +310,6 @@ class Association:
             return
         self._linger()
 
-    def reject_busy(self) -> None:
-        """More associations than allowed: read the A-ASSOCIATE-RQ (within ARTIM), answer
-        rejected-transient, service-provider (presentation), local-limit-exceeded."""
-        try:
-            kind, length = self._read_header(self.artim_deadline)
-            if kind == 0x01:
-                self._read_body(kind, length, self.artim_deadline)
-                self._send_pdu(0x03, bytes((0, 2, 3, 2)))
-                self._linger()
-        except (AssociationError, OSError):
-            pass
-
     # -- association ----------------------------------------------------------------------
     def run(self) -> None:
         aet = lambda: self.calling_aet or "-"  # noqa: E731
@@ -365,6 +354,8 @@ class Association:
             log.debug("association failure", exc_info=True)
             self._abort(2, REASON_NOT_SPECIFIED)
         finally:
+            if self.has_slot:
+                self.server._slots.release()
             try:
                 self.sock.close()
             except OSError:
@@ -403,6 +394,15 @@ class Association:
             return False
         if not proposed:
             raise _Rejected("no presentation context proposed", 1, 1, 1)
+        # a slot only for a complete, allowed request: silent or refused peers take none
+        if not srv._slots.acquire(blocking=False):
+            log.warning("event=association_rejected reason=too_many address=%s calling_aet=%s",
+                        self.address[0], self.calling_aet)  # fmt: skip
+            # rejected-transient, service-provider (presentation), local-limit-exceeded
+            self._send_pdu(0x03, bytes((0, 2, 3, 2)))
+            self._linger()
+            return False
+        self.has_slot = True
         items = [b"\x10\x00" + struct.pack(">H", len(APPLICATION_CONTEXT)) +
                  APPLICATION_CONTEXT.encode()]  # fmt: skip
         for pc_id, abstract, transfers in proposed:
@@ -617,6 +617,9 @@ class Scp:
         self.max_instance_bytes = max_instance_bytes
         #: connections being served, refused or in their handshake: each is a thread
         self.max_connections = 2 * max_associations + 16
+        #: of which from one address (one host cannot take every thread)
+        self.max_per_address = max_associations + 4
+        self._per_address: dict[str, int] = {}
         self.on_accepted = on_accepted
         self.on_rejected = on_rejected
         self.abstract_syntaxes = _storage_sop_classes() | {VERIFICATION}
@@ -628,7 +631,7 @@ class Scp:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._dropped: dict[str, tuple[int, float]] = {}  # event -> (not logged, last logged)
+        self._dropped: dict[str, tuple[int, float]] = {}  # key -> (not logged, last logged)
         self._acceptor = threading.Thread(target=self._accept, name="sprim-scp-accept", daemon=True)
 
     def start(self) -> Scp:
@@ -654,6 +657,11 @@ class Scp:
     def _spawn(self, conn: socket.socket, addr: tuple) -> None:
         with self._lock:
             full = len(self._threads) >= self.max_connections
+            mine = self._per_address.get(addr[0], 0)
+        if mine >= self.max_per_address:
+            conn.close()
+            self._note_dropped("connection_dropped", f"reason=too_many_from address={addr[0]}")
+            return
         if not full:
             t = threading.Thread(
                 target=self._serve, args=(conn, addr), name=f"sprim-scp-{addr[1]}", daemon=True
@@ -661,6 +669,7 @@ class Scp:
             with self._lock:
                 self._threads.add(t)
                 self._conns.add(conn)
+                self._per_address[addr[0]] = mine + 1
             try:
                 t.start()
                 return
@@ -668,18 +677,20 @@ class Scp:
                 with self._lock:
                     self._threads.discard(t)
                     self._conns.discard(conn)
+                    self._release_address(addr[0])
         conn.close()
         self._note_dropped("connection_dropped", f"reason=too_many_connections address={addr[0]}")
 
     def _note_dropped(self, event: str, detail: str) -> None:
-        """A flood: one line a second per event, with the count (acceptor thread only)."""
-        count, logged = self._dropped.get(event, (0, 0.0))
+        """A flood: one line a second per event and reason, with the count (acceptor thread)."""
+        key = f"{event} {detail.split(' address=')[0]}"
+        count, logged = self._dropped.get(key, (0, 0.0))
         now = time.monotonic()
         if now - logged >= 1.0:
             log.warning("event=%s %s dropped=%d", event, detail, count + 1)
-            self._dropped[event] = (0, now)
+            self._dropped[key] = (0, now)
         else:
-            self._dropped[event] = (count + 1, logged)
+            self._dropped[key] = (count + 1, logged)
 
     def _serve(self, conn: socket.socket, addr: tuple) -> None:
         raw = conn
@@ -703,21 +714,21 @@ class Scp:
                 with self._lock:
                     self._conns.discard(raw)
                     self._conns.add(conn)
-            assoc = Association(self, conn, addr, deadline)
-            if not self._slots.acquire(blocking=False):
-                assoc.reject_busy()
-                log.warning("event=association_rejected reason=too_many address=%s", addr[0])
-                conn.close()
-                return
-            try:
-                assoc.run()
-            finally:
-                self._slots.release()
+            Association(self, conn, addr, deadline).run()
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
                 self._conns.discard(conn)
                 self._conns.discard(raw)
+                self._release_address(addr[0])
+
+    def _release_address(self, address: str) -> None:
+        """One connection less from ``address`` (under ``_lock``)."""
+        left = self._per_address.get(address, 1) - 1
+        if left > 0:
+            self._per_address[address] = left
+        else:
+            self._per_address.pop(address, None)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting; wait for the associations in progress (each ends on its own)."""
