@@ -276,6 +276,7 @@ PRE_ASSOCIATION = [
     ("foreign application context", _bad_rq(item(0x10, b"1.2.3.4"), CONTEXTS, user_item()), ("reject", 1, 1, 2), ["application context ['1.2.3.4']"]),
     ("protocol version 2 only", _bad_rq(version=2), ("reject", 1, 2, 2), ["protocol version"]),
     ("no presentation context", _bad_rq(APP_CONTEXT, user_item()), ("reject", 1, 1, 1), ["no presentation context"]),
+    ("blank calling AE title", _bad_rq(calling=b"    "), ("reject", 1, 1, 3), ["calling AE title is blank"]),
     ("calling AE with a line break", _bad_rq(calling=b"EVIL\nevent=x"), ("reject", 1, 1, 3), ["association_rejected", "EVIL?event=x"]),
 ]  # fmt: skip
 

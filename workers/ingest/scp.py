@@ -386,6 +386,8 @@ class Association:
         if app_contexts != [APPLICATION_CONTEXT]:
             # rejected-permanent, service-user, application-context-name-not-supported
             raise _Rejected(f"application context {app_contexts or 'missing'}", 1, 1, 2)
+        if not self.calling_aet:  # PS3.8 9.3.2: an AE title is not all spaces
+            raise _Rejected("calling AE title is blank", 1, 1, 3)
         if srv.allowed and self.calling_aet not in srv.allowed:
             # rejected-permanent, service-user, calling-AE-title-not-recognized
             self._send_pdu(0x03, bytes((0, 1, 1, 3)))
