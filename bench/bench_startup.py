@@ -135,7 +135,9 @@ def main() -> None:
         row("startup.help", "`sprim --help`, fresh process (wall)", hh["median"], "s",
             target=0.3, detail=f"min {hh['min']:.3f}, max {hh['max']:.3f}; CPU "
             f"{h['help_cpu']['median']:.3f} s; `python -c pass` alongside {py['median']:.3f} s "
-            f"wall, {h['python_cpu']['median']:.3f} s CPU; {load}", command=cmd),
+            f"wall, {h['python_cpu']['median']:.3f} s CPU (`sprim --help` = "
+            f"{hh['median'] / py['median']:.1f}x the bare interpreter, a ratio the load moves "
+            f"less); {load}", command=cmd),
         row("startup.help_cpu", "`sprim --help` CPU time (user + system)",
             h["help_cpu"]["median"], "s", detail="what an idle machine's wall would be, roughly",
             command=cmd),
