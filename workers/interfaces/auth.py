@@ -87,4 +87,6 @@ def csrf_token(cookie: str) -> str:
 
 
 def csrf_ok(cookie: str | None, given: str | None) -> bool:
-    return bool(cookie and given) and hmac.compare_digest(csrf_token(cookie), str(given))
+    if not cookie or not given:
+        return False
+    return hmac.compare_digest(csrf_token(cookie), given)
