@@ -179,7 +179,7 @@ class Watcher:
                 continue
             parts.append(f"{tags.get('SeriesInstanceUID', s['ID'])}:{len(s.get('Instances', []))}")
         fp = hashlib.sha1("|".join(sorted(parts)).encode()).hexdigest()[:16]
-        context = {"source_series": len(parts), "sprim_series": own}
+        context: dict[str, float] = {"source_series": len(parts), "sprim_series": own}
         quiet = self._quiet_for(study.get("LastUpdate"))
         if quiet is not None:
             context["quiet_s"] = quiet
