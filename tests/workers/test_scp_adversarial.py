@@ -397,6 +397,44 @@ def test_c_store_request_defects_get_failure_statuses_and_the_association_goes_o
     _good_association_works(listener, ct_files[2])
 
 
+def test_deflate_bomb_is_refused_without_inflating_it(listener, monkeypatch, caplog):
+    """A Deflated Explicit VR LE data set of a few hundred kB that inflates to 200 MB is
+    refused as not understood once it passes the inflation cap; a normal one is stored."""
+    import zlib
+
+    from workers.ingest import listener as listener_mod
+
+    monkeypatch.setattr(listener_mod, "MAX_INFLATED_BYTES", 8 << 20)
+
+    def deflated(sop: str, zeros_mb: int) -> bytes:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = SR, sop
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77.1"
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.77.6"
+        ds.Modality, ds.ValueType = "SR", "CONTAINER"
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, ds)
+        z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        out = z.compress(buf.getvalue())
+        chunk = bytes(1 << 20)
+        out += b"".join(z.compress(chunk) for _ in range(zeros_mb))
+        return out + z.flush()
+
+    bomb_sop, good_sop = "1.2.826.0.1.3680043.8.498.77.6.1", "1.2.826.0.1.3680043.8.498.77.6.2"
+    bomb = deflated(bomb_sop, 200)
+    assert len(bomb) < 1 << 20
+    peer = Peer(listener.port)
+    peer.associate(rq(APP_CONTEXT, pc_item(9, SR, ["1.2.840.10008.1.2.1.99"]), user_item()))
+    for sop, data, want in ((bomb_sop, bomb, 0xC000), (good_sop, deflated(good_sop, 0), 0)):
+        peer.send(pdata(pdv(9, 3, store_command(SR, sop))) + pdata(pdv(9, 2, data)))
+        assert store_status(peer)[0] == want
+    peer.send(pdu(0x05, bytes(4)))
+    assert peer.recv_pdu() == (0x06, bytes(4))
+    _line(caplog, "status=0xC000", f"sop={bomb_sop}", "inflates past 8388608 bytes")
+    assert [p.stem for p in _stored(listener.store.root)] == [good_sop]
+
+
 def test_peer_maximum_length_fragments_the_response(listener):
     """A requestor that takes P-DATA-TF of 32 bytes at most gets the C-ECHO-RSP in fragments."""
     peer = Peer(listener.port)

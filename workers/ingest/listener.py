@@ -61,6 +61,9 @@ STATUS_DOES_NOT_MATCH = 0xA900
 #: Error: Cannot Understand — the data set does not parse in the negotiated transfer syntax.
 STATUS_CANNOT_UNDERSTAND = 0xC000
 PENDING_MARK = ".pending"
+#: A deflated data set is inflated to be judged: at most this much (a deflate bomb of a few MB
+#: would otherwise inflate to GBs in memory).
+MAX_INFLATED_BYTES = 512 << 20
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, Float-, DoubleFloatPixelData
 #: Image SOP classes sprim builds volumes from: the full input-gate check applies to each
 #: instance. Other image classes (SC, DX, US...) are stored once they read as an image.
@@ -159,10 +162,14 @@ def read_header(fp: BinaryIO, transfer_syntax: str) -> tuple[Dataset, bool, int 
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
     if ts == DeflatedExplicitVRLittleEndian:
         fp.seek(0)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
-            fp = BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+            inflated = inflater.decompress(fp.read(), MAX_INFLATED_BYTES)
         except zlib.error as e:
             raise _Unparseable(f"deflated data set does not inflate ({e})") from e
+        if inflater.unconsumed_tail or len(inflated) >= MAX_INFLATED_BYTES:
+            raise _Unparseable(f"deflated data set inflates past {MAX_INFLATED_BYTES} bytes")
+        fp = BytesIO(inflated)
     fp.seek(0, os.SEEK_END)
     size = fp.tell()
     fp.seek(0)
