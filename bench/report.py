@@ -245,13 +245,24 @@ def _cell(text: str) -> str:
 
 #: Why a target is missed and what would close it (analysis of 2026-11-28; shown if missed).
 NOTES: dict[str, str] = {
-    "e2e_latency": "the default CT rules make 3 jobs per study (MPR; lungs + body SEG/SR + lung "
-    "mesh; bone mesh + rotating MIP) on 2 worker processes, so the latency is at least half of "
-    "their summed worker time (row detail), and Orthanc shares the same 2 cores. Storing is the "
-    "largest part (`store`: STOW-RS of every object plus a QIDO-RS check per output series), "
-    "and fetch + read are paid once per job. To close: run all rules matched on one series in "
-    "one job (fetch and read once), store each output while the next step computes, check "
-    "storage with one series-level count, post STOW-RS batches on two connections.",
+    "e2e_latency": "measured on 2 cores shared with other work (load 6-9): the platform's "
+    "processes received 8.7 s of the 2 cores in the fastest run of 22 s (row detail: CPU from the "
+    "last instance sent to all stored). The work itself needs more than 2 x 8 s of CPU with "
+    "Orthanc on the same 2 cores: the 3 jobs (fetch, read, steps, writes, previews) 11-17 s, "
+    "Orthanc 6-7 s "
+    "(of which 4 s are its ingest of the outputs, the floor row). Done (issue 13): one WADO-RS "
+    "fetch per series (host cache keyed by the series-level instance count), one read per "
+    "process (memo) and the body mask shared between segmentations, each output stored while "
+    "the next steps compute (`store` is now the wait after the last step), the STOW-RS check by "
+    "a series-level count (Orthanc CPU for 371 MPR outputs 6.2 -> 4.1 s); Orthanc CPU per "
+    "study 9.3 s before -> 5.9-6.8 s after, alternated runs at the same load. To close: less "
+    "CPU per study in the workers (previews drawn in the job's path; a pool process recycled "
+    "after a 400-slice job, SPRIM_WORKER_RECYCLE_MB, loses its memo so the third job reads "
+    "again), or Orthanc on its own host as in production.",
+    "e2e_vs_ingest": "the ratio sets the whole path (fetch, read, 11-17 s of CPU of steps and "
+    "writes, storing) against storing alone; on 2 shared cores the compute cannot hide behind "
+    "Orthanc's ingest, both need the same cores (see the e2e note). It also moves with the load "
+    "more than the floor does (storescu of 415 files: 7.7-8.1 s in three runs).",
     "throughput": "each study costs the summed worker time of its 3 jobs (see the e2e note); the "
     "same fixes raise throughput, and an archive on its own host leaves both cores to workers.",
     "two_hosts": "the machine was shared: during every run other work kept it at or near "
@@ -314,15 +325,15 @@ NOTES: dict[str, str] = {
     "`fdatasync` without a journal commit: 0.9 ms measured the same way) and move the "
     "instances to their folders after the answers (recovering the journal at start), or "
     "senders using several associations (group commit).",
-    "worker_rss": "one job per fresh process (memory.json): MPR 3.4x, bone 4.6x, lungs 5.3x the "
-    "int16 volume. Fixed part: python + the libraries the steps use 262 MiB (1.3x) + the volume "
-    "(1.0x). The lungs job then holds two full-resolution uint8 labelmaps for later steps "
+    "worker_rss": "one job per fresh process (memory.json): MPR 3.4x, bone 4.4x, lungs 5.0x the "
+    "int16 volume (4.6x and 5.3x before the runner gave freed heap back after each step). "
+    "Fixed part: python + the libraries the steps use 262 MiB (1.3x) + the volume (1.0x). The lungs job then holds two full-resolution uint8 labelmaps for later steps "
     "(lungs and body, 0.5x each), builds the lung surface with VTK at full resolution (flying "
     "edges, smoothing, decimation: ~1.2x transient) and renders its preview with VTK (~0.5x "
     "kept by the off-screen window). Pool processes are now replaced after a job that leaves "
     "them above SPRIM_WORKER_RECYCLE_MB (1024 MB), so jobs no longer add up (5.4x for the 3 "
-    "rules in one process). To close: keep labelmaps for later steps cropped to their box or "
-    "bit-packed (1/8), contour large surfaces on 2-voxel blocks before decimating, and render "
+    "rules in one process, 1072 MiB). To close: keep labelmaps for later steps cropped to "
+    "their box or bit-packed (1/8), contour large surfaces on 2-voxel blocks before decimating, and render "
     "mesh previews in a short-lived process.",
     "cost_linear": "load noise on the smallest series (a 1 s run is easily disturbed on the "
     "shared cores): the fit of the per-size minimums (row detail) is the better test of "
