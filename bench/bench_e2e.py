@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -40,6 +41,7 @@ from typing import Any
 import requests
 
 from bench.common import (
+    RESULTS,
     Platform,
     command_line,
     print_result,
@@ -337,9 +339,11 @@ def _cpu_s(p: Platform) -> dict[str, float]:
         try:
             procs = [psutil.Process(pid)]
             procs += procs[0].children(recursive=True)
+            # pool processes replaced since (SPRIM_WORKER_RECYCLE_MB): reaped by the main one
+            t = procs[0].cpu_times()
+            total = t.children_user + t.children_system
         except psutil.Error:
             return 0.0
-        total = 0.0
         for q in procs:
             try:
                 t = q.cpu_times()
@@ -595,7 +599,37 @@ def main() -> None:
                 rows.append(row(f"e2e.{name}", name, None, "", detail=raw[name]["error"]))
                 continue
         rows += to_rows[name](raw[name], cmd)
+    rows += _carried(args.skip, rows)
     print_result(write_result("e2e", rows, raw, cmd))
+
+
+#: The rows each part writes (id prefixes): a part skipped keeps its rows of the previous result.
+PART_ROWS = {
+    "cost": ("e2e.cost", "e2e.rss_ratio."),
+    "stages": ("e2e.stage",),
+    "throughput": ("e2e.throughput",),
+    "fetch": ("e2e.fetch_vs_curl", "e2e.archive_vs_fetch"),
+}
+
+
+def _carried(skipped: list[str], rows: list[dict]) -> list[dict]:
+    """Rows of the skipped parts from the previous ``e2e.json``, saying when they were measured
+    (a partial run must not make the other figures disappear from BENCHMARKS.md)."""
+    try:
+        prev = json.loads((RESULTS / "e2e.json").read_text())
+    except (OSError, ValueError):
+        return []
+    have = {r["id"] for r in rows}
+    prefixes = tuple(pre for part in skipped for pre in PART_ROWS.get(part, ()))
+    out = []
+    for r in prev.get("rows", []):
+        if r["id"] in have or not r["id"].startswith(prefixes) or not prefixes:
+            continue
+        when = r.get("measured") or prev.get("date", "?")
+        note = f"measured {when}, not in this run"
+        detail = r["detail"] if note in r["detail"] else f"{r['detail']} ({note})".lstrip()
+        out.append({**r, "measured": when, "detail": detail})
+    return out
 
 
 if __name__ == "__main__":
