@@ -239,6 +239,7 @@ def test_outputs_are_stored_while_later_steps_compute(env, orthanc, ct_files, tm
     stored = _in_orthanc(orthanc, study, done.outputs)
     assert stored == {o["series_uid"]: set(o["instances"]) for o in done.outputs}
     assert [t.name for t in threading.enumerate() if t.name.startswith("store-job")] == []
+    assert done.last_step == "store"  # the lease followed the steps, then the stores' wait
 
 
 def test_an_output_the_archive_refuses_fails_alone(env, ct_files, tmp_path):
