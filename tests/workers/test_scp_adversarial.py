@@ -242,6 +242,14 @@ def _good_association_works(lst: Listener, ct_file: Path) -> None:
     assert lst.store.received == before + 1
 
 
+def _served_before_any_timeout(caplog) -> None:
+    """storescu's association was accepted while the slow/silent peers were still open."""
+    msgs = caplog.messages
+    served = next(i for i, m in enumerate(msgs) if "accepted calling_aet=MODALITY" in m)
+    timeouts = [i for i, m in enumerate(msgs) if "event=association_timeout" in m]
+    assert served < min(timeouts, default=len(msgs)), msgs
+
+
 def _line(caplog, *needles: str) -> str:
     lines = [m for m in caplog.messages if all(n in m for n in needles)]
     assert len(lines) == 1, (needles, caplog.messages)
@@ -510,7 +518,6 @@ def test_slowloris_is_closed_by_artim_and_the_read_timeout_while_others_are_serv
     trickle = Peer(listener.port)
     established = Peer(listener.port)
     established.associate()
-    t0 = time.monotonic()
 
     def dribble(peer: Peer, data: bytes) -> None:
         for b in data:
@@ -529,7 +536,7 @@ def test_slowloris_is_closed_by_artim_and_the_read_timeout_while_others_are_serv
         t.start()
     # meanwhile a normal association is served at once
     _good_association_works(listener, ct_files[4])
-    assert time.monotonic() - t0 < ARTIM
+    _served_before_any_timeout(caplog)
     for peer in (silent, trickle):
         assert peer.closed_within(ARTIM + 1.0)
     assert established.closed_within(TIMEOUT + 2000 / scp.MIN_RATE + 1.0)
@@ -569,10 +576,9 @@ def test_many_connections_beyond_max_associations(listener, ct_files, caplog):
         p.close()
     assert sum("reason=too_many address" in m for m in caplog.messages) == 10
     # as many silent connections as association slots: a real association is served at once
-    t0 = time.monotonic()
     silent = [Peer(listener.port) for _ in range(4)]
     _good_association_works(listener, ct_files[6])
-    assert time.monotonic() - t0 < ARTIM
+    _served_before_any_timeout(caplog)
     # one host opening 20: max_associations + 4 get a thread, the others are closed at once
     baseline = threading.active_count()
     one_host = [Peer(listener.port, source="127.0.0.2") for _ in range(20)]
