@@ -159,72 +159,93 @@ def read_header(fp: BinaryIO, transfer_syntax: str) -> tuple[Dataset, bool, int 
     are not a data set of this transfer syntax, or that end before an element they announce.
     """
     ts = UID(transfer_syntax)
-    implicit, little = ts.is_implicit_VR, ts.is_little_endian
     if ts == DeflatedExplicitVRLittleEndian:
-        fp.seek(0)
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            inflated = inflater.decompress(fp.read(), MAX_INFLATED_BYTES)
-        except zlib.error as e:
-            raise _Unparseable(f"deflated data set does not inflate ({e})") from e
-        if inflater.unconsumed_tail or len(inflated) >= MAX_INFLATED_BYTES:
-            raise _Unparseable(f"deflated data set inflates past {MAX_INFLATED_BYTES} bytes")
-        fp = BytesIO(inflated)
+        fp = _inflated(fp)
     fp.seek(0, os.SEEK_END)
     size = fp.tell()
     fp.seek(0)
+    ds, pixel_length = _read_up_to_pixels(fp, ts, size)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    if pixel_length is None:
+        if fp.tell() < size:
+            raise _Unparseable(f"data set stops parsing at byte {fp.tell()} of {size}")
+        return ds, False, None
+    header = 8 if ts.is_implicit_VR else 12  # tag + (VR + reserved) + length
+    start = fp.tell() + header
+    if pixel_length == 0xFFFFFFFF:
+        end = _encapsulated_end(fp, ds, start, size)
+        pixel_bytes = None
+    else:
+        end = start + pixel_length
+        if end > size:
+            raise _Unparseable(
+                f"pixel data announces {pixel_length} bytes, {size - start} received"
+            )
+        pixel_bytes = pixel_length
+    if end < size:  # elements after the pixel data (padding, signatures) must parse too
+        _check_after_pixels(fp, end, ts)
+    return ds, True, pixel_bytes
+
+
+def _inflated(fp: BinaryIO) -> BinaryIO:
+    """A deflated data set inflated in memory, at most :data:`MAX_INFLATED_BYTES`."""
+    fp.seek(0)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(fp.read(), MAX_INFLATED_BYTES)
+    except zlib.error as e:
+        raise _Unparseable(f"deflated data set does not inflate ({e})") from e
+    if inflater.unconsumed_tail or len(inflated) >= MAX_INFLATED_BYTES:
+        raise _Unparseable(f"deflated data set inflates past {MAX_INFLATED_BYTES} bytes")
+    return BytesIO(inflated)
+
+
+def _read_up_to_pixels(fp: BinaryIO, ts: UID, size: int) -> tuple[Dataset, int | None]:
+    """The elements before the pixel data, and the pixel data's value length (None: no pixel
+    data); ``fp`` is left at the pixel data element. An element announcing more bytes than
+    were received is :class:`_Unparseable` (pydicom would read it short, silently)."""
     found: list[int] = []
     short: list[int] = []
 
-    def at_pixels(tag, vr, length) -> bool:
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
         if tag >> 16 == 0x7FE0 and tag in _PIXEL_TAGS:  # shift: int speed, not BaseTag.__eq__
             found.append(length)
             return True
-        if length != 0xFFFFFFFF and fp.tell() + length > size:  # pydicom reads short silently
+        if length != 0xFFFFFFFF and fp.tell() + length > size:
             short.append(tag)
             return True
         return False
 
     try:
-        ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=at_pixels)
     except Exception as e:  # noqa: BLE001  (any parser error means: cannot understand)
         raise _Unparseable(f"not a data set in {ts.name} ({type(e).__name__})") from e
     if short:
         raise _Unparseable(f"not a data set in {ts.name}: element {short[0]} ends past the data")
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    if not found:
-        if fp.tell() < size:
-            raise _Unparseable(f"data set stops parsing at byte {fp.tell()} of {size}")
-        return ds, False, None
-    length = found[0]
-    header = 8 if implicit else 12  # tag + (VR + reserved) + length
-    start = fp.tell() + header
-    if length == 0xFFFFFFFF:
-        fragments, end = _walk_items(fp, start, size)
-        try:
-            frames = int(ds.get("NumberOfFrames") or 1)
-        except (TypeError, ValueError) as e:
-            raise _Unparseable("NumberOfFrames is not a number") from e
-        if fragments < frames:
-            raise _Unparseable(
-                f"encapsulated pixel data: {fragments} fragments for {frames} frames"
-            )
-        pixel_bytes = None
-    else:
-        end = start + length
-        if end > size:
-            raise _Unparseable(f"pixel data announces {length} bytes, {size - start} received")
-        pixel_bytes = length
-    if end < size:  # elements after the pixel data (padding, signatures) must parse too
-        fp.seek(end)
-        try:
-            read_dataset(fp, implicit, little)
-        except Exception as e:  # noqa: BLE001
-            raise _Unparseable(
-                f"bytes after the pixel data do not parse ({type(e).__name__})"
-            ) from e
-    return ds, True, pixel_bytes
+    return ds, (found[0] if found else None)
+
+
+def _encapsulated_end(fp: BinaryIO, ds: Dataset, start: int, size: int) -> int:
+    """End offset of encapsulated pixel data whose items start at ``start``: complete, and
+    one fragment per frame at least."""
+    fragments, end = _walk_items(fp, start, size)
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as e:
+        raise _Unparseable("NumberOfFrames is not a number") from e
+    if fragments < frames:
+        raise _Unparseable(f"encapsulated pixel data: {fragments} fragments for {frames} frames")
+    return end
+
+
+def _check_after_pixels(fp: BinaryIO, end: int, ts: UID) -> None:
+    """The elements after the pixel data (padding, signatures) parse too."""
+    fp.seek(end)
+    try:
+        read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian)
+    except Exception as e:  # noqa: BLE001
+        raise _Unparseable(f"bytes after the pixel data do not parse ({type(e).__name__})") from e
 
 
 def _walk_items(fp: BinaryIO, pos: int, size: int) -> tuple[int, int]:
@@ -264,12 +285,30 @@ def judge(fp: BinaryIO, transfer_syntax: str, sop_class: str, sop_instance: str)
         return Verdict(STATUS_CANNOT_UNDERSTAND, str(e))
     except Exception as e:  # noqa: BLE001  (never an exception out of the C-STORE handler)
         return Verdict(STATUS_CANNOT_UNDERSTAND, f"unreadable data set ({type(e).__name__})")
+    ids = _instance_uids(ds)
+    if isinstance(ids, Verdict):
+        return ids
+    v = Verdict(
+        STATUS_SUCCESS, study=ids["StudyInstanceUID"], series=ids["SeriesInstanceUID"],
+        sop=ids["SOPInstanceUID"], image=is_image_sop_class(ids["SOPClassUID"]),
+    )  # fmt: skip
+    v.defect = _request_mismatch(ids, sop_class, sop_instance) or (
+        _image_refusal(ds, ids["SOPClassUID"], has_pixels, pixel_bytes) if v.image else ""
+    )
+    if v.defect:
+        v.status = STATUS_DOES_NOT_MATCH
+    return v
+
+
+def _instance_uids(ds: Dataset) -> dict[str, str] | Verdict:
+    """The data set's SOP Class, SOP Instance, Study and Series Instance UIDs, or the verdict
+    refusing it (naming its series when that much is readable)."""
     try:
         hint = scp._printable(str(ds.get("SeriesInstanceUID") or "")[:64])  # for refusals
     except Exception:  # noqa: BLE001
         hint = ""
     try:
-        ids = {k: _uid(ds, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+        return {k: _uid(ds, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                          "SeriesInstanceUID")}  # fmt: skip
     except LookupError as e:
         return Verdict(STATUS_DOES_NOT_MATCH, str(e), series=hint)
@@ -277,31 +316,31 @@ def judge(fp: BinaryIO, transfer_syntax: str, sop_class: str, sop_instance: str)
         return Verdict(
             STATUS_CANNOT_UNDERSTAND, f"unreadable UID ({type(e).__name__})", series=hint
         )
-    v = Verdict(
-        STATUS_SUCCESS, study=ids["StudyInstanceUID"], series=ids["SeriesInstanceUID"],
-        sop=ids["SOPInstanceUID"], image=is_image_sop_class(ids["SOPClassUID"]),
-    )  # fmt: skip
-    if v.sop != str(sop_instance).strip().rstrip("\x00"):
-        v.status, v.defect = (
-            STATUS_DOES_NOT_MATCH,
-            "SOPInstanceUID differs from the C-STORE request",
-        )
-    elif ids["SOPClassUID"] != str(sop_class).strip().rstrip("\x00"):
-        v.status, v.defect = STATUS_DOES_NOT_MATCH, "SOPClassUID differs from the C-STORE request"
-    elif v.image and not has_pixels:
-        v.status, v.defect = STATUS_DOES_NOT_MATCH, "no pixel data (header only)"
-    elif v.image:
-        try:
-            if ids["SOPClassUID"] in VOLUME_SOP_CLASSES:
-                defects = check_instance(ds, pixel_bytes)
-            else:
-                defects = _image_defects(ds, pixel_bytes)
-        except Exception as e:  # noqa: BLE001  (a value pydicom cannot convert)
-            log.debug("instance check failed", exc_info=True)
-            defects = [f"unreadable header value ({type(e).__name__})"]
-        if defects:
-            v.status, v.defect = STATUS_DOES_NOT_MATCH, "; ".join(defects)
-    return v
+
+
+def _request_mismatch(ids: dict[str, str], sop_class: str, sop_instance: str) -> str:
+    """The data set is not the one its C-STORE request announces ("" when it is)."""
+    if ids["SOPInstanceUID"] != str(sop_instance).strip().rstrip("\x00"):
+        return "SOPInstanceUID differs from the C-STORE request"
+    if ids["SOPClassUID"] != str(sop_class).strip().rstrip("\x00"):
+        return "SOPClassUID differs from the C-STORE request"
+    return ""
+
+
+def _image_refusal(ds: Dataset, sop_class: str, has_pixels: bool, pixel_bytes: int | None) -> str:
+    """Why an image instance is of no use to sprim ("" when it is): the input gate's check for
+    a volume SOP class, a readable pixel matrix for any other image."""
+    if not has_pixels:
+        return "no pixel data (header only)"
+    try:
+        if sop_class in VOLUME_SOP_CLASSES:
+            defects = check_instance(ds, pixel_bytes)
+        else:
+            defects = _image_defects(ds, pixel_bytes)
+    except Exception as e:  # noqa: BLE001  (a value pydicom cannot convert)
+        log.debug("instance check failed", exc_info=True)
+        defects = [f"unreadable header value ({type(e).__name__})"]
+    return "; ".join(defects)
 
 
 def _image_defects(ds: Dataset, pixel_bytes: int | None) -> list[str]:
@@ -435,7 +474,7 @@ class ListenerStore:
             self.received += 1
             a = self._open.get(study)
             new = a is None
-            if new:
+            if a is None:
                 a = self._open[study] = StudyArrival(study, self.root / study, first=now)
             a.calling_aets.add(calling_aet)
             a.series.add(series)
@@ -517,8 +556,9 @@ class Listener:
         max_instance_bytes: int = 2 << 30,
     ) -> None:
         self.store = store
-        self.limits = {"timeout": timeout, "artim_timeout": artim_timeout,
-                       "max_instance_bytes": max_instance_bytes}  # fmt: skip
+        self.timeout = timeout
+        self.artim_timeout = artim_timeout
+        self.max_instance_bytes = max_instance_bytes
         self.ssl_context = ssl_context
         self.aet = aet
         self.host = host
@@ -576,7 +616,8 @@ class Listener:
         self._server = scp.Scp(
             self._on_store, host=self.host, port=self.port, allowed_aets=self.allowed,
             max_associations=self.max_associations, ssl_context=self.ssl_context,
-            on_accepted=self._on_accepted, on_rejected=self._on_rejected, **self.limits,
+            on_accepted=self._on_accepted, on_rejected=self._on_rejected, timeout=self.timeout,
+            artim_timeout=self.artim_timeout, max_instance_bytes=self.max_instance_bytes,
         ).start()  # fmt: skip
         self.port = self._server.server_address[1]
         self._stop.clear()
