@@ -30,7 +30,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 log = logging.getLogger("workers.ingest.listener")
@@ -163,7 +163,7 @@ def encode_command(elements: dict[int, bytes]) -> bytes:
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
-def decode_command(raw: bytes) -> dict[int, bytes]:
+def decode_command(raw: bytes | bytearray) -> dict[int, bytes]:
     """The command set's elements: element number -> value bytes (group 0000 only)."""
     out: dict[int, bytes] = {}
     pos, n = 0, len(raw)
@@ -312,45 +312,19 @@ class Association:
 
     # -- association ----------------------------------------------------------------------
     def run(self) -> None:
-        aet = lambda: self.calling_aet or "-"  # noqa: E731
         try:
-            kind, length = self._read_header(self.artim_deadline)
-            if kind == 0x07:  # Sta2 + A-ABORT: close, answer nothing (AA-2)
-                log.info("event=association_aborted_by_peer calling_aet=- phase=request")
-                return
-            if kind != 0x01:
-                raise AssociationError(
-                    f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02X}",
-                    UNEXPECTED_PDU if kind in _PDU_NAMES else UNRECOGNIZED_PDU,
-                )
-            if not self._negotiate(self._read_body(kind, length, self.artim_deadline)):
-                return
-            self._serve()
+            self._associate()
         except _Rejected as e:
-            log.warning("event=association_rejected calling_aet=%s address=%s reason=%r",
-                        aet(), self.address[0], str(e))  # fmt: skip
-            try:
-                self._send_pdu(0x03, e.rj)
-                self._linger()
-            except OSError:
-                pass
+            self._reject(e)
         except AssociationError as e:
             log.warning("event=association_aborted calling_aet=%s address=%s abort_reason=%d "
-                        "reason=%r", aet(), self.address[0], e.reason, str(e))  # fmt: skip
+                        "reason=%r", self._log_aet(), self.address[0], e.reason, str(e))  # fmt: skip
             self._abort(e.source, e.reason)
-        except TimeoutError as e:
-            phase = "established" if self.established else "request (ARTIM)"
-            log.warning("event=association_timeout calling_aet=%s address=%s phase=%s reason=%r",
-                        aet(), self.address[0], phase, str(e) or "timeout")  # fmt: skip
-        except ConnectionError as e:
-            log.info("event=association_dropped calling_aet=%s address=%s reason=%r",
-                     aet(), self.address[0], str(e) or type(e).__name__)  # fmt: skip
-        except OSError as e:
-            log.warning("event=association_dropped calling_aet=%s address=%s reason=%r",
-                        aet(), self.address[0], str(e))  # fmt: skip
+        except OSError as e:  # a timeout, the peer gone, a socket or TLS error
+            self._log_lost(e)
         except Exception as e:  # noqa: BLE001  (a bug here must not cost the listener a thread's traceback)
             log.error("event=association_failed calling_aet=%s address=%s error=%r",
-                      aet(), self.address[0], f"{type(e).__name__}: {e}")  # fmt: skip
+                      self._log_aet(), self.address[0], f"{type(e).__name__}: {e}")  # fmt: skip
             log.debug("association failure", exc_info=True)
             self._abort(2, REASON_NOT_SPECIFIED)
         finally:
@@ -361,33 +335,56 @@ class Association:
             except OSError:
                 pass
 
+    def _log_aet(self) -> str:
+        return self.calling_aet or "-"
+
+    def _associate(self) -> None:
+        """Sta2: the A-ASSOCIATE-RQ within ARTIM, then the established association."""
+        kind, length = self._read_header(self.artim_deadline)
+        if kind == 0x07:  # Sta2 + A-ABORT: close, answer nothing (AA-2)
+            log.info("event=association_aborted_by_peer calling_aet=- phase=request")
+            return
+        if kind != 0x01:
+            raise AssociationError(
+                f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02X}",
+                UNEXPECTED_PDU if kind in _PDU_NAMES else UNRECOGNIZED_PDU,
+            )
+        if not self._negotiate(self._read_body(kind, length, self.artim_deadline)):
+            return
+        self._serve()
+
+    def _reject(self, e: _Rejected) -> None:
+        log.warning("event=association_rejected calling_aet=%s address=%s reason=%r",
+                    self._log_aet(), self.address[0], str(e))  # fmt: skip
+        try:
+            self._send_pdu(0x03, e.rj)
+            self._linger()
+        except OSError:
+            pass
+
+    def _log_lost(self, e: OSError) -> None:
+        """The association ended on the socket: nothing is sent."""
+        if isinstance(e, TimeoutError):
+            phase = "established" if self.established else "request (ARTIM)"
+            log.warning("event=association_timeout calling_aet=%s address=%s phase=%s reason=%r",
+                        self._log_aet(), self.address[0], phase, str(e) or "timeout")  # fmt: skip
+        elif isinstance(e, ConnectionError):
+            log.info("event=association_dropped calling_aet=%s address=%s reason=%r",
+                     self._log_aet(), self.address[0], str(e) or type(e).__name__)  # fmt: skip
+        else:
+            log.warning("event=association_dropped calling_aet=%s address=%s reason=%r",
+                        self._log_aet(), self.address[0], str(e))  # fmt: skip
+
     def _negotiate(self, rq: bytearray) -> bool:
+        """Answer the A-ASSOCIATE-RQ: True once accepted (A-ASSOCIATE-AC sent), False once
+        refused here (A-ASSOCIATE-RJ sent); :class:`_Rejected` for the other refusals."""
         if len(rq) < 68:
             raise AssociationError(f"A-ASSOCIATE-RQ of {len(rq)} bytes, its fixed fields are 68")
         called, calling = bytes(rq[4:20]), bytes(rq[20:36])
         self.calling_aet = _ae(calling)
-        proposed: list[tuple[int, str, list[str]]] = []
-        app_contexts: list[str] = []
-        for item, start, end in _items(rq, 68, len(rq), "A-ASSOCIATE-RQ"):
-            if item == 0x10:
-                app_contexts.append(_uid(bytes(rq[start:end])))
-            elif item == 0x20:
-                proposed.append(self._proposed_context(rq, start, end, proposed))
-            elif item == 0x50:
-                for sub, s0, s1 in _items(rq, start, end, "user information item"):
-                    if sub == 0x51:
-                        if s1 - s0 != 4:
-                            raise AssociationError(f"maximum length sub-item of {s1 - s0} bytes")
-                        self.peer_max_pdu = struct.unpack_from(">I", rq, s0)[0]
+        app_contexts, proposed = self._read_rq_items(rq)
+        _check_acse(rq, app_contexts, self.calling_aet)
         srv = self.server
-        if not struct.unpack_from(">H", rq, 0)[0] & 1:
-            # rejected-permanent, service-provider (ACSE), protocol-version-not-supported
-            raise _Rejected("protocol version 1 not offered", 1, 2, 2)
-        if app_contexts != [APPLICATION_CONTEXT]:
-            # rejected-permanent, service-user, application-context-name-not-supported
-            raise _Rejected(f"application context {app_contexts or 'missing'}", 1, 1, 2)
-        if not self.calling_aet:  # PS3.8 9.3.2: an AE title is not all spaces
-            raise _Rejected("calling AE title is blank", 1, 1, 3)
         if srv.allowed and self.calling_aet not in srv.allowed:
             # rejected-permanent, service-user, calling-AE-title-not-recognized
             self._send_pdu(0x03, bytes((0, 1, 1, 3)))
@@ -396,8 +393,38 @@ class Association:
             return False
         if not proposed:
             raise _Rejected("no presentation context proposed", 1, 1, 1)
-        # a slot only for a complete, allowed request: silent or refused peers take none
-        if not srv._slots.acquire(blocking=False):
+        if not self._take_slot():
+            return False
+        self._send_pdu(0x02, self._associate_ac(called, calling, proposed))
+        self.established = True
+        srv.on_accepted(self.calling_aet, self.address)
+        return True
+
+    def _read_rq_items(self, rq: bytearray) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+        """The application contexts and presentation contexts proposed (id, abstract syntax,
+        transfer syntaxes) of an A-ASSOCIATE-RQ; notes the peer's maximum PDU length."""
+        proposed: list[tuple[int, str, list[str]]] = []
+        app_contexts: list[str] = []
+        for item, start, end in _items(rq, 68, len(rq), "A-ASSOCIATE-RQ"):
+            if item == 0x10:
+                app_contexts.append(_uid(bytes(rq[start:end])))
+            elif item == 0x20:
+                proposed.append(self._proposed_context(rq, start, end, proposed))
+            elif item == 0x50:
+                self._read_user_information(rq, start, end)
+        return app_contexts, proposed
+
+    def _read_user_information(self, rq: bytearray, start: int, end: int) -> None:
+        for sub, s0, s1 in _items(rq, start, end, "user information item"):
+            if sub == 0x51:
+                if s1 - s0 != 4:
+                    raise AssociationError(f"maximum length sub-item of {s1 - s0} bytes")
+                self.peer_max_pdu = struct.unpack_from(">I", rq, s0)[0]
+
+    def _take_slot(self) -> bool:
+        """An association slot, or A-ASSOCIATE-RJ sent (False): a slot only for a complete,
+        allowed request, so silent or refused peers take none."""
+        if not self.server._slots.acquire(blocking=False):
             log.warning("event=association_rejected reason=too_many address=%s calling_aet=%s",
                         self.address[0], self.calling_aet)  # fmt: skip
             # rejected-transient, service-provider (presentation), local-limit-exceeded
@@ -405,21 +432,16 @@ class Association:
             self._linger()
             return False
         self.has_slot = True
+        return True
+
+    def _associate_ac(
+        self, called: bytes, calling: bytes, proposed: list[tuple[int, str, list[str]]]
+    ) -> bytes:
+        """The A-ASSOCIATE-AC body; the contexts accepted are noted in :attr:`contexts`."""
         items = [b"\x10\x00" + struct.pack(">H", len(APPLICATION_CONTEXT)) +
                  APPLICATION_CONTEXT.encode()]  # fmt: skip
-        for pc_id, abstract, transfers in proposed:
-            chosen = next((t for t in transfers if t in srv.transfer_syntaxes), "")
-            if abstract not in srv.abstract_syntaxes:
-                result = 3  # abstract-syntax-not-supported
-            elif not chosen:
-                result = 4  # transfer-syntaxes-not-supported
-            else:
-                result = 0
-                self.contexts[pc_id] = _Context(abstract, chosen)
-            ts = _pad_uid(chosen or "1.2.840.10008.1.2")  # not significant when rejected
-            sub = b"\x40\x00" + struct.pack(">H", len(ts)) + ts
-            items.append(b"\x21\x00" + struct.pack(">H", 4 + len(sub)) +
-                         bytes((pc_id, 0, result, 0)) + sub)  # fmt: skip
+        items += [self._context_result(pc_id, abstract, transfers)
+                  for pc_id, abstract, transfers in proposed]  # fmt: skip
         impl = IMPLEMENTATION_UID.encode()
         ver = IMPLEMENTATION_VERSION.encode()
         user = (
@@ -428,10 +450,23 @@ class Association:
             + b"\x55\x00" + struct.pack(">H", len(ver)) + ver
         )  # fmt: skip
         items.append(b"\x50\x00" + struct.pack(">H", len(user)) + user)
-        self._send_pdu(0x02, b"\x00\x01\x00\x00" + called + calling + bytes(32) + b"".join(items))
-        self.established = True
-        srv.on_accepted(self.calling_aet, self.address)
-        return True
+        return b"\x00\x01\x00\x00" + called + calling + bytes(32) + b"".join(items)
+
+    def _context_result(self, pc_id: int, abstract: str, transfers: list[str]) -> bytes:
+        """The presentation context item answering one proposed (the first transfer syntax
+        we know wins); an accepted one is noted in :attr:`contexts`."""
+        chosen = next((t for t in transfers if t in self.server.transfer_syntaxes), "")
+        if abstract not in self.server.abstract_syntaxes:
+            result = 3  # abstract-syntax-not-supported
+        elif not chosen:
+            result = 4  # transfer-syntaxes-not-supported
+        else:
+            result = 0
+            self.contexts[pc_id] = _Context(abstract, chosen)
+        ts = _pad_uid(chosen or "1.2.840.10008.1.2")  # not significant when rejected
+        ts_item = b"\x40\x00" + struct.pack(">H", len(ts)) + ts
+        return (b"\x21\x00" + struct.pack(">H", 4 + len(ts_item)) +
+                bytes((pc_id, 0, result, 0)) + ts_item)  # fmt: skip
 
     @staticmethod
     def _proposed_context(
@@ -462,29 +497,35 @@ class Association:
             if kind == 0x07:  # A-ABORT
                 log.info("event=association_aborted_by_peer calling_aet=%s", self.calling_aet)
                 return
-            view = memoryview(body)
-            pos, n = 0, len(body)
-            if not n:
-                raise AssociationError("P-DATA-TF without a presentation data value item")
-            while pos < n:
-                if pos + 6 > n:
-                    raise AssociationError(f"{n - pos} stray bytes after the last PDV item")
-                length = struct.unpack_from(">I", body, pos)[0]
-                if length < 2 or pos + 4 + length > n:
-                    raise AssociationError(
-                        f"presentation data value item of {length} bytes, {n - pos - 4} left"
-                    )
-                pc_id, header = body[pos + 4], body[pos + 5]
-                data = view[pos + 6 : pos + 4 + length]
-                pos += 4 + length
-                if pc_id not in self.contexts:
-                    raise AssociationError(f"data on presentation context {pc_id}, not accepted")
+            for pc_id, header, data in self._pdv_items(body):
                 if msg is None:
                     msg = _Message(pc_id)
                 elif msg.context != pc_id:
                     raise AssociationError("fragments of two messages interleaved")
                 if self._fragment(msg, header, data):
                     msg = None
+
+    def _pdv_items(self, body: bytearray) -> Iterator[tuple[int, int, memoryview]]:
+        """(context id, message control header, fragment) of each presentation data value
+        item of a P-DATA-TF, each checked as it is reached."""
+        view = memoryview(body)
+        pos, n = 0, len(body)
+        if not n:
+            raise AssociationError("P-DATA-TF without a presentation data value item")
+        while pos < n:
+            if pos + 6 > n:
+                raise AssociationError(f"{n - pos} stray bytes after the last PDV item")
+            length = struct.unpack_from(">I", body, pos)[0]
+            if length < 2 or pos + 4 + length > n:
+                raise AssociationError(
+                    f"presentation data value item of {length} bytes, {n - pos - 4} left"
+                )
+            pc_id, header = body[pos + 4], body[pos + 5]
+            data = view[pos + 6 : pos + 4 + length]
+            pos += 4 + length
+            if pc_id not in self.contexts:
+                raise AssociationError(f"data on presentation context {pc_id}, not accepted")
+            yield pc_id, header, data
 
     def _fragment(self, msg: _Message, header: int, data: memoryview) -> bool:
         """Add one PDV fragment to ``msg``; True once the message was answered."""
@@ -568,6 +609,19 @@ class Association:
 
 def _pdu_name(kind: int) -> str:
     return _PDU_NAMES.get(kind, f"PDU type 0x{kind:02X}")
+
+
+def _check_acse(rq: bytearray, app_contexts: list[str], calling_aet: str) -> None:
+    """:class:`_Rejected` for an A-ASSOCIATE-RQ of another protocol version or application
+    context, or a blank calling AE title."""
+    if not struct.unpack_from(">H", rq, 0)[0] & 1:
+        # rejected-permanent, service-provider (ACSE), protocol-version-not-supported
+        raise _Rejected("protocol version 1 not offered", 1, 2, 2)
+    if app_contexts != [APPLICATION_CONTEXT]:
+        # rejected-permanent, service-user, application-context-name-not-supported
+        raise _Rejected(f"application context {app_contexts or 'missing'}", 1, 1, 2)
+    if not calling_aet:  # PS3.8 9.3.2: an AE title is not all spaces
+        raise _Rejected("calling AE title is blank", 1, 1, 3)
 
 
 def _check_command(cmd: dict[int, bytes]) -> None:
