@@ -32,7 +32,7 @@ from workers.processing.routing import current_rules
 from workers.reading.source import SeriesError
 
 if TYPE_CHECKING:  # the runner and readers are imported when a job runs (CLI start-up time)
-    from workers.processing.runner import StepCall
+    from workers.processing.runner import RunReport, StepCall
     from workers.reading.source import SourceSeries
     from workers.writers import WrittenObject
 
@@ -221,8 +221,9 @@ def _after(store: JobStore, job_id: int, out: Job | None, final: dict, disp) -> 
         return
     elif final["state"] == "done":
         metrics.stable_to_stored(out, store.study)
-        log.info("job=%d event=done objects=%d seconds=%.2f", job_id,
-                 sum(len(o["instances"]) for o in out.outputs), sum(out.timings.values()))  # fmt: skip
+        objects = sum(len(o["instances"]) for o in out.outputs)
+        log.info("job=%d event=done objects=%d seconds=%.2f", job_id, objects,
+                 sum(out.timings.values()))  # fmt: skip
     else:
         log.error("job=%d event=%s error=%s", job_id, final["state"],
                   (out.error or "").replace("\n", " ")[:500])  # fmt: skip
@@ -232,27 +233,69 @@ def _after(store: JobStore, job_id: int, out: Job | None, final: dict, disp) -> 
 def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
     """Run one attempt: fetch, read, run the steps, store; return the final transition to
     record (never raises for the job)."""
-    from workers.processing.runner import run_steps
+    return _Attempt(store, job, lease).run()
 
-    work = settings().work_dir / f"job-{job.id}-a{job.attempts}-{uuid.uuid4().hex[:8]}"
-    timings: dict[str, float] = {}
 
-    def final(state: str, detail: str, **values: Any) -> dict:
+class _Attempt:
+    """One attempt of a job, from its work folder to the final transition to record."""
+
+    def __init__(self, store: JobStore, job: Job, lease: Lease) -> None:
+        self.store, self.job, self.lease = store, job, lease
+        self.work = settings().work_dir / f"job-{job.id}-a{job.attempts}-{uuid.uuid4().hex[:8]}"
+        self.timings: dict[str, float] = {}
+
+    def final(self, state: str, detail: str, **values: Any) -> dict:
         values.setdefault("finished_at", time.time())
-        values["timings"] = {k: round(v, 4) for k, v in timings.items()}
-        return {"state": state, "expect": ("running",), "attempt": job.attempts,
+        values["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
+        return {"state": state, "expect": ("running",), "attempt": self.job.attempts,
                 "detail": detail[:2000], "values": values}  # fmt: skip
 
-    def failed(msg: str) -> dict:
-        return final("failed", msg, error=msg)
+    def failed(self, msg: str) -> dict:
+        return self.final("failed", msg, error=msg)
 
-    try:
+    def run(self) -> dict:
+        job = self.job
+        try:
+            report = self._compute_and_store()
+            # Previews of the stored outputs outlive the work folder (the console shows them).
+            previews_dir = job_previews_dir(job.id)
+            kept = keep(report.previews, previews_dir, {w.series_uid for w in report.written})
+        except ArchiveError as e:
+            return self._archive_failure(e)
+        except (StepError, SeriesError) as e:  # input defects: as they are, no retry
+            metrics.refused(e)
+            return self.failed(str(e))
+        except MemoryError:
+            log.exception("job=%d event=memory_error", job.id)
+            return self.failed(_plain("internal error (MemoryError)"))
+        except Exception as e:  # noqa: BLE001  (bugs, time limits: no retry, traceback in the log only)
+            log.exception("job=%d event=internal_error", job.id)
+            return self.failed(_plain(f"internal error ({type(e).__name__})"))
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+        records = _output_records(report.written)
+        for o in records:  # paths relative to the job's previews folder
+            o["previews"] = [
+                p.record(previews_dir) for p in kept if p.series_uid == o["series_uid"]
+            ]
+        stored = f"{len(report.written)} objects stored"
+        if report.state == "done":
+            return self.final("done", stored, outputs=records, error=None)
+        why = "; ".join(_plain(str(f)) for f in report.failures)
+        return self.final(report.state, f"{stored}; failed: {why}" if report.written else why,
+                          outputs=records, error=why)  # fmt: skip
+
+    def _compute_and_store(self) -> RunReport:
+        """Fetch and read the series, run the steps; each output is stored as soon as it is
+        written, while the next steps compute. Returns once every output is confirmed."""
+        from workers.processing.runner import run_steps
+
+        job, lease, timings = self.job, self.lease, self.timings
         calls = _step_calls(job)
-        rule_index = retrying(_rule_index, job.rule, store)
+        rule_index = retrying(_rule_index, job.rule, self.store)
         archive = archive_for(job.archive)
         dest = archive_for(job.destination) if job.destination else archive
-        source = _fetch_and_read(job, archive, work / "in", lease, timings)
-        # Each output is stored as soon as it is written, while the next steps compute.
+        source = _fetch_and_read(job, archive, self.work / "in", lease, timings)
         with OutputStore(dest, job.id, settings().store_parallel) as outputs:
 
             def progress(step: str) -> None:
@@ -260,7 +303,7 @@ def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
                 lease.at(step)
 
             report = run_steps(
-                source, calls, job.rule or "reprocess", work / "out", progress=progress,
+                source, calls, job.rule or "reprocess", self.work / "out", progress=progress,
                 description_suffix=job.description_suffix or "", rule_index=rule_index,
                 on_output=outputs.submit,
             )  # fmt: skip
@@ -274,41 +317,25 @@ def _attempt(store: JobStore, job: Job, lease: Lease) -> dict:
             timings["store"] = time.perf_counter() - t0  # the wait after the last step
         log.info("job=%d event=stores outputs=%d during_steps_s=%.2f after_steps_s=%.2f",
                  job.id, len(stored), overlap_s(stored, steps_end), timings["store"])  # fmt: skip
-        # Previews of the stored outputs outlive the work folder (the console shows them).
-        previews_dir = job_previews_dir(job.id)
-        kept = keep(report.previews, previews_dir, {w.series_uid for w in report.written})
-    except ArchiveError as e:
-        metrics.archive_error("fetch" if lease.step == "fetch" else "store", e.transient)
+        return report
+
+    def _archive_failure(self, e: ArchiveError) -> dict:
+        """Transient: requeued with backoff while attempts remain; permanent: failed."""
+        job = self.job
+        metrics.archive_error("fetch" if self.lease.step == "fetch" else "store", e.transient)
         if e.transient and job.attempts < settings().max_attempts:
             delay = backoff(job.attempts)
             why = f"archive transient error: {e}"
-            return {**final("queued", f"{why}; retry in {delay:.0f}s", error=why, finished_at=None,
-                            dispatched_at=None, dispatched_to=None), "delay": delay}  # fmt: skip
-        return failed(
+            queued = self.final(
+                "queued", f"{why}; retry in {delay:.0f}s", error=why, finished_at=None,
+                dispatched_at=None, dispatched_to=None,
+            )  # fmt: skip
+            return {**queued, "delay": delay}
+        return self.failed(
             f"archive: {e.reason or e}"
             if not e.transient
             else f"archive unavailable after {job.attempts} attempts: {e}"
         )
-    except (StepError, SeriesError) as e:  # input defects: as they are, no retry
-        metrics.refused(e)
-        return failed(str(e))
-    except MemoryError:
-        log.exception("job=%d event=memory_error", job.id)
-        return failed(_plain("internal error (MemoryError)"))
-    except Exception as e:  # noqa: BLE001  (bugs, time limits: no retry, traceback in the log only)
-        log.exception("job=%d event=internal_error", job.id)
-        return failed(_plain(f"internal error ({type(e).__name__})"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    outputs = _output_records(report.written)
-    for o in outputs:  # paths relative to the job's previews folder
-        o["previews"] = [p.record(previews_dir) for p in kept if p.series_uid == o["series_uid"]]
-    stored = f"{len(report.written)} objects stored"
-    if report.state == "done":
-        return final("done", stored, outputs=outputs, error=None)
-    why = "; ".join(_plain(str(f)) for f in report.failures)
-    return final(report.state, f"{stored}; failed: {why}" if report.written else why,
-                 outputs=outputs, error=why)  # fmt: skip
 
 
 def _step_calls(job: Job) -> list[StepCall]:

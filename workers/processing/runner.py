@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -129,67 +130,58 @@ def run_steps(
     docstring) and what could be made is in ``report.written``. ``on_output(step, output,
     objects)`` is called as soon as each output is written (the job stores it meanwhile).
     """
-    report = RunReport(source.series_uid)
-    prior: list[Output] = []
-    failed_steps: set[str] = set()
+    run = _Run(source, rule, out_dir, description_suffix, rule_index, on_output)
     max_bytes = settings().max_volume_mb * 2**20
     for i, call in enumerate(calls):
-        name = call.step.name
         if progress:
-            progress(name)
-        lost = [n for n in _needs(call, calls[:i]) if n in failed_steps]
+            progress(call.step.name)
+        if not run.step(i, call, calls, max_bytes):
+            return _not_run(run.report, calls[i + 1 :])
+    return run.report
+
+
+@dataclass
+class _Run:
+    """The state of one :func:`run_steps`: what was made, what failed, what later steps see."""
+
+    source: SourceSeries
+    rule: str
+    out_dir: Path
+    description_suffix: str
+    rule_index: int
+    on_output: OutputDone | None
+    report: RunReport = field(init=False)
+    prior: list[Output] = field(default_factory=list)
+    failed_steps: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.report = RunReport(self.source.series_uid)
+
+    def step(self, i: int, call: StepCall, calls: Sequence[StepCall], max_bytes: int) -> bool:
+        """Run step ``i`` and write its outputs; False when the job's time is up."""
+        name = call.step.name
+        lost = [n for n in _needs(call, calls[:i]) if n in self.failed_steps]
         if lost:
-            failed_steps.add(name)
-            report.failures.append(
+            self.failed_steps.add(name)
+            self.report.failures.append(
                 OutputFailure(name, "", f"needs the output of {lost[0]}, which failed")
             )
-            continue
+            return True
         t0 = time.perf_counter()
         try:
-            img = source.volume.image  # refuse absurd params before any memory is asked for
+            img = self.source.volume.image  # refuse absurd params before any memory is asked for
             call.step.check_output_size(
                 call.params, img.GetSize()[::-1], img.GetSpacing(), max_bytes, img.GetDirection()
             )
-            outputs = call.step(source.volume, call.params, tuple(prior))
+            outputs = call.step(self.source.volume, call.params, tuple(self.prior))
         except Exception as e:  # noqa: BLE001  (one step never takes the others down)
-            failed_steps.add(name)
-            report.failures.append(OutputFailure(name, "", _reason(e, name)))
-            if _out_of_time(e):
-                return _not_run(report, calls[i + 1 :])
-            continue
-        written: list[WrittenObject] = []
-        stop = False
-        marks: list[int] = []  # where each output's objects start in ``written``
-        for j, out in enumerate(outputs):
-            marks.append(len(written))
-            if stop:
-                report.failures.append(OutputFailure(name, out.description, _NOT_RUN))
-                continue
-            prov = Provenance(
-                rule,
-                call.step,
-                call.params,
-                step_index=i,
-                output_index=j,
-                output_key=f"{j}:{out.description}",
-                rule_index=rule_index,
-                description_suffix=description_suffix,
-                earlier=(*report.written, *written),
-            )
-            try:
-                made = _write(out, source, prov, out_dir)
-            except Exception as e:  # noqa: BLE001
-                report.failures.append(
-                    OutputFailure(name, out.description, _reason(e, f"{name} {out.description}"))
-                )
-                stop = _out_of_time(e)
-                continue
-            written += made
-            if on_output:
-                on_output(name, out.description, made)
+            self.failed_steps.add(name)
+            self.report.failures.append(OutputFailure(name, "", _reason(e, name)))
+            return not _out_of_time(e)
+        written, marks, stop = self._write_all(i, call, outputs)
         # The step's outputs exist even when one could not be written: later steps use them.
-        prior += outputs
-        report.steps.append(
+        self.prior += outputs
+        self.report.steps.append(
             StepReport(
                 name,
                 call.step.version,
@@ -199,18 +191,59 @@ def run_steps(
             )
         )
         if not stop:  # after the step's timing: drawing previews is not the step's work
-            marks.append(len(written))
-            shown = [
-                (o, written[a:b]) for o, a, b in zip(outputs, marks[:-1], marks[1:], strict=True)
-            ]
-            try:
-                report.previews += write_previews(shown, source, out_dir)
-            except Exception:  # noqa: BLE001  (only the time limit is passed on)
-                stop = True
+            stop = not self._previews(outputs, written, marks)
         _release_memory()
-        if stop:
-            return _not_run(report, calls[i + 1 :])
-    return report
+        return not stop
+
+    def _write_all(
+        self, i: int, call: StepCall, outputs: Sequence[Output]
+    ) -> tuple[list[WrittenObject], list[int], bool]:
+        """Write each output (one failing never stops the others, the time limit does);
+        returns what was written, where each output's objects start, and whether time is up."""
+        name = call.step.name
+        written: list[WrittenObject] = []
+        stop = False
+        marks: list[int] = []  # where each output's objects start in ``written``
+        for j, out in enumerate(outputs):
+            marks.append(len(written))
+            if stop:
+                self.report.failures.append(OutputFailure(name, out.description, _NOT_RUN))
+                continue
+            prov = Provenance(
+                self.rule,
+                call.step,
+                call.params,
+                step_index=i,
+                output_index=j,
+                output_key=f"{j}:{out.description}",
+                rule_index=self.rule_index,
+                description_suffix=self.description_suffix,
+                earlier=(*self.report.written, *written),
+            )
+            try:
+                made = _write(out, self.source, prov, self.out_dir)
+            except Exception as e:  # noqa: BLE001  (one output never takes the others down)
+                self.report.failures.append(
+                    OutputFailure(name, out.description, _reason(e, f"{name} {out.description}"))
+                )
+                stop = _out_of_time(e)
+                continue
+            written += made
+            if self.on_output:
+                self.on_output(name, out.description, made)
+        return written, marks, stop
+
+    def _previews(
+        self, outputs: Sequence[Output], written: list[WrittenObject], marks: list[int]
+    ) -> bool:
+        """A picture of each output written; False only when the job's time ran out."""
+        marks = [*marks, len(written)]
+        shown = [(o, written[a:b]) for o, a, b in zip(outputs, marks[:-1], marks[1:], strict=True)]
+        try:
+            self.report.previews += write_previews(shown, self.source, self.out_dir)
+        except Exception:  # noqa: BLE001  (only the time limit is passed on)
+            return False
+        return True
 
 
 def _release_memory() -> None:
@@ -231,7 +264,7 @@ def _release_memory() -> None:
         _malloc_trim(0)
 
 
-_malloc_trim = None
+_malloc_trim: Any = None
 
 
 _NOT_RUN = "not made: the job's time limit was reached"
