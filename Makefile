@@ -56,6 +56,7 @@ lint: venv
 	$(BIN)/ruff check pipelines workers tasks tests bench
 	$(BIN)/ruff format --check pipelines workers tasks tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy pipelines workers tasks
 
 test: venv services lint
 	$(BIN)/pytest -q -rs
