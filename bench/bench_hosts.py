@@ -156,7 +156,7 @@ def run_config(hosts: int, concurrency: int, folders: list[Path], warm: list[Pat
         fleet = [Host(f"host{k + 1}", root, base, concurrency) for k in range(hosts)]
         _wait(lambda: all(h.ready() for h in fleet), 120, "workers ready")
 
-        from tasks.dispatch import CeleryDispatcher
+        from tasks.celery_dispatcher import CeleryDispatcher
         from workers.platform.dispatcher import set_dispatcher
         from workers.platform.jobstore import open_store
         from workers.platform.submission import archive_for, submit_study

@@ -36,7 +36,7 @@ from bench.common import (
 
 RULES = ("ct-volume-mpr", "ct-chest-lungs", "ct-bone-3d")
 LIBRARIES = (
-    "import tasks.cli, numpy, SimpleITK, pydicom, highdicom, vtkmodules.vtkFiltersCore, "
+    "import tasks.main, numpy, SimpleITK, pydicom, highdicom, vtkmodules.vtkFiltersCore, "
     "scipy.ndimage, PIL.Image, pipelines.steps, workers.writers.derived_series, workers.writers.seg"
 )
 

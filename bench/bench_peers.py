@@ -299,7 +299,7 @@ def _rows(raw: dict[str, Any], cmd: str) -> list[dict]:
     st = raw.get("startup")
     if st:
         rows.append(row("peers.startup", "start-up: python + import of the sprim CLI "
-                        "(tasks.cli)", st["median"], "s", detail=f"min {st['min']:.2f}, max "
+                        "(tasks.main)", st["median"], "s", detail=f"min {st['min']:.2f}, max "
                         f"{st['max']:.2f}, {st['max_rss_mb']:.0f} MB; paid by every `sprim run`",
                         command=cmd))  # fmt: skip
     if "receive" not in raw:
@@ -335,7 +335,7 @@ def main() -> None:
         for tag, folder in sets.items():
             raw["read"].append(read_vs_peers(folder, runs, tag))
     if "reformat" not in args.skip:
-        code = "import tasks.cli"  # what `sprim` imports before parsing its arguments
+        code = "import tasks.main"  # what `sprim` imports before parsing its arguments
         raw["startup"] = repeat(lambda: run_python(code), runs)[0].to_dict()
         for tag, folder in sets.items():
             raw["reformat"][tag] = reformat_vs_plastimatch(folder, runs)

@@ -122,7 +122,7 @@ def bench_latency(n: int = 30) -> dict:
             assert w.poll() is None, (tmp / "worker.log").read_text()
             time.sleep(0.1)
         from tasks.app import app as capp
-        from tasks.dispatch import CeleryDispatcher
+        from tasks.celery_dispatcher import CeleryDispatcher
         from workers.archives.folder import FolderArchive
         from workers.platform import dispatcher, submission
         from workers.platform.jobstore import open_store

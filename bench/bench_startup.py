@@ -3,7 +3,7 @@
 - ``sprim --help``: wall and CPU time of the real entry point, next to ``python -c pass`` (the
   interpreter's own start) run alternately with it: target <= 0.3 s;
 - ``sprim run DIR --out OUT --step reformat.mpr``: time from ``exec`` to the first open of an
-  input file (an audit hook in a wrapper that runs the same entry point, ``tasks.cli:main``,
+  input file (an audit hook in a wrapper that runs the same entry point, ``tasks.main:main``,
   reports it and stops the process): target <= 0.5 s; the heavy libraries already imported
   at that moment are recorded;
 - the start-up that remains is named by ``python -X importtime`` (largest top-level imports).
@@ -48,7 +48,7 @@ def hook(event, args):
             os._exit(0)
 sys.addaudithook(hook)
 sys.argv = ["sprim", *argv]
-from tasks.cli import main
+from tasks.main import main
 main()
 """
 
@@ -125,7 +125,7 @@ def main() -> None:
     h = help_vs_python(runs)
     folder = synthetic_series(100)
     fr = first_read(folder, runs)
-    it_help = importtime("import tasks.cli")
+    it_help = importtime("import tasks.main")
     load1 = os.getloadavg()
     raw = {"runs": runs, "help": h, "first_read": fr, "importtime_tasks_cli_ms": it_help,
            "load_avg": [load0, load1]}  # fmt: skip

@@ -1,7 +1,7 @@
 """Thin Celery glue: the app, its configuration, and tasks that call into ``workers``.
 
 ``celery -A tasks worker -l info`` finds :data:`app` here. It is imported on first access, so
-``sprim --help`` and ``sprim run`` (``tasks.cli``) never import Celery.
+``sprim --help`` and ``sprim run`` (``tasks.main``) never import Celery.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 
 from tasks.app import app, dead_letter_queue
-from tasks.dispatch import CeleryDispatcher
+from tasks.celery_dispatcher import CeleryDispatcher
 from workers.core.config import settings
 from workers.core.plugins import load_plugins
 from workers.platform import dispatcher, executor, leases, submission

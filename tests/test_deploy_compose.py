@@ -131,7 +131,7 @@ def test_the_installed_package_is_complete_and_serves(tmp_path):
                SPRIM_API_TOKENS=json.dumps({token: "*"}))  # fmt: skip
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     serve = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "python"), "-c", "from tasks.cli import main; main()",
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", "from tasks.main import main; main()",
          "serve", "--port", str(port)],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -168,7 +168,7 @@ def test_context_keys_match_calling_ae_source_institution():
 def test_rules_check_cli_refuses_with_file_line(tmp_path):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from tasks.main import app
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("thickness_mm: 3}", "thickness_mm: -3}"))

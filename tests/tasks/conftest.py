@@ -117,7 +117,7 @@ def open_platform(plat: Platform):
 
     settings.cache_clear()
     from tasks.app import app as celery_app
-    from tasks.dispatch import CeleryDispatcher
+    from tasks.celery_dispatcher import CeleryDispatcher
     from workers.platform import dispatcher, inprocess, submission
 
     celery_app.conf.broker_url = plat.env["SPRIM_BROKER_URL"]  # if tasks was imported before

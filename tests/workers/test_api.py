@@ -94,7 +94,7 @@ def test_failed_jobs_visible_and_retry(client, study, sprim_env):
 def test_jobs_cli_lists_failed(sprim_env, study):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from tasks.main import app
 
     r = CliRunner().invoke(app, ["jobs", "list", "--state", "done", "--json"])
     assert r.exit_code == 0, r.output

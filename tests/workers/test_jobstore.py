@@ -217,7 +217,7 @@ def test_late_series_retriggers_after_quiet_period(sprim_env, store_url):
 def test_rules_simulate_over_known_studies(sprim_env, store_url):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from tasks.main import app
     from workers.archives.folder import FolderArchive
     from workers.platform import submission
 

@@ -1,6 +1,6 @@
 """Start-up (issue 13 item 3): heavy libraries are imported where used, not by the CLI.
 
-Each check is a fresh interpreter running the ``sprim`` entry point (``tasks.cli:main``) and
+Each check is a fresh interpreter running the ``sprim`` entry point (``tasks.main:main``) and
 reporting ``sys.modules`` at the moment that matters: after ``sprim --help`` printed, and when
 ``sprim run`` opens its first input file. Behaviour only; the times are in ``bench.bench_startup``.
 """
@@ -33,7 +33,7 @@ def hook(event, args):
             os._exit(0)
 sys.addaudithook(hook)
 sys.argv = ["sprim", *argv]
-from tasks.cli import main
+from tasks.main import main
 try:
     main()
 except SystemExit:
@@ -103,7 +103,7 @@ def test_celery_finds_the_app_in_tasks(attr):
 def test_celery_finds_the_app_after_a_submodule_import():
     """Importing ``tasks.app`` first binds the submodule to ``tasks.app``: still found."""
     code = (
-        "import tasks.dispatch, celery\n"
+        "import tasks.celery_dispatcher, celery\n"
         "from celery.app.utils import find_app\n"
         "assert isinstance(find_app('tasks'), celery.Celery)\n"
     )

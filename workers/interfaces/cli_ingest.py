@@ -31,8 +31,8 @@ def _logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-#: How to make the broker dispatcher (``tasks.dispatch.CeleryDispatcher``), injected by the
-#: composition root (``tasks.cli``) when ``SPRIM_BROKER_URL`` is set; ``workers`` never imports it.
+#: How to make the broker dispatcher (``tasks.celery_dispatcher.CeleryDispatcher``), injected by the
+#: composition root (``tasks.main``) when ``SPRIM_BROKER_URL`` is set; ``workers`` never imports it.
 BROKER_DISPATCHER: Callable[[], Dispatcher] | None = None
 
 

@@ -1,6 +1,6 @@
 """Dispatchers: who runs a job once the store releases it (dependency injection).
 
-The composition root installs one with :func:`set_dispatcher`: ``sprim`` (``tasks.cli``) the
+The composition root installs one with :func:`set_dispatcher`: ``sprim`` (``tasks.main``) the
 Celery one when ``SPRIM_BROKER_URL`` is set, else the in-process one
 (:class:`workers.platform.inprocess.InProcessDispatcher`); ``tasks`` installs the Celery one in
 workers. ``workers`` never imports Celery.

@@ -13,7 +13,7 @@ from workers.interfaces.cli import app
 
 
 def _celery_dispatcher():
-    from tasks.dispatch import CeleryDispatcher
+    from tasks.celery_dispatcher import CeleryDispatcher
 
     return CeleryDispatcher()
 
