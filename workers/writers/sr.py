@@ -128,24 +128,42 @@ def build_volume_report(
         procedure_reported=procedure_reported(source.modality),
         imaging_measurements=groups,
     )
+    # highdicom copies the SEG's (already sanitized) patient/study modules; the shared helper
+    # gives the same values and the notes.
+    sr = _report_sr(
+        report, [seg], (uids.uid("sr-series"), uids.uid("sr-instance")), number, description,
+        source, prov, notes,
+    )  # fmt: skip
+    return sr, number, description, unique(notes)
+
+
+def _report_sr(
+    report: hd.sr.MeasurementReport,
+    evidence: list[Dataset],
+    series_and_instance_uid: tuple[str, str],
+    number: int,
+    description: str,
+    source: SourceSeries,
+    prov: Provenance,
+    notes: list[str],
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 report as a Comprehensive 3D SR of sprim, in the source's patient and study."""
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg],
+        evidence=evidence,
         content=report[0],
-        series_instance_uid=uids.uid("sr-series"),
+        series_instance_uid=series_and_instance_uid[0],
         series_number=number,
-        sop_instance_uid=uids.uid("sr-instance"),
+        sop_instance_uid=series_and_instance_uid[1],
         instance_number=1,
         manufacturer=SPRIM,
         is_complete=True,
     )
     sr.SeriesDescription = description
-    # highdicom copied the SEG's (already sanitized) patient/study modules; the shared helper
-    # gives the same values and the notes.
-    copy_patient_study(src, sr, notes)
+    copy_patient_study(source.first, sr, notes)
     # as plain items (highdicom types the attribute with its own item class)
     sr_ds: Dataset = sr
     sr_ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
-    return sr, number, description, unique(notes)
+    return sr
 
 
 def write_volume_report(
@@ -270,21 +288,10 @@ def build_measurement_report(
         procedure_reported=procedure_reported(source.modality),
         imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[*evidence, *segs.values()],
-        content=report[0],
-        series_instance_uid=uids.series_uid,
-        series_number=number,
-        sop_instance_uid=uids.instance_uid(0),
-        instance_number=1,
-        manufacturer=SPRIM,
-        is_complete=True,
-    )
-    sr.SeriesDescription = description
-    copy_patient_study(src, sr, notes)
-    # as plain items (highdicom types the attribute with its own item class)
-    sr_ds: Dataset = sr
-    sr_ds.ContributingEquipmentSequence = contributing_equipment(prov, source, notes)
+    sr = _report_sr(
+        report, [*evidence, *segs.values()], (uids.series_uid, uids.instance_uid(0)), number,
+        description, source, prov, notes,
+    )  # fmt: skip
     return sr, number, description, unique(notes)
 
 
