@@ -174,19 +174,23 @@ def write_volume_report(
     out_dir: Path,
 ) -> WrittenObject:
     """Write the SR of ``labelmap``'s volumes (called by the labelmap writer after the SEG)."""
-    sr, number, description, notes = build_volume_report(labelmap, seg, source, prov)
+    return _save(*build_volume_report(labelmap, seg, source, prov), out_dir)
+
+
+def _save(
+    sr: hd.sr.Comprehensive3DSR,
+    number: int,
+    description: str,
+    notes: tuple[str, ...],
+    out_dir: Path,
+) -> WrittenObject:
+    """Save an SR in its series folder under ``out_dir``; what was written."""
     path = series_folder(out_dir, number, description) / "SR0001.dcm"
     sr.save_as(path)
     return WrittenObject(
-        path,
-        "sr",
-        sr.SOPClassUID,
-        sr.SOPInstanceUID,
-        sr.SeriesInstanceUID,
-        number,
-        description,
-        notes,
-    )
+        path, "sr", sr.SOPClassUID, sr.SOPInstanceUID, sr.SeriesInstanceUID, number,
+        description, notes,
+    )  # fmt: skip
 
 
 def _evidence(source: SourceSeries, patient_study: Dataset) -> list[Dataset]:
@@ -300,18 +304,4 @@ def write_measurements(
     output: Measurements, source: SourceSeries, prov: Provenance, out_dir: Path
 ) -> list[WrittenObject]:
     """Write a step's Measurements as a TID 1500 Comprehensive 3D SR."""
-    sr, number, description, notes = build_measurement_report(output, source, prov)
-    path = series_folder(out_dir, number, description) / "SR0001.dcm"
-    sr.save_as(path)
-    return [
-        WrittenObject(
-            path,
-            "sr",
-            sr.SOPClassUID,
-            sr.SOPInstanceUID,
-            sr.SeriesInstanceUID,
-            number,
-            description,
-            notes,
-        )
-    ]
+    return [_save(*build_measurement_report(output, source, prov), out_dir)]
