@@ -339,7 +339,10 @@ def test_client_certificate_for_an_archive_that_requires_one(pki, tmp_path, monk
         with pytest.raises(ArchiveError) as e:
             _archive(monkeypatch, url, ca_bundle=ca).series_of_study("1.2.3.4")
         assert not e.value.transient
-        assert "pacs:" in str(e.value) and "requires a client certificate" in str(e.value)
+        # TLS 1.3: the server's "certificate required" alert, or its close when the alert is lost
+        why = str(e.value)
+        assert "pacs:" in why and ("requires a client certificate" in why
+                                   or "may require a client certificate" in why)  # fmt: skip
         assert "SPRIM_ARCHIVE_PACS_CLIENT_CERT" in str(e.value)
         archive = _archive(monkeypatch, url, ca_bundle=ca, client_cert=str(pki["client"]),
                            client_key=str(pki["client.key"]))  # fmt: skip

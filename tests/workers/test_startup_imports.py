@@ -28,7 +28,8 @@ def loaded():
 def hook(event, args):
     if root and event == "open" and isinstance(args[0], (str, bytes)):
         path = os.fsdecode(args[0])
-        if path.startswith(root) and path.endswith(".dcm"):
+        # realpath: the data folder may be reached through a link (../shared in a CI clone)
+        if path.endswith(".dcm") and os.path.realpath(path).startswith(root):
             print("FIRST_READ " + json.dumps(loaded()), flush=True)
             os._exit(0)
 sys.addaudithook(hook)

@@ -71,6 +71,17 @@ def describe_tls_error(exc: BaseException) -> str | None:
                 return f"the server requires a client certificate ({reason})"
             if reason and ("BAD_CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
                 return f"the server refused sprim's client certificate ({reason})"
+            if (
+                isinstance(cur, ssl.SSLEOFError)
+                or "EOF occurred" in text
+                or (reason and "UNEXPECTED_EOF" in reason)
+            ):
+                # TLS 1.3: a server that wants a client certificate may just close (its alert
+                # can be lost with the connection); a plain-text port does the same.
+                return (
+                    "the server closed the TLS handshake: it may require a client certificate, "
+                    "or not speak TLS on this port"
+                )
             return f"TLS handshake failed ({reason or text[:200]})"
         nxt = cur.__cause__ or cur.__context__ or (cur.args[0] if cur.args else None)
         cur = nxt if isinstance(nxt, BaseException) else None
