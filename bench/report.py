@@ -245,7 +245,8 @@ def _cell(text: str) -> str:
 
 #: Why a target is missed and what would close it (analysis of 2026-11-28; shown if missed).
 NOTES: dict[str, str] = {
-    "e2e_latency": "measured on 2 cores shared with other work (load 6-9): the platform's "
+    "e2e_latency": "20.0 s median on a quiet machine (2026-12-01 11:01 UTC, load 0.5-2.8), "
+    "35.4 s on the same machine shared with other work (load 6-9), where the platform's "
     "processes received 8.7 s of the 2 cores in the fastest run of 22 s (row detail: CPU from the "
     "last instance sent to all stored). The work itself needs more than 2 x 8 s of CPU with "
     "Orthanc on the same 2 cores: the 3 jobs (fetch, read, steps, writes, previews) 11-17 s, "
